@@ -1,0 +1,134 @@
+//! `EdgeNode`: one edge device running supermesh-agent.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::location::Location;
+
+fn default_true() -> bool {
+    true
+}
+
+/// Desired state of an edge device.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "supermesh.io",
+    version = "v1alpha1",
+    kind = "EdgeNode",
+    plural = "edgenodes",
+    shortname = "en",
+    status = "EdgeNodeStatus",
+    printcolumn(
+        name = "Network",
+        type_ = "string",
+        json_path = ".spec.network",
+        description = "Network (LAN) of the node"
+    ),
+    printcolumn(name = "Account", type_ = "string", json_path = ".spec.account", description = "Owner account"),
+    printcolumn(name = "Role", type_ = "string", json_path = ".status.role", description = "Supernode or Member"),
+    printcolumn(
+        name = "Connected",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Connected\")].status",
+        description = "Whether the agent is connected"
+    ),
+    printcolumn(
+        name = "Instances",
+        type_ = "integer",
+        json_path = ".status.instances.desired",
+        description = "Microservice instances placed on the node"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeNodeSpec {
+    /// Account (owner) of the device.
+    #[schemars(length(min = 1))]
+    pub account: String,
+    /// Network (LAN) the device sits on; nodes on one network form a cluster.
+    #[schemars(length(min = 1))]
+    pub network: String,
+    /// Where the device is, for Proximity meshes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<Location>,
+    /// Whether the node may be elected supernode of its cluster.
+    #[serde(default = "default_true")]
+    pub supernode_eligible: bool,
+    /// When true, no new microservice instance is placed on the node; running ones stay.
+    #[serde(default)]
+    pub unschedulable: bool,
+}
+
+/// Role of a node in its network cluster.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum NodeRole {
+    /// The elected supernode of the cluster.
+    Supernode,
+    /// A member reporting through the supernode.
+    Member,
+}
+
+/// Observed state of an edge device.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeNodeStatus {
+    /// Ready and Connected conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Role of the node in its network cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<NodeRole>,
+    /// Name of the supernode of the node's cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supernode: Option<String>,
+    /// Last time the agent was heard from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_time: Option<Time>,
+    /// Version of the supermesh-agent running on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    /// Operating system of the node (for example linux).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
+    /// CPU architecture of the node (for example x86_64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    /// Resources of the node, such as cpu and memory, as quantities.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub capacity: BTreeMap<String, String>,
+    /// Counts of microservice instances on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<InstanceCounts>,
+    /// Addresses the node is reachable at.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<NodeAddress>,
+}
+
+/// Counts of microservice instances on one node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceCounts {
+    /// Instances placed on the node.
+    pub desired: i32,
+    /// Instances reported running.
+    #[serde(default)]
+    pub running: i32,
+    /// Instances reported ready.
+    #[serde(default)]
+    pub ready: i32,
+}
+
+/// One address of a node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeAddress {
+    /// Kind of address, for example InternalIP or Hostname.
+    #[serde(rename = "type")]
+    pub address_type: String,
+    /// The address.
+    pub address: String,
+}

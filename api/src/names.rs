@@ -1,0 +1,37 @@
+//! Names shared by the controller, the agent, the chart and the tests.
+
+/// API group of every supermesh custom resource.
+pub const GROUP: &str = "supermesh.io";
+/// API version of the custom resources.
+pub const VERSION: &str = "v1alpha1";
+/// Field manager used for every server-side apply made by the controller.
+pub const CONTROLLER_MANAGER: &str = "supermesh-controller";
+/// Finalizer the controller puts on every supermesh object it reconciles.
+pub const FINALIZER: &str = "supermesh.io/cleanup";
+
+/// Condition types and reasons, one spelling for code, docs and tests.
+pub mod condition {
+    pub const READY: &str = "Ready";
+    pub const PROGRESSING: &str = "Progressing";
+    pub const DEGRADED: &str = "Degraded";
+    pub const CONNECTED: &str = "Connected";
+
+    /// The Microservice's mesh does not exist in its namespace.
+    pub const MESH_NOT_FOUND: &str = "MeshNotFound";
+    /// The spec is well-typed but inconsistent (for example a Proximity mesh without `proximity`).
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// The Microservice's mesh is itself invalid.
+    pub const MESH_INVALID: &str = "MeshInvalid";
+    /// No node of the mesh matches the Microservice.
+    pub const NO_MATCHING_NODES: &str = "NoMatchingNodes";
+    /// Instances were placed and are awaited on their nodes.
+    pub const PLACED: &str = "Placed";
+    /// Not every desired instance reports ready yet.
+    pub const INSTANCES_NOT_READY: &str = "InstancesNotReady";
+    /// Every desired instance reports ready.
+    pub const INSTANCES_READY: &str = "InstancesReady";
+    /// A Mesh whose spec is valid.
+    pub const MESH_VALID: &str = "Valid";
+    /// An EdgeNode whose agent has not connected to the cloud yet.
+    pub const AGENT_NEVER_CONNECTED: &str = "AgentNeverConnected";
+}

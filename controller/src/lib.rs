@@ -1,0 +1,16 @@
+//! supermesh-controller: reconciles Mesh, EdgeNode and Microservice, places
+//! microservices on edge nodes and serves metrics and health.
+
+pub mod conditions;
+pub mod context;
+pub mod crds;
+pub mod edgenode;
+pub mod error;
+pub mod http;
+pub mod mesh;
+pub mod metrics;
+pub mod microservice;
+pub mod placement;
+pub mod run;
+
+pub use error::{Error, Result};

@@ -1,0 +1,158 @@
+//! Mesh reconciler: validate the spec, count members and microservices, summarise clusters.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use kube::runtime::controller::Action;
+use kube::{Api, ResourceExt};
+use supermesh_api::edgenode::NodeRole;
+use supermesh_api::mesh::{ClusterStatus, MeshStatus};
+use supermesh_api::names::condition::*;
+use supermesh_api::{EdgeNode, Mesh, Microservice};
+use tracing::instrument;
+
+use crate::conditions::{self, Wanted};
+use crate::context::{reconcile_in_finalizer, Context, RESYNC};
+use crate::placement;
+use crate::Result;
+
+/// The status of `mesh` given every EdgeNode and the microservices of its namespace.
+pub fn status_for(mesh: &Mesh, nodes: &[EdgeNode], microservices: &[&Microservice]) -> MeshStatus {
+    let old = mesh.status.clone().unwrap_or_default();
+    let name = mesh.name_any();
+    let microservice_count = microservices.iter().filter(|m| m.spec.mesh == name).count() as i32;
+    let (members, wanted) = match placement::mesh_members(&mesh.spec, nodes) {
+        Ok(members) => {
+            let clusters = clusters(&members);
+            let message = format!("{} nodes in {} clusters", members.len(), clusters.len());
+            (Some((members.len() as i32, clusters)), Wanted::new(READY, true, MESH_VALID, message))
+        }
+        Err(e) => (None, Wanted::new(READY, false, INVALID_SPEC, e.0)),
+    };
+    let (node_count, clusters) = members.unwrap_or_default();
+    MeshStatus {
+        observed_generation: mesh.metadata.generation,
+        node_count,
+        microservice_count,
+        clusters,
+        conditions: conditions::merge(&old.conditions, vec![wanted], mesh.metadata.generation),
+    }
+}
+
+/// Per-network summary of member nodes, largest clusters first, bounded.
+fn clusters(members: &[&EdgeNode]) -> Vec<ClusterStatus> {
+    let mut by_network: BTreeMap<&str, ClusterStatus> = BTreeMap::new();
+    for node in members {
+        let status = node.status.as_ref();
+        let entry = by_network
+            .entry(node.spec.network.as_str())
+            .or_insert_with(|| ClusterStatus { network: node.spec.network.clone(), ..ClusterStatus::default() });
+        entry.members += 1;
+        if status.is_some_and(|s| conditions::is_true(&s.conditions, READY)) {
+            entry.ready += 1;
+        }
+        if status.and_then(|s| s.role) == Some(NodeRole::Supernode) {
+            entry.supernode = Some(node.name_any());
+        }
+    }
+    let mut list: Vec<ClusterStatus> = by_network.into_values().collect();
+    list.sort_by(|a, b| b.members.cmp(&a.members).then_with(|| a.network.cmp(&b.network)));
+    list.truncate(MeshStatus::MAX_CLUSTERS);
+    list
+}
+
+/// Reconciles one Mesh.
+#[instrument(skip_all, fields(namespace = %mesh.namespace().unwrap_or_default(), name = %mesh.name_any()))]
+pub async fn reconcile(mesh: Arc<Mesh>, ctx: Arc<Context>) -> Result<Action> {
+    let api: Api<Mesh> = Api::namespaced(ctx.client.clone(), &mesh.namespace().unwrap_or_default());
+    reconcile_in_finalizer(
+        api.clone(),
+        mesh,
+        ctx,
+        |m, c| apply(api, m, c),
+        |_, _| async {
+            // Microservices naming this mesh are re-reconciled by the watch and report MeshNotFound.
+            Ok(Action::await_change())
+        },
+    )
+    .await
+}
+
+async fn apply(api: Api<Mesh>, mesh: Arc<Mesh>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = mesh.namespace();
+    let microservices = ctx.index.microservices.state();
+    let in_namespace: Vec<&Microservice> = microservices.iter().map(|m| &**m).filter(|m| m.namespace() == ns).collect();
+    let status = status_for(&mesh, &ctx.index.node_list(), &in_namespace);
+    let old_reason = mesh.status.as_ref().and_then(|s| conditions::reason(&s.conditions, READY)).map(str::to_owned);
+    ctx.write_status(&api, &mesh, &status).await?;
+    let ready = &status.conditions[0];
+    if ready.reason == INVALID_SPEC && old_reason.as_deref() != Some(INVALID_SPEC) {
+        ctx.publish(&*mesh, true, INVALID_SPEC, ready.message.clone()).await;
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+    use serde_json::json;
+
+    fn node(name: &str, network: &str, ready: bool, supernode: bool) -> EdgeNode {
+        let mut n = EdgeNode::new(name, serde_json::from_value(json!({"account": "a", "network": network})).unwrap());
+        let mut status = supermesh_api::EdgeNodeStatus::default();
+        if ready {
+            status.conditions.push(Condition {
+                type_: READY.into(),
+                status: "True".into(),
+                reason: "AgentReady".into(),
+                message: String::new(),
+                observed_generation: None,
+                last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+            });
+        }
+        status.role = supernode.then_some(NodeRole::Supernode);
+        n.status = Some(status);
+        n
+    }
+
+    #[test]
+    fn counts_members_clusters_and_microservices() {
+        let mut mesh = Mesh::new("lan", serde_json::from_value(json!({"type": "Network"})).unwrap());
+        mesh.metadata.namespace = Some("team".into());
+        let nodes =
+            vec![node("a1", "net-a", true, true), node("a2", "net-a", false, false), node("b1", "net-b", true, false)];
+        let web = Microservice::new("web", serde_json::from_value(json!({"mesh": "lan", "command": ["x"]})).unwrap());
+        let other = Microservice::new("db", serde_json::from_value(json!({"mesh": "x", "command": ["x"]})).unwrap());
+        let s = status_for(&mesh, &nodes, &[&web, &other]);
+        assert_eq!((s.node_count, s.microservice_count), (3, 1));
+        assert_eq!(
+            s.clusters,
+            vec![
+                ClusterStatus { network: "net-a".into(), supernode: Some("a1".into()), members: 2, ready: 1 },
+                ClusterStatus { network: "net-b".into(), supernode: None, members: 1, ready: 1 },
+            ]
+        );
+        assert_eq!(conditions::reason(&s.conditions, READY), Some(MESH_VALID));
+    }
+
+    #[test]
+    fn invalid_spec_is_a_condition_not_an_error() {
+        let mesh = Mesh::new("near", serde_json::from_value(json!({"type": "Proximity"})).unwrap());
+        let s = status_for(&mesh, &[node("a1", "n", true, false)], &[]);
+        assert_eq!(s.node_count, 0);
+        let ready = &s.conditions[0];
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", INVALID_SPEC));
+        assert!(ready.message.contains("spec.proximity"));
+    }
+
+    #[test]
+    fn cluster_list_is_bounded() {
+        let nodes: Vec<EdgeNode> =
+            (0..100).map(|i| node(&format!("n{i}"), &format!("net-{i}"), false, false)).collect();
+        let mesh = Mesh::new("lan", serde_json::from_value(json!({"type": "Network"})).unwrap());
+        let s = status_for(&mesh, &nodes, &[]);
+        assert_eq!(s.node_count, 100);
+        assert_eq!(s.clusters.len(), MeshStatus::MAX_CLUSTERS);
+    }
+}

@@ -1,0 +1,252 @@
+//! End-to-end harness: a real API server (from `KUBECONFIG`), the real
+//! `supermesh-controller` binary as a child process, and waits with deadlines.
+
+use std::fmt::Debug;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use kube::api::{Api, DeleteParams};
+use kube::runtime::wait::await_condition;
+use kube::{Client, Resource};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::de::DeserializeOwned;
+
+/// How long any awaited condition may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(45);
+
+/// Root of the workspace.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the workspace").to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"))
+}
+
+/// The cluster under test, with the supermesh CRDs applied.
+pub struct Cluster {
+    /// Client for the API server named by `KUBECONFIG`.
+    pub client: Client,
+}
+
+impl Cluster {
+    /// Connects to the cluster given by `KUBECONFIG` and applies `crds/`.
+    pub async fn connect() -> Cluster {
+        assert!(
+            std::env::var_os("KUBECONFIG").is_some(),
+            "end-to-end tests need a cluster: run `cargo xtask test`, or set KUBECONFIG \
+             (for example from `cargo xtask controlplane up`)"
+        );
+        kubectl(&[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            &workspace().join("crds").display().to_string(),
+        ]);
+        kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/meshes.supermesh.io",
+            "crd/edgenodes.supermesh.io",
+            "crd/microservices.supermesh.io",
+        ]);
+        let client = Client::try_default().await.expect("a client for KUBECONFIG");
+        Cluster { client }
+    }
+
+    /// Creates a namespace unique to this test run.
+    pub fn namespace(&self, prefix: &str) -> String {
+        let ns = format!("{prefix}-{}", unique());
+        kubectl(&["create", "namespace", &ns]);
+        ns
+    }
+}
+
+/// A short random suffix for names.
+pub fn unique() -> String {
+    let mut buf = [0u8; 4];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").expect("urandom"), &mut buf).expect("random");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs kubectl and returns its standard output; panics with its error output on failure.
+pub fn kubectl(args: &[&str]) -> String {
+    let out = try_kubectl(args);
+    match out {
+        Ok(stdout) => stdout,
+        Err(stderr) => panic!("kubectl {} failed: {stderr}", args.join(" ")),
+    }
+}
+
+/// Runs kubectl; `Err` holds its error output.
+pub fn try_kubectl(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("kubectl").args(args).stdin(Stdio::null()).output().expect("kubectl is installed");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Pipes `yaml` into `kubectl apply -f -` (with extra args such as `-n ns`).
+pub fn apply_yaml(yaml: &str, extra: &[&str]) -> Result<String, String> {
+    use std::io::Write;
+    let mut child = Command::new("kubectl")
+        .args(["apply", "-f", "-"])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl is installed");
+    child.stdin.take().expect("stdin").write_all(yaml.as_bytes()).expect("write to kubectl");
+    let out = child.wait_with_output().expect("kubectl runs");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// A running `supermesh-controller`, stopped (SIGTERM) when dropped.
+pub struct Controller {
+    child: Child,
+    /// Address of its metrics and health endpoints.
+    pub metrics_addr: String,
+    log: PathBuf,
+}
+
+impl Controller {
+    /// Starts the controller binary built by `cargo build --bins`; its log goes to target/e2e/<name>.log.
+    pub fn start(name: &str) -> Controller {
+        let binary = target_dir().join("debug/supermesh-controller");
+        assert!(binary.exists(), "{} is missing: run `cargo build --bins` (cargo xtask test does)", binary.display());
+        let dir = target_dir().join("e2e");
+        std::fs::create_dir_all(&dir).expect("create target/e2e");
+        let log = dir.join(format!("{name}-{}.log", unique()));
+        let file = std::fs::File::create(&log).expect("create controller log");
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+        let metrics_addr = format!("127.0.0.1:{port}");
+        let child = Command::new(binary)
+            .args(["--metrics-addr", &metrics_addr, "--log-level", "info,supermesh_controller=debug"])
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log handle"))
+            .stderr(file)
+            .spawn()
+            .expect("start supermesh-controller");
+        Controller { child, metrics_addr, log }
+    }
+
+    /// Stops the controller and waits until it exited.
+    pub fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        let pid = Pid::from_raw(self.child.id() as i32);
+        let _ = kill(pid, Signal::SIGTERM);
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The last lines of the controller's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// GETs `path` from the controller's HTTP endpoint; `None` until it answers.
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&self.metrics_addr).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let code = response.split_whitespace().nth(1)?.parse().ok()?;
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        Some((code, body))
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self) {
+        self.wait_until("/readyz to answer 200", || self.http_get("/readyz").is_some_and(|(code, _)| code == 200))
+            .await;
+    }
+
+    /// Value of the counter `name` with label set `labels` (for example `kind="Mesh"`) in /metrics.
+    pub fn metric(&self, name: &str, labels: &str) -> Option<f64> {
+        let (_, body) = self.http_get("/metrics")?;
+        let prefix = format!("{name}{{{labels}}} ");
+        body.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Polls `check` until it holds, failing the test with the controller log after `DEADLINE`.
+    pub async fn wait_until(&self, what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while !check() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}; controller log:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until object `name` satisfies `check`, failing with the last seen object and the log.
+    pub async fn wait_for<K>(&self, api: &Api<K>, name: &str, what: &str, check: impl Fn(&K) -> bool) -> K
+    where
+        K: Resource + Clone + Debug + DeserializeOwned + Send + 'static,
+    {
+        let cond = move |obj: Option<&K>| obj.is_some_and(&check);
+        match tokio::time::timeout(DEADLINE, await_condition(api.clone(), name, cond)).await {
+            Ok(Ok(Some(obj))) => obj,
+            other => {
+                let last = api.get_opt(name).await.ok().flatten();
+                panic!(
+                    "timed out waiting for {name}: {what} ({other:?})\nlast seen: {last:#?}\ncontroller log:\n{}",
+                    self.log_tail()
+                )
+            }
+        }
+    }
+
+    /// Waits until object `name` no longer exists.
+    pub async fn wait_gone<K>(&self, api: &Api<K>, name: &str)
+    where
+        K: Resource + Clone + Debug + DeserializeOwned + Send + 'static,
+    {
+        let cond = |obj: Option<&K>| obj.is_none();
+        let waited = tokio::time::timeout(DEADLINE, await_condition(api.clone(), name, cond)).await;
+        assert!(matches!(waited, Ok(Ok(_))), "{name} was not deleted in time; controller log:\n{}", self.log_tail());
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// Deletes the named objects (cluster-scoped EdgeNodes made by a test) without waiting.
+pub async fn delete_all<K>(api: &Api<K>, names: &[String])
+where
+    K: Resource + Clone + Debug + DeserializeOwned,
+{
+    for name in names {
+        let _ = api.delete(name, &DeleteParams::default()).await;
+    }
+}

@@ -1,0 +1,286 @@
+//! `cargo xtask controlplane up|down|status`: a real etcd and kube-apiserver as
+//! local processes (see shared control-plane notes in the README). The
+//! kube-apiserver is built once from Debian's source package and cached.
+
+use std::fs;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::shell::{self, ensure_program, target_dir};
+
+/// Kubernetes version of the cached kube-apiserver.
+const KUBE_VERSION: &str = "v1.20.2";
+const BUILD_SCRIPT: &str = include_str!("../scripts/build-apiserver.sh");
+
+#[derive(clap::Subcommand, Clone, Copy)]
+pub enum Action {
+    /// Start etcd and kube-apiserver (or reuse the running ones) and print `export KUBECONFIG=...`.
+    Up,
+    /// Stop what `up` started, and nothing else.
+    Down,
+    /// Print `export KUBECONFIG=...` while the control plane runs; fail otherwise.
+    Status,
+}
+
+pub fn run(action: Action) -> Result<()> {
+    let plane = ControlPlane::new();
+    match action {
+        Action::Up => {
+            plane.up()?;
+            println!("export KUBECONFIG={}", plane.kubeconfig().display());
+        }
+        Action::Down => plane.down()?,
+        Action::Status => {
+            if !plane.is_running() {
+                bail!("the control plane is not running: start it with `cargo xtask controlplane up`");
+            }
+            println!("export KUBECONFIG={}", plane.kubeconfig().display());
+        }
+    }
+    Ok(())
+}
+
+/// The control plane whose state lives in `target/controlplane/`.
+pub struct ControlPlane {
+    dir: PathBuf,
+}
+
+impl ControlPlane {
+    pub fn new() -> Self {
+        ControlPlane { dir: target_dir().join("controlplane") }
+    }
+
+    /// Path of the admin kubeconfig written by `up`.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    /// Whether both processes run and the API server answers `/readyz`.
+    pub fn is_running(&self) -> bool {
+        self.pid("etcd").is_some() && self.pid("kube-apiserver").is_some() && self.readyz()
+    }
+
+    /// Starts the control plane unless it already runs. Idempotent.
+    pub fn up(&self) -> Result<()> {
+        if self.is_running() {
+            eprintln!("==> control plane already running");
+            return Ok(());
+        }
+        self.down()?;
+        let apiserver = ensure_tools()?;
+        fs::create_dir_all(self.dir.join("certs"))?;
+        let etcd_port = free_port()?;
+        let peer_port = free_port()?;
+        let api_port = free_port()?;
+
+        let token = hex_token()?;
+        write_private(&self.dir.join("tokens.csv"), &format!("{token},admin,admin,system:masters\n"))?;
+        let key = self.dir.join("sa.key");
+        shell::output(Command::new("openssl").args(["genrsa", "-out"]).arg(&key).arg("2048"))?;
+        shell::output(
+            Command::new("openssl").args(["rsa", "-pubout", "-in"]).arg(&key).arg("-out").arg(self.dir.join("sa.pub")),
+        )?;
+
+        eprintln!("==> starting etcd on 127.0.0.1:{etcd_port}");
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        self.spawn(
+            "etcd",
+            Command::new("etcd")
+                .arg("--data-dir")
+                .arg(self.dir.join("etcd-data"))
+                .args(["--listen-client-urls", &etcd_url, "--advertise-client-urls", &etcd_url])
+                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer_port}")])
+                .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer_port}")])
+                .args(["--initial-cluster", &format!("default=http://127.0.0.1:{peer_port}")]),
+        )?;
+        self.wait("etcd", Duration::from_secs(30), || TcpStream::connect(("127.0.0.1", etcd_port)).is_ok())?;
+
+        eprintln!("==> starting kube-apiserver {KUBE_VERSION} on 127.0.0.1:{api_port}");
+        let d = |name: &str| self.dir.join(name).display().to_string();
+        self.spawn(
+            "kube-apiserver",
+            Command::new(&apiserver).args([
+                format!("--etcd-servers={etcd_url}"),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                format!("--secure-port={api_port}"),
+                format!("--cert-dir={}", d("certs")),
+                format!("--token-auth-file={}", d("tokens.csv")),
+                "--authorization-mode=RBAC".into(),
+                "--service-account-issuer=https://kubernetes.default.svc".into(),
+                format!("--service-account-key-file={}", d("sa.pub")),
+                format!("--service-account-signing-key-file={}", d("sa.key")),
+                "--service-cluster-ip-range=10.0.0.0/24".into(),
+                "--allow-privileged=true".into(),
+            ]),
+        )?;
+        let cert = self.dir.join("certs/apiserver.crt");
+        self.wait("kube-apiserver serving certificate", Duration::from_secs(60), || cert.exists())?;
+        let kubeconfig = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: supermesh\n  cluster:\n    server: https://127.0.0.1:{api_port}\n    certificate-authority: {}\nusers:\n- name: admin\n  user:\n    token: {token}\ncontexts:\n- name: supermesh\n  context:\n    cluster: supermesh\n    user: admin\ncurrent-context: supermesh\n",
+            cert.display()
+        );
+        write_private(&self.kubeconfig(), &kubeconfig)?;
+        self.wait("kube-apiserver /readyz", Duration::from_secs(90), || self.readyz())?;
+        // /readyz can answer before the bootstrap namespaces exist.
+        self.wait("namespace default", Duration::from_secs(60), || {
+            self.kubectl(&["get", "namespace", "default"]).is_ok()
+        })?;
+        eprintln!("==> control plane ready");
+        Ok(())
+    }
+
+    /// Stops the API server, then etcd, and removes their data. Only processes
+    /// started by `up` (recorded in pid files and run from this directory) are touched.
+    pub fn down(&self) -> Result<()> {
+        for name in ["kube-apiserver", "etcd"] {
+            if let Some(pid) = self.pid(name) {
+                eprintln!("==> stopping {name} (pid {pid})");
+                stop(pid, Duration::from_secs(10));
+            }
+            let _ = fs::remove_file(self.pid_file(name));
+        }
+        let _ = fs::remove_dir_all(self.dir.join("etcd-data"));
+        Ok(())
+    }
+
+    /// Runs kubectl against this control plane and returns its output.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        shell::output(Command::new("kubectl").arg("--kubeconfig").arg(self.kubeconfig()).args(args))
+    }
+
+    fn readyz(&self) -> bool {
+        self.kubeconfig().exists() && self.kubectl(&["get", "--raw", "/readyz", "--request-timeout=5s"]).is_ok()
+    }
+
+    fn pid_file(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.pid"))
+    }
+
+    /// The recorded pid of `name`, if that process is alive and is ours.
+    fn pid(&self, name: &str) -> Option<Pid> {
+        let pid: i32 = fs::read_to_string(self.pid_file(name)).ok()?.trim().parse().ok()?;
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let ours = String::from_utf8_lossy(&cmdline).contains(&self.dir.display().to_string());
+        ours.then(|| Pid::from_raw(pid))
+    }
+
+    fn spawn(&self, name: &str, cmd: &mut Command) -> Result<()> {
+        let log = fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0) // outlives `cargo xtask` and ignores its terminal's Ctrl-C
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        fs::write(self.pid_file(name), child.id().to_string())?;
+        Ok(())
+    }
+
+    /// Polls `ready` until it holds; fails with the process log when `what` does not come up.
+    fn wait(&self, what: &str, limit: Duration, mut ready: impl FnMut() -> bool) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if ready() {
+                return Ok(());
+            }
+            for name in ["etcd", "kube-apiserver"] {
+                let recorded = fs::read_to_string(self.pid_file(name)).ok().and_then(|p| p.trim().parse().ok());
+                if recorded.is_some_and(|pid| !alive(Pid::from_raw(pid))) {
+                    bail!("{name} exited while waiting for {what}; its log:\n{}", self.log_tail(name));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Err(anyhow!(
+            "{what} not ready after {}s; kube-apiserver log:\n{}",
+            limit.as_secs(),
+            self.log_tail("kube-apiserver")
+        ))
+    }
+
+    fn log_tail(&self, name: &str) -> String {
+        let text = fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+/// Installs etcd, openssl and kubectl when missing; builds the apiserver once.
+/// Returns the kube-apiserver binary to run.
+fn ensure_tools() -> Result<PathBuf> {
+    ensure_program("etcd", "etcd-server")?;
+    ensure_program("openssl", "openssl")?;
+    ensure_program("kubectl", "kubernetes-client")?;
+    if let Some(path) = std::env::var_os("SUPERMESH_KUBE_APISERVER") {
+        return Ok(PathBuf::from(path));
+    }
+    let cache = cache_dir().join("k8s").join(KUBE_VERSION);
+    let binary = cache.join("kube-apiserver");
+    if !binary.exists() {
+        eprintln!(
+            "==> building kube-apiserver {KUBE_VERSION} from Debian's source package (once; cached in {})",
+            cache.display()
+        );
+        shell::run(Command::new("bash").arg("-c").arg(BUILD_SCRIPT).arg("build-apiserver").arg(&cache)).context(
+            "building kube-apiserver failed; see the output above. It needs root, Debian's source \
+             archive and about 3 GB of free disk. Or set SUPERMESH_KUBE_APISERVER to a kube-apiserver binary",
+        )?;
+    }
+    Ok(binary)
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"))
+        .join("supermesh")
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn hex_token() -> Result<String> {
+    use std::io::Read;
+    let mut buf = [0u8; 16];
+    fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+/// SIGTERM, then SIGKILL after `grace` (the apiserver can hang on SIGTERM once etcd is gone).
+pub fn stop(pid: Pid, grace: Duration) {
+    if kill(pid, Signal::SIGTERM).is_err() {
+        return;
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if !alive(pid) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = kill(pid, Signal::SIGKILL);
+}
+
+/// Whether `pid` runs (a zombie, exited but not yet reaped, does not).
+fn alive(pid: Pid) -> bool {
+    kill(pid, None).is_ok() && fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}

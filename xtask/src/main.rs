@@ -1,0 +1,54 @@
+//! `cargo xtask`: the project's own automation. Every command installs what it needs.
+
+mod controlplane;
+mod crdgen;
+mod demo;
+mod shell;
+mod test;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "supermesh development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write crds/*.yaml and the chart's copy from the Rust types (--check: fail if they differ).
+    Crdgen {
+        /// Only compare; exit non-zero when the committed YAML is stale.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Manage a local etcd + kube-apiserver for tests and the demo.
+    Controlplane {
+        #[command(subcommand)]
+        action: controlplane::Action,
+    },
+    /// Run every check and test, end-to-end ones included, against a real API server.
+    Test {
+        /// Extra arguments for the test runner (for example a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Bring up a control plane and the controller, apply examples/, show the result.
+    Demo,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result: Result<()> = match cli.command {
+        Command::Crdgen { check } => crdgen::run(check),
+        Command::Controlplane { action } => controlplane::run(action),
+        Command::Test { args } => test::run(&args),
+        Command::Demo => demo::run(),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,51 @@
+//! `cargo xtask test`: formatting, lints, generated files, then every test
+//! (unit, component and end-to-end) against a real API server.
+
+use anyhow::{Context, Result};
+
+use crate::controlplane::ControlPlane;
+use crate::shell::{self, cargo};
+
+pub fn run(extra: &[String]) -> Result<()> {
+    step("cargo fmt --check");
+    shell::run(cargo().args(["fmt", "--all", "--", "--check"]))
+        .context("code is not formatted: run `cargo fmt --all`")?;
+    step("cargo clippy");
+    shell::run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    step("generated CRDs match the Rust types");
+    crate::crdgen::run(true)?;
+    step("building the binaries");
+    shell::run(cargo().args(["build", "--workspace", "--bins"]))?;
+
+    // Any cluster given by KUBECONFIG is used as is; otherwise a local one is brought up.
+    let given = std::env::var("KUBECONFIG").ok().filter(|k| !k.is_empty());
+    let plane = ControlPlane::new();
+    let started = given.is_none() && !plane.is_running();
+    let kubeconfig = match given {
+        Some(k) => k,
+        None => {
+            step("control plane");
+            plane.up()?;
+            plane.kubeconfig().display().to_string()
+        }
+    };
+    step("tests");
+    let mut tests = if shell::has("cargo-nextest") {
+        let mut c = cargo();
+        c.args(["nextest", "run", "--workspace"]);
+        c
+    } else {
+        let mut c = cargo();
+        c.args(["test", "--workspace", "--", "--test-threads=1"]);
+        c
+    };
+    let result = shell::run(tests.args(extra).env("KUBECONFIG", kubeconfig));
+    if started {
+        plane.down()?;
+    }
+    result
+}
+
+fn step(name: &str) {
+    eprintln!("\n==> {name}");
+}
