@@ -14,6 +14,8 @@ fn default_true() -> bool {
 }
 
 /// Desired state of an edge device.
+// Repeated `printcolumn(type_ = ...)` keys look like duplicated attributes to clippy.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "supermesh.io",

@@ -19,6 +19,8 @@ pub enum MeshType {
 }
 
 /// Desired grouping of microservices onto edge nodes.
+// Repeated `printcolumn(type_ = ...)` keys look like duplicated attributes to clippy.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "supermesh.io",

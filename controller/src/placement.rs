@@ -106,7 +106,7 @@ pub fn mesh_members<'a>(spec: &MeshSpec, nodes: &'a [EdgeNode]) -> Result<Vec<&'
         })
         .filter(|n| selector.as_ref().is_none_or(|s| s.matches(n.labels())))
         .collect();
-    members.sort_by(|a, b| a.name_any().cmp(&b.name_any()));
+    members.sort_by_key(|n| n.name_any());
     Ok(members)
 }
 
@@ -133,11 +133,8 @@ pub fn place(
     let candidates: Vec<String> = mesh_members(mesh, nodes)?
         .into_iter()
         .filter(|n| labels_match(&msvc.node_selector, n.labels()))
+        .filter(|n| !n.spec.unschedulable || current.contains(&n.name_any()))
         .map(|n| n.name_any())
-        .filter(|name| {
-            let node = nodes.iter().find(|n| n.name_any() == *name).expect("member of nodes");
-            !node.spec.unschedulable || current.contains(name)
-        })
         .collect();
     let chosen = match msvc.replicas {
         None => candidates.iter().cloned().collect(),

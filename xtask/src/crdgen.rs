@@ -6,13 +6,10 @@ use anyhow::{bail, Context, Result};
 
 use crate::shell::workspace_root;
 
-/// Directories that hold a copy of every CRD.
-const OUTPUTS: [&str; 2] = ["crds", "charts/supermesh/crds"];
-
 pub fn run(check: bool) -> Result<()> {
     let root = workspace_root();
     let mut stale = Vec::new();
-    for dir in OUTPUTS {
+    for dir in supermesh_api::crd::OUTPUT_DIRS {
         fs::create_dir_all(root.join(dir)).with_context(|| format!("cannot create {dir}"))?;
         for (file, crd) in supermesh_api::crd::all() {
             let path = root.join(dir).join(file);
