@@ -5,7 +5,7 @@ use kube::ResourceExt;
 use supermesh_api::names::condition::*;
 use supermesh_api::names::FINALIZER;
 use supermesh_api::{EdgeNode, Mesh, Microservice};
-use supermesh_tests::{apply_yaml, delete_all, kubectl, unique, workspace, Cluster, Controller};
+use supermesh_tests::{apply_yaml, delete_all, kubectl, try_kubectl, unique, workspace, Cluster, Controller};
 
 fn ready_reason(m: &Microservice) -> Option<String> {
     let conditions = &m.status.as_ref()?.conditions;
@@ -340,4 +340,56 @@ async fn snapshot(
         out.push((n.name_any(), n.resource_version().unwrap_or_default()));
     }
     out
+}
+
+#[tokio::test]
+async fn the_controller_needs_no_more_than_the_charts_rbac_rules() {
+    let cluster = Cluster::connect().await;
+    let user = format!("supermesh-rbac-{}", unique());
+    let rules_file = workspace().join("charts/supermesh/rbac/rules.yaml");
+    let rules: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(rules_file).unwrap()).unwrap();
+    let rbac = serde_json::json!({
+        "apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": user}, "rules": rules},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": user},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": user},
+             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]},
+        ]
+    });
+    apply_yaml(&serde_yaml::to_string(&rbac).unwrap(), &[]).expect("apply RBAC");
+    // Without the binding, the same user may not even read the CRDs.
+    let denied = try_kubectl(&["get", "crd", "meshes.supermesh.io", "--as", "nobody-at-all"]);
+    assert!(denied.is_err_and(|e| e.contains("forbidden")));
+
+    let ns = cluster.namespace("rbac");
+    let fleet = Fleet::new(2);
+    fleet.account_mesh(&ns, "m");
+    apply_yaml(&microservice("svc", "m", ""), &["-n", &ns]).unwrap();
+    let controller = Controller::start_as("rbac", &user);
+    let msvcs: Api<Microservice> = Api::namespaced(cluster.client.clone(), &ns);
+    controller.wait_for(&msvcs, "svc", "placed with the chart's permissions", |m| desired(m) == Some(2)).await;
+    let meshes: Api<Mesh> = Api::namespaced(cluster.client.clone(), &ns);
+    controller.wait_for(&meshes, "m", "counted", |m| m.status.as_ref().is_some_and(|s| s.node_count == 2)).await;
+    let edgenodes: Api<EdgeNode> = Api::all(cluster.client.clone());
+    controller.wait_for(&edgenodes, &fleet.names[0], "instance counted", |n| instances(n) == 1).await;
+    controller
+        .wait_until("a Placed event", || {
+            kubectl(&["get", "events", "-n", &ns, "-o", "jsonpath={.items[*].reason}"]).contains(PLACED)
+        })
+        .await;
+    let log = controller.log();
+    assert!(!log.contains("forbidden"), "the controller hit an RBAC denial:\n{log}");
+    fleet.delete(&edgenodes).await;
+}
+
+#[tokio::test]
+async fn install_crds_applies_the_crds_and_waits_until_established() {
+    let _cluster = Cluster::connect().await;
+    let controller = Controller::launch("install-crds", None, &["--install-crds"]);
+    controller.wait_ready().await;
+    let installed = controller.log().matches("CRD installed").count();
+    assert_eq!(installed, 3, "three CRDs installed:\n{}", controller.log_tail());
+    let managers =
+        kubectl(&["get", "crd", "meshes.supermesh.io", "-o", "jsonpath={.metadata.managedFields[*].manager}"]);
+    assert!(managers.contains("supermesh-controller"), "applied by the controller: {managers}");
 }

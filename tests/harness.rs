@@ -124,6 +124,17 @@ pub struct Controller {
 impl Controller {
     /// Starts the controller binary built by `cargo build --bins`; its log goes to target/e2e/<name>.log.
     pub fn start(name: &str) -> Controller {
+        Controller::launch(name, None, &[])
+    }
+
+    /// Starts the controller acting as `user` (Kubernetes impersonation), so that
+    /// it has only the permissions RBAC grants that user.
+    pub fn start_as(name: &str, user: &str) -> Controller {
+        Controller::launch(name, Some(user), &[])
+    }
+
+    /// Starts the controller, optionally as `user`, with extra command-line arguments.
+    pub fn launch(name: &str, user: Option<&str>, extra: &[&str]) -> Controller {
         let binary = target_dir().join("debug/supermesh-controller");
         assert!(binary.exists(), "{} is missing: run `cargo build --bins` (cargo xtask test does)", binary.display());
         let dir = target_dir().join("e2e");
@@ -132,8 +143,13 @@ impl Controller {
         let file = std::fs::File::create(&log).expect("create controller log");
         let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
         let metrics_addr = format!("127.0.0.1:{port}");
-        let child = Command::new(binary)
+        let mut cmd = Command::new(binary);
+        if let Some(user) = user {
+            cmd.env("KUBECONFIG", impersonating_kubeconfig(&dir, user));
+        }
+        let child = cmd
             .args(["--metrics-addr", &metrics_addr, "--log-level", "info,supermesh_controller=debug"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log handle"))
             .stderr(file)
@@ -160,9 +176,14 @@ impl Controller {
         let _ = self.child.wait();
     }
 
+    /// The controller's whole log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The last lines of the controller's log, for failure messages.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let text = self.log();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
@@ -233,6 +254,19 @@ impl Controller {
         let waited = tokio::time::timeout(DEADLINE, await_condition(api.clone(), name, cond)).await;
         assert!(matches!(waited, Ok(Ok(_))), "{name} was not deleted in time; controller log:\n{}", self.log_tail());
     }
+}
+
+/// A copy of the current kubeconfig whose users act as `user`.
+fn impersonating_kubeconfig(dir: &Path, user: &str) -> PathBuf {
+    let source = std::env::var("KUBECONFIG").expect("KUBECONFIG is set");
+    let text = std::fs::read_to_string(&source).unwrap_or_else(|e| panic!("cannot read {source}: {e}"));
+    let mut config: serde_yaml::Value = serde_yaml::from_str(&text).expect("KUBECONFIG is YAML");
+    for entry in config["users"].as_sequence_mut().expect("kubeconfig has users") {
+        entry["user"]["as"] = serde_yaml::Value::from(user);
+    }
+    let path = dir.join(format!("kubeconfig-{user}"));
+    std::fs::write(&path, serde_yaml::to_string(&config).expect("serialize kubeconfig")).expect("write kubeconfig");
+    path
 }
 
 impl Drop for Controller {
