@@ -5,7 +5,9 @@ use kube::ResourceExt;
 use supermesh_api::names::condition::*;
 use supermesh_api::names::FINALIZER;
 use supermesh_api::{EdgeNode, Mesh, Microservice};
-use supermesh_tests::{apply_yaml, delete_all, kubectl, try_kubectl, unique, workspace, Cluster, Controller};
+use supermesh_tests::{
+    apply_yaml, delete_all, kubectl, try_kubectl, unique, workspace, Cluster, Controller, CONTROLLER_NAMESPACE,
+};
 
 fn ready_reason(m: &Microservice) -> Option<String> {
     let conditions = &m.status.as_ref()?.conditions;
@@ -346,14 +348,22 @@ async fn snapshot(
 async fn the_controller_needs_no_more_than_the_charts_rbac_rules() {
     let cluster = Cluster::connect().await;
     let user = format!("supermesh-rbac-{}", unique());
-    let rules_file = workspace().join("charts/supermesh/rbac/rules.yaml");
-    let rules: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(rules_file).unwrap()).unwrap();
+    let read = |file: &str| -> serde_yaml::Value {
+        let path = workspace().join("charts/supermesh/rbac").join(file);
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let (rules, namespace_rules) = (read("rules.yaml"), read("namespace-rules.yaml"));
+    let subject = serde_json::json!([{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]);
+    let in_ns = serde_json::json!({"name": user, "namespace": CONTROLLER_NAMESPACE});
     let rbac = serde_json::json!({
         "apiVersion": "v1", "kind": "List", "items": [
             {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": user}, "rules": rules},
             {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": user},
              "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": user},
-             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]},
+             "subjects": subject},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": in_ns, "rules": namespace_rules},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": in_ns,
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": user}, "subjects": subject},
         ]
     });
     apply_yaml(&serde_yaml::to_string(&rbac).unwrap(), &[]).expect("apply RBAC");

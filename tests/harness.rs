@@ -14,6 +14,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::de::DeserializeOwned;
 
+/// Namespace the controllers under test keep their Secrets in.
+pub const CONTROLLER_NAMESPACE: &str = "supermesh";
+
 /// How long any awaited condition may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(45);
 
@@ -55,6 +58,9 @@ impl Cluster {
             "crd/edgenodes.supermesh.io",
             "crd/microservices.supermesh.io",
         ]);
+        // The controller keeps its CA and bootstrap token in its namespace.
+        let _ =
+            apply_yaml(&format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {CONTROLLER_NAMESPACE}\n"), &[]);
         let client = Client::try_default().await.expect("a client for KUBECONFIG");
         Cluster { client }
     }
@@ -118,6 +124,8 @@ pub struct Controller {
     child: Child,
     /// Address of its metrics and health endpoints.
     pub metrics_addr: String,
+    /// Address agents connect to.
+    pub cloudhub_addr: String,
     log: PathBuf,
 }
 
@@ -141,21 +149,22 @@ impl Controller {
         std::fs::create_dir_all(&dir).expect("create target/e2e");
         let log = dir.join(format!("{name}-{}.log", unique()));
         let file = std::fs::File::create(&log).expect("create controller log");
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-        let metrics_addr = format!("127.0.0.1:{port}");
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
+        let cloudhub_addr = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(binary);
         if let Some(user) = user {
             cmd.env("KUBECONFIG", impersonating_kubeconfig(&dir, user));
         }
         let child = cmd
-            .args(["--metrics-addr", &metrics_addr, "--log-level", "info,supermesh_controller=debug"])
+            .args(["--metrics-addr", &metrics_addr, "--cloudhub-addr", &cloudhub_addr])
+            .args(["--namespace", CONTROLLER_NAMESPACE, "--log-level", "info,supermesh_controller=debug"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log handle"))
             .stderr(file)
             .spawn()
             .expect("start supermesh-controller");
-        Controller { child, metrics_addr, log }
+        Controller { child, metrics_addr, cloudhub_addr, log }
     }
 
     /// Stops the controller and waits until it exited.
@@ -256,6 +265,11 @@ impl Controller {
     }
 }
 
+/// A free TCP port on the loopback interface.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
 /// A copy of the current kubeconfig whose users act as `user`.
 fn impersonating_kubeconfig(dir: &Path, user: &str) -> PathBuf {
     let source = std::env::var("KUBECONFIG").expect("KUBECONFIG is set");
@@ -282,5 +296,148 @@ where
 {
     for name in names {
         let _ = api.delete(name, &DeleteParams::default()).await;
+    }
+}
+
+/// The join token agents use, published by the controller in its namespace.
+pub async fn join_token(client: &Client) -> String {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), CONTROLLER_NAMESPACE);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let token = secrets.get_opt("supermesh-bootstrap-token").await.ok().flatten().and_then(|s| {
+            let bytes = s.data?.get("joinToken")?.0.clone();
+            String::from_utf8(bytes).ok()
+        });
+        if let Some(token) = token {
+            return token;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the controller did not publish the join token");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A `supermesh-agent` process with its own edge.yaml and data dir under target/e2e/agents/.
+pub struct Agent {
+    /// Node name.
+    pub name: String,
+    /// The agent's dataDir.
+    pub data_dir: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Writes the agent's edge.yaml and starts it.
+    pub fn start(name: &str, network: &str, account: &str, cloudhub: &str, token: &str) -> Agent {
+        let dir = target_dir().join("e2e/agents").join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("agent dir");
+        let config = dir.join("edge.yaml");
+        let data_dir = dir.join("data");
+        let yaml = format!(
+            "node: {{name: {name}, account: {account}, network: {network}}}\ncloud: {{address: \"{cloudhub}\", token: \"{token}\"}}\ndataDir: {}\n",
+            data_dir.display()
+        );
+        std::fs::write(&config, yaml).expect("write edge.yaml");
+        let mut agent = Agent { name: name.into(), data_dir, config, log: dir.join("agent.log"), child: None };
+        agent.restart();
+        agent
+    }
+
+    /// Starts the agent process again (after `stop` or `kill`), appending to its log.
+    pub fn restart(&mut self) {
+        let binary = target_dir().join("debug/supermesh-agent");
+        assert!(binary.exists(), "{} is missing: run `cargo build --bins`", binary.display());
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("agent log");
+        let child = Command::new(binary)
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--log-level", "info,supermesh_agent=debug"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("start supermesh-agent");
+        self.child = Some(child);
+    }
+
+    /// Stops the agent gracefully (SIGTERM) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the agent with SIGKILL, as a power cut would.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// How many times edged was told about `key` (stored or removed).
+    pub fn edged_events(&self, key: &str) -> usize {
+        self.log().lines().filter(|l| l.contains("edged:") && l.contains(&format!("key={key}"))).count()
+    }
+
+    /// `supermesh-agent inspect` of this agent's data dir; `Err` holds its error output.
+    pub fn inspect(&self) -> Result<String, String> {
+        let out = Command::new(target_dir().join("debug/supermesh-agent"))
+            .arg("inspect")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .output()
+            .expect("run supermesh-agent inspect");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// The resources in the agent's SQLite store with their versions.
+    pub fn held(&self) -> std::collections::BTreeMap<String, String> {
+        let report = self.inspect().unwrap_or_else(|e| panic!("inspect {}: {e}", self.name));
+        report
+            .lines()
+            .skip(1)
+            .take_while(|l| !l.trim().is_empty())
+            .filter_map(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                Some((cols.first()?.to_string(), cols.get(2)?.to_string()))
+            })
+            .collect()
+    }
+
+    /// Waits until the store satisfies `check`, failing with the agent log after `DEADLINE`.
+    pub async fn wait_held(&self, what: &str, check: impl Fn(&std::collections::BTreeMap<String, String>) -> bool) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let held = self.held();
+            if check(&held) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "agent {}: timed out waiting for {what}; holds {held:?}\nlog:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

@@ -7,6 +7,7 @@ pub mod location;
 pub mod mesh;
 pub mod microservice;
 pub mod names;
+pub mod protocol;
 
 pub use edgenode::{EdgeNode, EdgeNodeSpec, EdgeNodeStatus};
 pub use location::Location;

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// A point on Earth in decimal degrees (WGS 84).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Location {
     /// Latitude in degrees, from -90 (south pole) to 90 (north pole).
     #[schemars(range(min = -90.0, max = 90.0))]

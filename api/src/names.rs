@@ -34,4 +34,8 @@ pub mod condition {
     pub const MESH_VALID: &str = "Valid";
     /// An EdgeNode whose agent has not connected to the cloud yet.
     pub const AGENT_NEVER_CONNECTED: &str = "AgentNeverConnected";
+    /// An EdgeNode whose agent holds a session with the cloudhub.
+    pub const AGENT_CONNECTED: &str = "AgentConnected";
+    /// An EdgeNode whose agent lost its session; its instances keep running.
+    pub const AGENT_DISCONNECTED: &str = "AgentDisconnected";
 }

@@ -100,6 +100,11 @@ impl Placements {
         old
     }
 
+    /// The microservices placed on `node`.
+    pub fn assigned_to(&self, node: &str) -> Vec<ObjectRef<Microservice>> {
+        self.lock().iter().filter(|(_, nodes)| nodes.contains(node)).map(|(m, _)| m.clone()).collect()
+    }
+
     /// Number of microservice instances placed on `node`.
     pub fn instances_on(&self, node: &str) -> usize {
         self.lock().values().filter(|nodes| nodes.contains(node)).count()
@@ -150,6 +155,8 @@ pub struct Context {
     pub placements: Placements,
     /// Asks the EdgeNode controller to recount a node's instances.
     pub node_trigger: UnboundedSender<ObjectRef<EdgeNode>>,
+    /// Sessions of connected agents.
+    pub hub: Arc<crate::cloudhub::Hub>,
 }
 
 impl Context {

@@ -4,28 +4,66 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
-use supermesh_api::edgenode::{EdgeNodeStatus, InstanceCounts};
+use supermesh_api::edgenode::{EdgeNodeStatus, InstanceCounts, NodeAddress};
 use supermesh_api::names::condition::*;
 use supermesh_api::EdgeNode;
 use tracing::{instrument, warn};
 
+use crate::cloudhub::SessionInfo;
 use crate::conditions::{self, Wanted};
 use crate::context::{reconcile_in_finalizer, Context, RESYNC};
 use crate::Result;
 
-/// The status of `node` when `desired` instances are placed on it.
-pub fn status_for(node: &EdgeNode, desired: i32) -> EdgeNodeStatus {
+/// How stale `lastHeartbeatTime` may get before it is rewritten: heartbeats
+/// are coalesced so that keepalives never turn into API writes.
+const HEARTBEAT_WRITE_INTERVAL_SECONDS: i64 = 30;
+
+/// The status of `node` with `desired` instances placed on it and its agent's
+/// session, if connected. Until `grace_over`, a node without a session keeps
+/// its conditions: after a controller restart agents are still reconnecting.
+pub fn status_for(node: &EdgeNode, desired: i32, session: Option<&SessionInfo>, grace_over: bool) -> EdgeNodeStatus {
     let mut status = node.status.clone().unwrap_or_default();
-    let counts = status.instances.get_or_insert_with(InstanceCounts::default);
-    counts.desired = desired;
-    if !status.conditions.iter().any(|c| c.type_ == CONNECTED) {
-        let never = "the node's supermesh-agent has not connected to the cloud yet";
-        let wanted = vec![
-            Wanted { type_: READY, status: "Unknown", reason: AGENT_NEVER_CONNECTED, message: never.into() },
-            Wanted { type_: CONNECTED, status: "Unknown", reason: AGENT_NEVER_CONNECTED, message: never.into() },
-        ];
+    status.instances.get_or_insert_with(InstanceCounts::default).desired = desired;
+    let was = conditions::reason(&status.conditions, CONNECTED).map(str::to_owned);
+    let connection = |ok: &'static str, reason: &'static str, message: String| {
+        vec![
+            Wanted { type_: READY, status: ok, reason, message: message.clone() },
+            Wanted { type_: CONNECTED, status: ok, reason, message },
+        ]
+    };
+    let wanted = match session {
+        Some(s) => {
+            let stale = status
+                .last_heartbeat_time
+                .as_ref()
+                .is_none_or(|t| s.last_seen.as_second() - t.0.as_second() >= HEARTBEAT_WRITE_INTERVAL_SECONDS);
+            if stale {
+                let seen = Timestamp::from_second(s.last_seen.as_second()).unwrap_or(s.last_seen);
+                status.last_heartbeat_time = Some(Time(seen));
+            }
+            status.agent_version = Some(s.agent_version.clone());
+            status.os = Some(s.os.clone());
+            status.arch = Some(s.arch.clone());
+            status.addresses = vec![NodeAddress { address_type: "InternalIP".into(), address: s.address.clone() }];
+            Some(connection("True", AGENT_CONNECTED, format!("supermesh-agent {} connected", s.agent_version)))
+        }
+        None if was.as_deref() == Some(AGENT_CONNECTED) && !grace_over => None,
+        None if was.is_none() || was.as_deref() == Some(AGENT_NEVER_CONNECTED) => Some(connection(
+            "Unknown",
+            AGENT_NEVER_CONNECTED,
+            "the node's supermesh-agent has not connected to the cloud yet".into(),
+        )),
+        None => Some(connection(
+            "False",
+            AGENT_DISCONNECTED,
+            "the agent lost its connection; its instances keep running on the node".into(),
+        )),
+    };
+    if let Some(wanted) = wanted {
         status.conditions = conditions::merge(&status.conditions, wanted, None);
     }
     status
@@ -53,8 +91,10 @@ async fn apply(api: Api<EdgeNode>, node: Arc<EdgeNode>, ctx: Arc<Context>) -> Re
     if !ctx.placements.wait_complete(&ctx.index.microservices, Duration::from_secs(30)).await {
         warn!("placements still incomplete after 30 s; instance counts may be low until the next pass");
     }
-    let desired = ctx.placements.instances_on(&node.name_any()) as i32;
-    ctx.write_status(&api, &node, &status_for(&node, desired)).await?;
+    let name = node.name_any();
+    let desired = ctx.placements.instances_on(&name) as i32;
+    let session = ctx.hub.session(&name);
+    ctx.write_status(&api, &node, &status_for(&node, desired, session.as_ref(), ctx.hub.grace_over())).await?;
     Ok(Action::requeue(RESYNC))
 }
 
@@ -63,15 +103,50 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn session(seen: i64) -> SessionInfo {
+        let at = Timestamp::from_second(seen).unwrap();
+        SessionInfo {
+            connected_at: at,
+            last_seen: at,
+            agent_version: "0.1.0".into(),
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            address: "10.0.0.7".into(),
+        }
+    }
+
+    fn connected(s: &EdgeNodeStatus) -> (&str, &str) {
+        let c = s.conditions.iter().find(|c| c.type_ == CONNECTED).unwrap();
+        (c.status.as_str(), c.reason.as_str())
+    }
+
     #[test]
     fn new_node_is_unknown_until_its_agent_connects() {
         let n = EdgeNode::new("n1", serde_json::from_value(json!({"account": "a", "network": "n"})).unwrap());
-        let s = status_for(&n, 2);
+        let s = status_for(&n, 2, None, true);
         assert_eq!(s.instances.as_ref().unwrap().desired, 2);
-        let connected = s.conditions.iter().find(|c| c.type_ == CONNECTED).unwrap();
-        assert_eq!((connected.status.as_str(), connected.reason.as_str()), ("Unknown", AGENT_NEVER_CONNECTED));
+        assert_eq!(connected(&s), ("Unknown", AGENT_NEVER_CONNECTED));
         let mut again = n.clone();
         again.status = Some(s.clone());
-        assert_eq!(status_for(&again, 2), s, "no change, no write");
+        assert_eq!(status_for(&again, 2, None, true), s, "no change, no write");
+    }
+
+    #[test]
+    fn connection_follows_the_session_and_heartbeats_are_coalesced() {
+        let mut n = EdgeNode::new("n1", serde_json::from_value(json!({"account": "a", "network": "n"})).unwrap());
+        let s = status_for(&n, 0, Some(&session(1000)), false);
+        assert_eq!(connected(&s), ("True", AGENT_CONNECTED));
+        assert_eq!(s.last_heartbeat_time.as_ref().unwrap().0.as_second(), 1000);
+        assert_eq!(s.arch.as_deref(), Some("x86_64"));
+        n.status = Some(s.clone());
+        let soon = status_for(&n, 0, Some(&session(1010)), false);
+        assert_eq!(soon, s, "a heartbeat 10 s later is not written");
+        let later = status_for(&n, 0, Some(&session(1031)), false);
+        assert_eq!(later.last_heartbeat_time.unwrap().0.as_second(), 1031);
+
+        // Right after a controller restart the node keeps Connected until agents had time to reconnect.
+        assert_eq!(status_for(&n, 0, None, false), s);
+        let gone = status_for(&n, 0, None, true);
+        assert_eq!(connected(&gone), ("False", AGENT_DISCONNECTED));
     }
 }

@@ -30,6 +30,14 @@ pub enum Error {
     #[error("cannot serve metrics on {0}: {1}")]
     Http(String, #[source] std::io::Error),
 
+    /// The cloudhub's CA, serving certificate or bootstrap token could not be set up.
+    #[error("cloudhub PKI: {0}")]
+    Pki(String),
+
+    /// The cloudhub listener could not start.
+    #[error("cannot listen for agents on {0}: {1}")]
+    Listen(String, #[source] std::io::Error),
+
     /// A watch stream ended with an error the controller cannot recover from.
     #[error("{0} controller stopped: {1}")]
     ControllerStopped(&'static str, String),
@@ -66,7 +74,8 @@ impl Error {
             Error::Finalizer(_) => "finalizer",
             Error::CrdMissing(_) | Error::CrdNotEstablished(..) => "crd",
             Error::Config(_) => "config",
-            Error::Http(..) => "http",
+            Error::Http(..) | Error::Listen(..) => "http",
+            Error::Pki(_) => "pki",
             Error::ControllerStopped(..) => "controller",
         }
     }

@@ -19,6 +19,18 @@ struct Args {
     /// Install or upgrade the supermesh CRDs at start instead of requiring them.
     #[arg(long)]
     install_crds: bool,
+    /// Address the cloudhub accepts agents on (WebSocket over TLS).
+    #[arg(long, env = "SUPERMESH_CLOUDHUB_ADDR", default_value = "0.0.0.0:10350")]
+    cloudhub_addr: SocketAddr,
+    /// DNS name or IP address agents use to reach the cloudhub (repeatable); goes into its certificate.
+    #[arg(long = "cloudhub-name")]
+    cloudhub_names: Vec<String>,
+    /// Namespace of the cloudhub CA and bootstrap token Secrets (created when missing).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "supermesh")]
+    namespace: String,
+    /// Most agents connected at once; more are told to retry later.
+    #[arg(long, default_value_t = 10_000)]
+    max_agents: usize,
     /// Log filter, for example `info` or `supermesh_controller=debug,kube=info`.
     #[arg(long, env = "SUPERMESH_LOG", default_value = "info")]
     log_level: String,
@@ -51,7 +63,14 @@ async fn main() -> ExitCode {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
     }
-    let settings = Settings { metrics_addr: args.metrics_addr, install_crds: args.install_crds };
+    let settings = Settings {
+        metrics_addr: args.metrics_addr,
+        install_crds: args.install_crds,
+        cloudhub_addr: args.cloudhub_addr,
+        cloudhub_names: args.cloudhub_names,
+        namespace: args.namespace,
+        max_agents: args.max_agents,
+    };
     match run(settings).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

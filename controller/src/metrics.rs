@@ -37,6 +37,14 @@ pub struct Metrics {
     pub status_writes: Family<KindLabels, Counter>,
     /// Microservice instances currently placed on edge nodes.
     pub placed_instances: Gauge,
+    /// Changes (Insert, Update, Delete) sent to agents.
+    pub changes_sent: Counter,
+    /// Changes agents acknowledged after committing them.
+    pub changes_acked: Counter,
+    /// Changes agents refused.
+    pub changes_nacked: Counter,
+    /// Invalid messages received from agents.
+    pub bad_messages: Counter,
 }
 
 impl Default for Metrics {
@@ -54,7 +62,23 @@ impl Default for Metrics {
         registry.register("reconcile_duration_seconds", "Reconcile duration", duration.clone());
         registry.register("status_writes", "Status writes to the API server", status_writes.clone());
         registry.register("placed_instances", "Microservice instances placed on edge nodes", placed_instances.clone());
-        Metrics { registry, reconciliations, failures, duration, status_writes, placed_instances }
+        let [changes_sent, changes_acked, changes_nacked, bad_messages] = std::array::from_fn(|_| Counter::default());
+        registry.register("cloudhub_changes_sent", "Changes sent to agents", changes_sent.clone());
+        registry.register("cloudhub_changes_acked", "Changes agents acknowledged", changes_acked.clone());
+        registry.register("cloudhub_changes_nacked", "Changes agents refused", changes_nacked.clone());
+        registry.register("cloudhub_bad_messages", "Invalid messages received from agents", bad_messages.clone());
+        Metrics {
+            registry,
+            reconciliations,
+            failures,
+            duration,
+            status_writes,
+            placed_instances,
+            changes_sent,
+            changes_acked,
+            changes_nacked,
+            bad_messages,
+        }
     }
 }
 

@@ -127,10 +127,13 @@ async fn apply(api: Api<Microservice>, msvc: Arc<Microservice>, ctx: Arc<Context
     let previous = ctx.placements.set(key, nodes.clone());
     ctx.metrics.placed_instances.set(ctx.placements.total() as i64);
     let moved = previous.as_ref().is_some_and(|p| *p != nodes);
-    for node in previous.unwrap_or_default().symmetric_difference(&nodes) {
+    let previous = previous.unwrap_or_default();
+    for node in previous.symmetric_difference(&nodes) {
         // The EdgeNode controller runs as long as this one; a closed channel means shutdown.
         let _ = ctx.node_trigger.unbounded_send(ObjectRef::new(node));
     }
+    // The spec may have changed too: every node that had or gets it re-syncs.
+    ctx.hub.poke(previous.union(&nodes));
 
     let status = status_for(&msvc, &plan);
     let old = msvc.status.clone().unwrap_or_default();
@@ -158,6 +161,7 @@ async fn apply(api: Api<Microservice>, msvc: Arc<Microservice>, ctx: Arc<Context
 async fn cleanup(msvc: Arc<Microservice>, ctx: Arc<Context>) -> Result<Action> {
     let removed = ctx.placements.remove(&ObjectRef::from_obj(&*msvc)).unwrap_or_default();
     ctx.metrics.placed_instances.set(ctx.placements.total() as i64);
+    ctx.hub.poke(&removed);
     for node in removed {
         let _ = ctx.node_trigger.unbounded_send(ObjectRef::new(&node));
     }

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::context::{error_policy, Context, Index, Placements, Synced};
 use crate::metrics::Metrics;
-use crate::{crds, edgenode, http, mesh, microservice, Error, Result};
+use crate::{cloudhub, crds, edgenode, http, mesh, microservice, Error, Result};
 
 /// Settings of a controller run.
 #[derive(Debug, Clone)]
@@ -27,6 +27,14 @@ pub struct Settings {
     pub metrics_addr: SocketAddr,
     /// Install (or upgrade) the CRDs instead of requiring them.
     pub install_crds: bool,
+    /// Address agents connect to.
+    pub cloudhub_addr: SocketAddr,
+    /// DNS names and IP addresses agents dial, for the serving certificate.
+    pub cloudhub_names: Vec<String>,
+    /// Namespace holding the cloudhub CA and bootstrap token Secrets.
+    pub namespace: String,
+    /// Most agents connected at once.
+    pub max_agents: usize,
 }
 
 /// Runs the controller until SIGINT or SIGTERM.
@@ -36,6 +44,9 @@ pub async fn run(settings: Settings) -> Result<()> {
     let client = Client::try_from(config)?;
     crds::ensure(&client, settings.install_crds).await?;
     let listener = http::bind(settings.metrics_addr).await?;
+    let agents = cloudhub::bind(settings.cloudhub_addr).await?;
+    let pki = cloudhub::pki::load(&client, &settings.namespace, &settings.cloudhub_names).await?;
+    info!(addr = %settings.cloudhub_addr, namespace = %settings.namespace, "cloudhub listening for agents");
 
     let meshes: Api<Mesh> = Api::all(client.clone());
     let nodes: Api<EdgeNode> = Api::all(client.clone());
@@ -61,8 +72,10 @@ pub async fn run(settings: Settings) -> Result<()> {
         metrics: metrics.clone(),
         index: index.clone(),
         placements: Placements::default(),
-        node_trigger,
+        node_trigger: node_trigger.clone(),
+        hub: Arc::new(cloudhub::Hub::new(settings.max_agents, node_trigger)),
     });
+    tokio::spawn(cloudhub::serve(agents, pki, ctx.clone()));
 
     let state = http::State { metrics, synced: index.synced.clone() };
     tokio::spawn(async move {

@@ -1,1 +1,7 @@
+//! supermesh-agent: edgehub, metamanager (SQLite), edged and supernode of an edge device.
 
+pub mod config;
+pub mod edged;
+pub mod edgehub;
+pub mod metamanager;
+pub mod run;

@@ -35,10 +35,18 @@ fn show(plane: &ControlPlane) -> Result<()> {
     fs::create_dir_all(&dir)?;
     let log_path = dir.join("controller.log");
     let log = fs::File::create(&log_path)?;
+    plane.kubectl(&["create", "namespace", "supermesh"]).or_else(|e| {
+        if e.to_string().contains("AlreadyExists") {
+            Ok(String::new())
+        } else {
+            Err(e)
+        }
+    })?;
     let metrics = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let cloudhub = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     eprintln!("==> starting supermesh-controller (metrics on http://{metrics}/metrics, log in {})", log_path.display());
     let controller = Command::new(target_dir().join("debug/supermesh-controller"))
-        .args(["--metrics-addr", &metrics.to_string()])
+        .args(["--metrics-addr", &metrics.to_string(), "--cloudhub-addr", &cloudhub.to_string()])
         .env("KUBECONFIG", plane.kubeconfig())
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

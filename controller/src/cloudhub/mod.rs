@@ -1,0 +1,255 @@
+//! cloudhub: one authenticated WebSocket-over-TLS session per agent. Knows
+//! which agents are connected (for EdgeNode status), and streams each node the
+//! difference between what it holds and what placement gives it.
+
+pub mod desired;
+pub mod pki;
+mod session;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::channel::mpsc::UnboundedSender;
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::reflector::ObjectRef;
+use rand::Rng;
+use supermesh_api::protocol::{CONNECT_PATH, MAX_MESSAGE_BYTES, NODE_HEADER};
+use supermesh_api::EdgeNode;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tracing::{debug, info, warn};
+
+use crate::context::Context;
+use pki::{token_matches, Pki};
+
+/// How long after a controller start a node without a session keeps its Connected
+/// condition: agents reconnect within this time, so a restart flips nothing.
+pub const RECONNECT_GRACE: Duration = Duration::from_secs(45);
+/// Seconds between keepalives on an idle stream.
+pub const KEEPALIVE_SECONDS: u64 = 15;
+/// Handshakes (TLS + upgrade) allowed at once; more wait, which spreads reconnect storms.
+const CONCURRENT_HANDSHAKES: usize = 64;
+
+/// What the cloud knows about a connected agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionInfo {
+    /// When the session started.
+    pub connected_at: Timestamp,
+    /// When the agent was last heard from.
+    pub last_seen: Timestamp,
+    /// Agent version, operating system and architecture from its hello.
+    pub agent_version: String,
+    /// Operating system of the node.
+    pub os: String,
+    /// CPU architecture of the node.
+    pub arch: String,
+    /// Address the agent connected from.
+    pub address: String,
+}
+
+struct Registered {
+    id: u64,
+    info: SessionInfo,
+    poke: Arc<Notify>,
+    superseded: Arc<Notify>,
+}
+
+/// The registry of agent sessions, shared with the reconcilers.
+pub struct Hub {
+    sessions: Mutex<HashMap<String, Registered>>,
+    next_id: AtomicU64,
+    started: Instant,
+    max_agents: usize,
+    node_trigger: UnboundedSender<ObjectRef<EdgeNode>>,
+}
+
+impl Hub {
+    /// A hub accepting at most `max_agents` sessions.
+    pub fn new(max_agents: usize, node_trigger: UnboundedSender<ObjectRef<EdgeNode>>) -> Hub {
+        Hub {
+            sessions: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            started: Instant::now(),
+            max_agents,
+            node_trigger,
+        }
+    }
+
+    /// Tells the sessions of `nodes` that their desired set may have changed.
+    pub fn poke<'a>(&self, nodes: impl IntoIterator<Item = &'a String>) {
+        let sessions = self.lock();
+        for node in nodes {
+            if let Some(s) = sessions.get(node) {
+                s.poke.notify_one();
+            }
+        }
+    }
+
+    /// The session of `node`, if its agent is connected.
+    pub fn session(&self, node: &str) -> Option<SessionInfo> {
+        self.lock().get(node).map(|s| s.info.clone())
+    }
+
+    /// Number of connected agents.
+    pub fn connected(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether agents have had time to reconnect since this controller started.
+    pub fn grace_over(&self) -> bool {
+        self.started.elapsed() > RECONNECT_GRACE
+    }
+
+    /// Registers a session for `node`, closing any older one of the same node.
+    fn register(&self, node: &str, info: SessionInfo) -> (u64, Arc<Notify>, Arc<Notify>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (poke, superseded) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let old = self
+            .lock()
+            .insert(node.to_owned(), Registered { id, info, poke: poke.clone(), superseded: superseded.clone() });
+        if let Some(old) = old {
+            old.superseded.notify_one();
+        }
+        self.recount(node);
+        (id, poke, superseded)
+    }
+
+    fn unregister(&self, node: &str, id: u64) {
+        let mut sessions = self.lock();
+        if sessions.get(node).is_some_and(|s| s.id == id) {
+            sessions.remove(node);
+            drop(sessions);
+            self.recount(node);
+        }
+    }
+
+    fn touch(&self, node: &str, id: u64) {
+        if let Some(s) = self.lock().get_mut(node).filter(|s| s.id == id) {
+            s.info.last_seen = Timestamp::now();
+        }
+    }
+
+    /// Asks the EdgeNode controller to refresh the node's status.
+    fn recount(&self, node: &str) {
+        let _ = self.node_trigger.unbounded_send(ObjectRef::new(node));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Registered>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Accepts agents on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, pki: Pki, ctx: Arc<Context>) {
+    let acceptor = TlsAcceptor::from(pki.tls.clone());
+    let secret: Arc<str> = pki.token_secret.into();
+    let handshakes = Arc::new(Semaphore::new(CONCURRENT_HANDSHAKES));
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                warn!(error = %e, "cloudhub accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (acceptor, secret, ctx, handshakes) = (acceptor.clone(), secret.clone(), ctx.clone(), handshakes.clone());
+        tokio::spawn(async move {
+            let Ok(_permit) = handshakes.acquire_owned().await else { return };
+            let node =
+                match tokio::time::timeout(Duration::from_secs(10), handshake(acceptor, tcp, &secret, &ctx)).await {
+                    Ok(Ok(accepted)) => accepted,
+                    Ok(Err(reason)) => {
+                        info!(%peer, %reason, "agent connection refused");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%peer, "agent handshake timed out");
+                        return;
+                    }
+                };
+            drop(_permit);
+            let (ws, name) = node;
+            session::run(ws, name, peer, ctx).await;
+        });
+    }
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
+
+async fn handshake(
+    acceptor: TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    secret: &str,
+    ctx: &Context,
+) -> Result<(Ws, String), String> {
+    let tls = acceptor.accept(tcp).await.map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let mut node = String::new();
+    let full = ctx.hub.connected() >= ctx.hub.max_agents;
+    // tungstenite's handshake callback fixes this signature, large error type included.
+    #[allow(clippy::result_large_err)]
+    let check = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        let refuse = |code: StatusCode, reason: String| {
+            let mut r = ErrorResponse::new(Some(reason));
+            *r.status_mut() = code;
+            r
+        };
+        if req.uri().path() != CONNECT_PATH {
+            return Err(refuse(StatusCode::NOT_FOUND, format!("the agent endpoint is {CONNECT_PATH}")));
+        }
+        let name = req.headers().get(NODE_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        if !valid_node_name(name) {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                format!("header {NODE_HEADER} must name the node (a DNS-1123 name)"),
+            ));
+        }
+        let bearer =
+            req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        if !bearer.is_some_and(|b| token_matches(b, secret)) {
+            return Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                format!(
+                    "bootstrap token rejected for node {name}: its secret does not match the cluster's; \
+                     use the joinToken of Secret supermesh-bootstrap-token"
+                ),
+            ));
+        }
+        if full {
+            let mut r = refuse(StatusCode::SERVICE_UNAVAILABLE, "cloudhub is at its agent limit".into());
+            let wait = rand::rng().random_range(5..60).to_string();
+            r.headers_mut().insert("retry-after", wait.parse().expect("digits are a valid header"));
+            return Err(r);
+        }
+        node = name.to_owned();
+        Ok(resp)
+    };
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(2 * MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(2 * MAX_MESSAGE_BYTES));
+    let ws = tokio_tungstenite::accept_hdr_async_with_config(tls, check, Some(config))
+        .await
+        .map_err(|e| format!("WebSocket upgrade refused: {e}"))?;
+    Ok((ws, node))
+}
+
+/// Whether `name` is a valid EdgeNode name (DNS-1123 subdomain).
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// Binds the agents' listener now, so that a taken port fails the start clearly.
+pub async fn bind(addr: SocketAddr) -> crate::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| crate::Error::Listen(addr.to_string(), e))
+}

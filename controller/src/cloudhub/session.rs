@@ -1,0 +1,366 @@
+//! One agent's session: hello, registration, delta sync with acks, keepalive.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::PostParams;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, ResourceExt};
+use supermesh_api::edgenode::EdgeNodeSpec;
+use supermesh_api::protocol::{
+    decode, encode, Assignment, ErrorCode, ErrorContent, Hello, Message, Operation, Welcome, CONNECTION_RESOURCE,
+};
+use supermesh_api::EdgeNode;
+use tokio_tungstenite::tungstenite::Message as Frame;
+use tracing::{debug, info, warn};
+
+use super::desired::{diff, Change};
+use super::{SessionInfo, Ws, KEEPALIVE_SECONDS};
+use crate::context::Context;
+
+/// Unacked changes are sent again after this long.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// A stream silent this long is dead.
+const SILENCE_LIMIT: Duration = Duration::from_secs(3 * KEEPALIVE_SECONDS);
+/// How often the session checks timers, and refreshes the node's heartbeat in its status.
+const TICK: Duration = Duration::from_secs(5);
+const HEARTBEAT_REFRESH: Duration = Duration::from_secs(60);
+/// Agent-initiated messages (not answers) allowed per second, with a burst of twice that.
+const RATE_PER_SECOND: f64 = 50.0;
+
+struct Inflight {
+    resource: String,
+    /// Version being installed, or `None` for a delete.
+    version: Option<String>,
+    sent: Instant,
+}
+
+struct Session {
+    node: String,
+    id: u64,
+    ws: Ws,
+    ctx: Arc<Context>,
+    /// Versions the agent has committed, by resource.
+    acked: BTreeMap<String, String>,
+    inflight: HashMap<String, Inflight>,
+    counter: u64,
+    last_heard: Instant,
+    last_sent: Instant,
+    bucket: f64,
+    bucket_at: Instant,
+}
+
+/// Runs the session of `node` until the stream ends, is superseded or goes silent.
+pub(super) async fn run(mut ws: Ws, node: String, peer: SocketAddr, ctx: Arc<Context>) {
+    let hello = match read_hello(&mut ws, &node).await {
+        Ok(h) => h,
+        Err(reason) => {
+            warn!(%node, %peer, %reason, "agent session refused");
+            let _ = send_error(&mut ws, None, ErrorCode::BadMessage, &reason).await;
+            return;
+        }
+    };
+    if let Err(e) = register_node(&ctx, &hello).await {
+        warn!(%node, error = %e, "cannot register the EdgeNode of a connecting agent");
+        let _ = send_error(&mut ws, None, ErrorCode::Unavailable, "registration failed, retry later").await;
+        return;
+    }
+    let now = Timestamp::now();
+    let info = SessionInfo {
+        connected_at: now,
+        last_seen: now,
+        agent_version: hello.agent_version.clone(),
+        os: hello.os.clone(),
+        arch: hello.arch.clone(),
+        address: peer.ip().to_string(),
+    };
+    let (id, poke, superseded) = ctx.hub.register(&node, info);
+    info!(%node, %peer, held = hello.held.len(), "agent connected");
+    let acked = hello.held.into_iter().filter(|(r, _)| r.split('/').nth(1) == Some("microservice")).collect();
+    let mut s = Session {
+        node: node.clone(),
+        id,
+        ws,
+        ctx: ctx.clone(),
+        acked,
+        inflight: HashMap::new(),
+        counter: 0,
+        last_heard: Instant::now(),
+        last_sent: Instant::now(),
+        bucket: 2.0 * RATE_PER_SECOND,
+        bucket_at: Instant::now(),
+    };
+    let outcome = s.serve(poke, superseded).await;
+    ctx.hub.unregister(&node, id);
+    info!(%node, reason = outcome, "agent disconnected");
+    let _ = s.ws.close(None).await;
+}
+
+async fn read_hello(ws: &mut Ws, node: &str) -> Result<Hello, String> {
+    let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .map_err(|_| "no hello within 10 s".to_string())?
+        .ok_or("stream closed before the hello")?
+        .map_err(|e| e.to_string())?;
+    let text = frame.into_text().map_err(|e| e.to_string())?;
+    let msg = decode(&text).map_err(|e| e.to_string())?;
+    if msg.operation != Operation::NodeConnection {
+        return Err(format!("the first message must be NodeConnection, got {:?}", msg.operation));
+    }
+    let hello: Hello = msg.content_as().map_err(|e| e.to_string())?;
+    if hello.node != node {
+        return Err(format!("hello names node {:?} but the connection is for {node:?}", hello.node));
+    }
+    Ok(hello)
+}
+
+/// Creates the node's EdgeNode from its hello when it does not exist yet (automatic registration).
+async fn register_node(ctx: &Context, hello: &Hello) -> Result<(), kube::Error> {
+    if ctx.index.nodes.get(&ObjectRef::new(&hello.node)).is_some() {
+        return Ok(());
+    }
+    let spec = EdgeNodeSpec {
+        account: hello.account.clone(),
+        network: hello.network.clone(),
+        location: hello.location,
+        supernode_eligible: hello.supernode_eligible,
+        unschedulable: false,
+    };
+    let api: Api<EdgeNode> = Api::all(ctx.client.clone());
+    match api.create(&PostParams::default(), &EdgeNode::new(&hello.node, spec)).await {
+        Ok(_) => {
+            info!(node = %hello.node, network = %hello.network, "registered a new EdgeNode");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.is_already_exists() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+async fn send_error(ws: &mut Ws, parent: Option<&str>, code: ErrorCode, message: &str) -> Result<(), String> {
+    let content = ErrorContent { code, message: message.to_owned(), retry_after_ms: None };
+    let mut msg = Message::new("c-error".into(), now_ms(), Operation::Error, CONNECTION_RESOURCE, content);
+    msg.parent_id = parent.map(str::to_owned);
+    let text = encode(&msg).map_err(|e| e.to_string())?;
+    ws.send(Frame::text(text)).await.map_err(|e| e.to_string())
+}
+
+fn now_ms() -> i64 {
+    Timestamp::now().as_millisecond()
+}
+
+impl Session {
+    async fn serve(&mut self, poke: Arc<tokio::sync::Notify>, superseded: Arc<tokio::sync::Notify>) -> &'static str {
+        let welcome = Welcome { keepalive_seconds: KEEPALIVE_SECONDS, pending: 0 };
+        if self.send(Operation::NodeConnection, CONNECTION_RESOURCE, None, welcome).await.is_err() {
+            return "send failed";
+        }
+        if self.sync().await.is_err() {
+            return "send failed";
+        }
+        let mut tick = tokio::time::interval(TICK);
+        let mut heartbeat = Instant::now();
+        loop {
+            tokio::select! {
+                _ = poke.notified() => {
+                    if self.sync().await.is_err() { return "send failed"; }
+                }
+                _ = superseded.notified() => return "superseded by a newer connection of the same node",
+                _ = tick.tick() => {
+                    if self.last_heard.elapsed() > SILENCE_LIMIT { return "silent for too long"; }
+                    self.inflight.retain(|_, f| f.sent.elapsed() < ACK_TIMEOUT);
+                    if self.sync().await.is_err() { return "send failed"; }
+                    if self.last_sent.elapsed() >= Duration::from_secs(KEEPALIVE_SECONDS)
+                        && self.send(Operation::Keepalive, CONNECTION_RESOURCE, None, ()).await.is_err() {
+                        return "send failed";
+                    }
+                    if heartbeat.elapsed() >= HEARTBEAT_REFRESH {
+                        heartbeat = Instant::now();
+                        self.ctx.hub.recount(&self.node);
+                    }
+                }
+                frame = self.ws.next() => match frame {
+                    Some(Ok(Frame::Text(text))) => {
+                        self.heard();
+                        if self.receive(&text).await.is_err() { return "send failed"; }
+                    }
+                    Some(Ok(Frame::Close(_))) | None => return "closed by the agent",
+                    Some(Ok(Frame::Binary(_))) => {
+                        self.heard();
+                        if send_error(&mut self.ws, None, ErrorCode::BadMessage, "binary frames are not supported").await.is_err() {
+                            return "send failed";
+                        }
+                    }
+                    Some(Ok(_)) => self.heard(),
+                    Some(Err(e)) => {
+                        warn!(node = %self.node, error = %e, "agent stream failed");
+                        return "stream error";
+                    }
+                },
+            }
+        }
+    }
+
+    fn heard(&mut self) {
+        self.last_heard = Instant::now();
+        self.ctx.hub.touch(&self.node, self.id);
+    }
+
+    /// Sends every change between what the agent holds (and is being sent) and what it should hold.
+    async fn sync(&mut self) -> Result<(), String> {
+        let desired = self.desired();
+        let mut view = self.acked.clone();
+        for f in self.inflight.values() {
+            match &f.version {
+                Some(v) => view.insert(f.resource.clone(), v.clone()),
+                None => view.remove(&f.resource),
+            };
+        }
+        for change in diff(&desired, &view) {
+            self.send_change(change).await?;
+        }
+        Ok(())
+    }
+
+    fn desired(&self) -> BTreeMap<String, Assignment> {
+        let index = &self.ctx.index;
+        self.ctx
+            .placements
+            .assigned_to(&self.node)
+            .into_iter()
+            .filter_map(|r| index.microservices.get(&r))
+            .filter(|m| m.metadata.deletion_timestamp.is_none())
+            .map(|m| Assignment {
+                namespace: m.namespace().unwrap_or_default(),
+                name: m.name_any(),
+                uid: m.uid().unwrap_or_default(),
+                generation: m.metadata.generation.unwrap_or_default(),
+                spec: m.spec.clone(),
+            })
+            .map(|a| (a.resource(), a))
+            .collect()
+    }
+
+    async fn send_change(&mut self, change: Change) -> Result<(), String> {
+        let Change { operation, resource, version, assignment } = change;
+        let id = match assignment {
+            Some(a) => self.send(operation, &resource, Some(&version), a).await?,
+            None => self.send(operation, &resource, Some(&version), ()).await?,
+        };
+        let version = (operation != Operation::Delete).then_some(version);
+        self.inflight.insert(id, Inflight { resource, version, sent: Instant::now() });
+        self.ctx.metrics.changes_sent.inc();
+        Ok(())
+    }
+
+    async fn send(
+        &mut self,
+        operation: Operation,
+        resource: &str,
+        version: Option<&str>,
+        content: impl serde::Serialize,
+    ) -> Result<String, String> {
+        self.counter += 1;
+        let id = format!("c{}-{}", self.id, self.counter);
+        let mut msg = Message::new(id.clone(), now_ms(), operation, resource, content);
+        msg.resource_version = version.map(str::to_owned);
+        self.write(&msg).await?;
+        Ok(id)
+    }
+
+    async fn write(&mut self, msg: &Message) -> Result<(), String> {
+        let text = encode(msg).map_err(|e| e.to_string())?;
+        self.ws.send(Frame::text(text)).await.map_err(|e| e.to_string())?;
+        self.last_sent = Instant::now();
+        Ok(())
+    }
+
+    async fn receive(&mut self, text: &str) -> Result<(), String> {
+        let msg = match decode(text) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(node = %self.node, error = %e, "invalid message from agent");
+                self.ctx.metrics.bad_messages.inc();
+                return send_error(&mut self.ws, None, ErrorCode::BadMessage, &e.to_string()).await;
+            }
+        };
+        match msg.operation {
+            Operation::Response | Operation::Error => {
+                self.answered(&msg);
+                Ok(())
+            }
+            Operation::Keepalive => Ok(()),
+            _ if !self.take_token() => {
+                let content = ErrorContent {
+                    code: ErrorCode::Overloaded,
+                    message: format!("more than {RATE_PER_SECOND} messages per second"),
+                    retry_after_ms: Some(1000),
+                };
+                let reply = Message::new(format!("c{}-r", self.id), now_ms(), Operation::Error, &msg.resource, content)
+                    .answering(&msg.id);
+                self.write(&reply).await
+            }
+            Operation::Query => self.answer_query(&msg).await,
+            other => {
+                // Reports (MetaSync) are acknowledged so the agent's outbox drains; status aggregation reads them.
+                debug!(node = %self.node, operation = ?other, resource = %msg.resource, "report from agent");
+                let ack =
+                    Message::new(format!("c{}-a{}", self.id, msg.id), now_ms(), Operation::Response, &msg.resource, ())
+                        .answering(&msg.id);
+                self.write(&ack).await
+            }
+        }
+    }
+
+    /// An ack or nack of a change this session sent.
+    fn answered(&mut self, msg: &Message) {
+        let Some(f) = msg.parent_id.as_ref().and_then(|p| self.inflight.remove(p)) else { return };
+        if msg.operation == Operation::Error {
+            let reason = msg.content_as::<ErrorContent>().map(|c| c.message).unwrap_or_default();
+            warn!(node = %self.node, resource = %f.resource, %reason, "agent refused a change; it is sent again later");
+            self.ctx.metrics.changes_nacked.inc();
+            return;
+        }
+        match f.version {
+            Some(v) => self.acked.insert(f.resource, v),
+            None => self.acked.remove(&f.resource),
+        };
+        self.ctx.metrics.changes_acked.inc();
+    }
+
+    /// Answers an agent's query for a resource it does not hold: only what is assigned to it.
+    async fn answer_query(&mut self, msg: &Message) -> Result<(), String> {
+        let reply = match self.desired().remove(&msg.resource) {
+            Some(a) => {
+                let version = a.version();
+                Message::new(format!("c{}-q{}", self.id, msg.id), now_ms(), Operation::Response, &msg.resource, a)
+                    .with_version(&version)
+            }
+            None => {
+                let content = ErrorContent {
+                    code: ErrorCode::NotFound,
+                    message: format!("{} is not assigned to node {}", msg.resource, self.node),
+                    retry_after_ms: None,
+                };
+                Message::new(format!("c{}-q{}", self.id, msg.id), now_ms(), Operation::Error, &msg.resource, content)
+            }
+        };
+        self.write(&reply.answering(&msg.id)).await
+    }
+
+    fn take_token(&mut self) -> bool {
+        let elapsed = self.bucket_at.elapsed().as_secs_f64();
+        self.bucket_at = Instant::now();
+        self.bucket = (self.bucket + elapsed * RATE_PER_SECOND).min(2.0 * RATE_PER_SECOND);
+        if self.bucket >= 1.0 {
+            self.bucket -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! The agent's configuration file, `edge.yaml` (see `examples/agent/edge.yaml`).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use supermesh_api::Location;
+
+/// The whole contents of `edge.yaml`.
+#[derive(Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EdgeConfig {
+    /// Who this device is.
+    pub node: NodeConfig,
+    /// How to reach and join the cloud.
+    pub cloud: CloudConfig,
+    /// Where the agent keeps its database and files.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Metamanager settings.
+    #[serde(default)]
+    pub meta: MetaConfig,
+}
+
+/// Identity and placement attributes of this device.
+#[derive(Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NodeConfig {
+    /// Name of the device's EdgeNode, a DNS-1123 subdomain.
+    pub name: String,
+    /// Account the device belongs to.
+    pub account: String,
+    /// Network the device is on.
+    pub network: String,
+    /// Where the device is, if known.
+    #[serde(default)]
+    pub location: Option<Location>,
+    /// Whether the device may be elected supernode of its network.
+    #[serde(default = "default_supernode_eligible")]
+    pub supernode_eligible: bool,
+}
+
+/// Connection to the controller's cloudhub.
+#[derive(Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CloudConfig {
+    /// `host:port` of the cloudhub, without any `wss://` prefix.
+    pub address: String,
+    /// Token the agent bootstraps its node certificate with.
+    pub token: BootstrapToken,
+}
+
+/// A bootstrap token, written `<ca_hash>.<secret>`.
+#[derive(Deserialize, Clone, PartialEq, Eq)]
+#[serde(try_from = "String")]
+pub struct BootstrapToken {
+    /// sha256 of the cloud CA certificate, 64 lowercase hex digits.
+    pub ca_hash: String,
+    /// Shared secret, at least 16 characters of `[A-Za-z0-9_-]`.
+    pub secret: String,
+}
+
+/// Metamanager settings (`meta`).
+#[derive(Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct MetaConfig {
+    /// Synchronisation with the cloud.
+    pub sync: SyncConfig,
+}
+
+/// Synchronisation settings (`meta.sync`).
+#[derive(Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct SyncConfig {
+    /// Periodic full status of local instances.
+    pub podstatus: PodStatusConfig,
+}
+
+/// Periodic instance status report (`meta.sync.podstatus`).
+#[derive(Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct PodStatusConfig {
+    /// Seconds between two full reports, at least 1.
+    pub interval: u64,
+}
+
+impl Default for PodStatusConfig {
+    fn default() -> Self {
+        PodStatusConfig { interval: 60 }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/supermesh")
+}
+
+fn default_supernode_eligible() -> bool {
+    true
+}
+
+/// Why `edge.yaml` could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {}: {error}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        error: std::io::Error,
+    },
+    /// The document as a whole is not valid YAML or lacks a top-level key.
+    #[error("{origin}: {error}")]
+    Parse {
+        /// Name of the file.
+        origin: String,
+        /// What the YAML parser said.
+        error: serde_yaml::Error,
+    },
+    /// One key has a missing, unknown, mistyped or unacceptable value.
+    #[error("{origin}: {key}: {message}")]
+    Invalid {
+        /// Name of the file.
+        origin: String,
+        /// Dotted path of the key, e.g. `meta.sync.podstatus.interval`.
+        key: String,
+        /// What is wrong and what a valid value looks like.
+        message: String,
+    },
+}
+
+/// Reads and validates the configuration file at `path`.
+pub fn load(path: &Path) -> Result<EdgeConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.to_path_buf(), error })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Parses and validates `text`; `origin` names the file in error messages.
+pub fn parse(text: &str, origin: &str) -> Result<EdgeConfig, ConfigError> {
+    let invalid = |key: String, message: String| ConfigError::Invalid { origin: origin.to_owned(), key, message };
+    let config: EdgeConfig =
+        serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text)).map_err(|e| {
+            let key = e.path().to_string();
+            match key.as_str() {
+                "." => ConfigError::Parse { origin: origin.to_owned(), error: e.into_inner() },
+                _ => {
+                    let message = without_yaml_path(&e.into_inner().to_string(), &key).to_owned();
+                    invalid(key, message)
+                }
+            }
+        })?;
+    config.validate().map_err(|(key, message)| invalid(key.to_owned(), message))
+}
+
+/// `message` without the path serde_yaml puts in front of it (`key` itself or one of its parents).
+fn without_yaml_path<'a>(message: &'a str, key: &str) -> &'a str {
+    match message.split_once(": ") {
+        Some((path, rest)) if key == path || key.strip_prefix(path).is_some_and(|k| k.starts_with('.')) => rest,
+        _ => message,
+    }
+}
+
+/// A key that failed validation and why.
+type Rejection = (&'static str, String);
+
+impl EdgeConfig {
+    /// How often the full status of local instances is reported.
+    pub fn podstatus_interval(&self) -> Duration {
+        Duration::from_secs(self.meta.sync.podstatus.interval)
+    }
+
+    /// Checks what serde cannot, and strips the optional `wss://` from the cloud address.
+    fn validate(mut self) -> Result<Self, Rejection> {
+        let node = &self.node;
+        check(is_dns1123_subdomain(&node.name), "node.name", || {
+            format!(
+                "{:?} is not a valid node name; expected a DNS-1123 subdomain of at most 253 lowercase letters, \
+                 digits, '-' and '.', each part starting and ending with a letter or digit, e.g. pi-kitchen",
+                node.name
+            )
+        })?;
+        non_empty("node.account", &node.account)?;
+        non_empty("node.network", &node.network)?;
+        if let Some(l) = node.location {
+            check(l.is_valid(), "node.location", || {
+                format!(
+                    "latitude {} / longitude {} is out of range; expected a latitude within -90..90 and a longitude \
+                     within -180..180, e.g. {{latitude: 48.8566, longitude: 2.3522}}",
+                    l.latitude, l.longitude
+                )
+            })?;
+        }
+        non_empty("dataDir", &self.data_dir.to_string_lossy())?;
+        check(self.meta.sync.podstatus.interval >= 1, "meta.sync.podstatus.interval", || {
+            "must be at least 1 (seconds), e.g. 60".to_owned()
+        })?;
+        let address = host_port(&self.cloud.address).ok_or_else(|| {
+            let message = format!(
+                "{:?} is not host:port; expected e.g. 127.0.0.1:10350 or wss://cloud.example.com:10350 \
+                 (port 1-65535)",
+                self.cloud.address
+            );
+            ("cloud.address", message)
+        })?;
+        self.cloud.address = address.to_owned();
+        Ok(self)
+    }
+}
+
+/// Rejects `key` with the message `why` unless `ok`.
+fn check(ok: bool, key: &'static str, why: impl FnOnce() -> String) -> Result<(), Rejection> {
+    if ok {
+        Ok(())
+    } else {
+        Err((key, why()))
+    }
+}
+
+/// Rejects `key` if `value` is empty or blank.
+fn non_empty(key: &'static str, value: &str) -> Result<(), Rejection> {
+    check(!value.trim().is_empty(), key, || "must not be empty".to_owned())
+}
+
+/// Whether `name` is a DNS-1123 subdomain, as Kubernetes requires of object names.
+fn is_dns1123_subdomain(name: &str) -> bool {
+    let label_ok = |label: &str| {
+        let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+        let bytes = label.as_bytes();
+        bytes.first().is_some_and(alnum)
+            && bytes.last().is_some_and(alnum)
+            && bytes.iter().all(|c| alnum(c) || *c == b'-')
+    };
+    name.len() <= 253 && name.split('.').all(label_ok)
+}
+
+/// `address` without its optional `wss://` prefix, if what remains is `host:port` with a port in 1..=65535.
+fn host_port(address: &str) -> Option<&str> {
+    let rest = address.strip_prefix("wss://").unwrap_or(address);
+    let (host, port) = rest.rsplit_once(':')?;
+    let bracketed = host.starts_with('[') && host.ends_with(']');
+    let host_ok = !host.is_empty()
+        && !host.contains(|c: char| c.is_whitespace() || c == '/')
+        && (bracketed || !host.contains(':'));
+    let port_ok = port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok_and(|p| p > 0);
+    (host_ok && port_ok).then_some(rest)
+}
+
+impl FromStr for BootstrapToken {
+    type Err = String;
+
+    /// Parses `<ca_hash>.<secret>`; errors never repeat the token.
+    fn from_str(token: &str) -> Result<Self, String> {
+        let is_hash = |h: &str| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let problem = match token.split_once('.') {
+            None => "it has no '.' between the CA hash and the secret",
+            Some((hash, _)) if !is_hash(hash) => "the CA hash is not 64 lowercase hex digits",
+            Some((_, secret)) if !secret.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') => {
+                "the secret has characters other than A-Z a-z 0-9 _ -"
+            }
+            Some((_, secret)) if secret.len() < 16 => "the secret is shorter than 16 characters",
+            Some((hash, secret)) => return Ok(BootstrapToken { ca_hash: hash.to_owned(), secret: secret.to_owned() }),
+        };
+        Err(format!(
+            "invalid bootstrap token: {problem}; expected <sha256 of the cloud CA certificate as 64 lowercase hex \
+             digits>.<secret of at least 16 characters from A-Z a-z 0-9 _ ->"
+        ))
+    }
+}
+
+impl TryFrom<String> for BootstrapToken {
+    type Error = String;
+
+    fn try_from(token: String) -> Result<Self, String> {
+        token.parse()
+    }
+}
+
+impl fmt::Debug for BootstrapToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BootstrapToken").field("ca_hash", &self.ca_hash).field("secret", &"<redacted>").finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/agent/edge.yaml");
+    const HASH: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const MINIMAL: &str = r#"
+node:
+  name: pi-kitchen
+  account: acme
+  network: home
+cloud:
+  address: 127.0.0.1:10350
+  token: "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.s3cret-s3cret-s3cret"
+"#;
+
+    /// The error for `MINIMAL` with `from` replaced by `to`.
+    fn error_with(from: &str, to: &str) -> ConfigError {
+        assert!(MINIMAL.contains(from), "{from:?} is not in MINIMAL");
+        parse(&MINIMAL.replacen(from, to, 1), "edge.yaml").expect_err(to)
+    }
+
+    #[test]
+    fn example_file_loads() {
+        let config = load(Path::new(EXAMPLE)).unwrap();
+        assert_eq!(config.node.name, "pi-kitchen");
+        assert_eq!((config.node.account.as_str(), config.node.network.as_str()), ("acme", "home"));
+        assert_eq!(config.node.location, Some(Location { latitude: 48.8566, longitude: 2.3522 }));
+        assert!(config.node.supernode_eligible);
+        assert_eq!(config.cloud.address, "127.0.0.1:10350");
+        assert_eq!(config.cloud.token.ca_hash.len(), 64);
+        assert_eq!(config.cloud.token.secret, "replace-with-the-cluster-secret");
+        assert_eq!(config.data_dir, Path::new("/var/lib/supermesh"));
+        assert_eq!(config.podstatus_interval(), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let config = parse(MINIMAL, "edge.yaml").unwrap();
+        assert_eq!(config.meta.sync.podstatus.interval, 60);
+        assert_eq!(config.data_dir, Path::new("/var/lib/supermesh"));
+        assert!(config.node.supernode_eligible);
+        assert_eq!(config.node.location, None);
+        assert_eq!(config.cloud.token, BootstrapToken { ca_hash: HASH.into(), secret: "s3cret-s3cret-s3cret".into() });
+    }
+
+    #[test]
+    fn explicit_values_override_defaults_and_wss_is_stripped() {
+        let text = MINIMAL.replace("127.0.0.1:10350", "wss://cloud.example.com:443")
+            + "dataDir: /data\nmeta: {sync: {podstatus: {interval: 5}}}\n";
+        let text = text.replace("network: home", "network: home\n  supernodeEligible: false");
+        let config = parse(&text, "edge.yaml").unwrap();
+        assert_eq!(config.cloud.address, "cloud.example.com:443");
+        assert_eq!(config.data_dir, Path::new("/data"));
+        assert_eq!(config.podstatus_interval(), Duration::from_secs(5));
+        assert!(!config.node.supernode_eligible);
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_path() {
+        let top = error_with("cloud:", "dataDri: /data\ncloud:").to_string();
+        assert!(top.starts_with("edge.yaml: dataDri: unknown field `dataDri`, expected one of"), "{top}");
+        let nested = error_with("name:", "nmae:").to_string();
+        assert!(nested.starts_with("edge.yaml: node.nmae: unknown field `nmae`, expected one of"), "{nested}");
+        let deep = parse(&format!("{MINIMAL}meta: {{sync: {{podstatus: {{intervall: 5}}}}}}\n"), "edge.yaml");
+        let deep = deep.unwrap_err().to_string();
+        assert!(deep.starts_with("edge.yaml: meta.sync.podstatus.intervall: unknown field"), "{deep}");
+    }
+
+    #[test]
+    fn missing_keys_are_named() {
+        let nested = error_with("  account: acme\n", "").to_string();
+        assert!(nested.starts_with("edge.yaml: node: missing field `account`"), "{nested}");
+        let top = parse("node: {name: a, account: b, network: c}\n", "edge.yaml").unwrap_err();
+        assert!(matches!(top, ConfigError::Parse { .. }), "{top:?}");
+        assert!(top.to_string().starts_with("edge.yaml: missing field `cloud`"), "{top}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let text = format!("{MINIMAL}meta:\n  sync:\n    podstatus:\n      interval: abc\n");
+        let message = parse(&text, "edge.yaml").unwrap_err().to_string();
+        let expected = r#"edge.yaml: meta.sync.podstatus.interval: invalid type: string "abc", expected u64"#;
+        assert!(message.starts_with(expected), "{message}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key_and_the_expected_shape() {
+        let secret = "s3cret-s3cret-s3cret";
+        let cases = [
+            ("name: pi-kitchen", "name: Pi_Kitchen", "node.name", "DNS-1123"),
+            ("name: pi-kitchen", "name: pi..kitchen", "node.name", "DNS-1123"),
+            ("name: pi-kitchen", "name: pi-", "node.name", "DNS-1123"),
+            ("account: acme", "account: ''", "node.account", "must not be empty"),
+            ("network: home", "network: ' '", "node.network", "must not be empty"),
+            ("network: home", "network: home\n  location: {latitude: 91, longitude: 2}", "node.location", "-90..90"),
+            ("127.0.0.1:10350", "127.0.0.1", "cloud.address", "host:port"),
+            ("127.0.0.1:10350", "127.0.0.1:0", "cloud.address", "port 1-65535"),
+            ("127.0.0.1:10350", "https://cloud:443", "cloud.address", "host:port"),
+            ("abcdef.s3cret", "abcdefs3cret", "cloud.token", "no '.'"),
+            ("0123456789abcdef.", "0123456789ABCDEF.", "cloud.token", "64 lowercase hex digits"),
+            (secret, "s3cret", "cloud.token", "shorter than 16"),
+            (secret, "s3cret/s3cret/s3cret", "cloud.token", "A-Z a-z 0-9 _ -"),
+            ("cloud:", "dataDir: ''\ncloud:", "dataDir", "must not be empty"),
+            (
+                "cloud:",
+                "meta: {sync: {podstatus: {interval: 0}}}\ncloud:",
+                "meta.sync.podstatus.interval",
+                "at least 1",
+            ),
+        ];
+        for (from, to, expected_key, hint) in cases {
+            let error = error_with(from, to);
+            let text = error.to_string();
+            assert!(text.starts_with(&format!("edge.yaml: {expected_key}: ")), "{to}: {text}");
+            assert!(text.contains(hint), "{to}: {text} lacks {hint:?}");
+            assert!(!text.contains("s3cret-s3cret"), "{to}: the secret leaked into {text}");
+            assert!(matches!(&error, ConfigError::Invalid { key, .. } if key == expected_key), "{error:?}");
+        }
+    }
+
+    #[test]
+    fn token_debug_hides_the_secret() {
+        let token: BootstrapToken = format!("{HASH}.do-not-print-me-ever").parse().unwrap();
+        assert_eq!(token.secret, "do-not-print-me-ever");
+        let debug = format!("{token:?}");
+        assert!(debug.contains(HASH) && debug.contains("<redacted>"), "{debug}");
+        assert!(!debug.contains("do-not-print-me-ever"), "{debug}");
+        let config = parse(MINIMAL, "edge.yaml").unwrap();
+        assert!(!format!("{config:?}").contains("s3cret-s3cret"));
+    }
+
+    #[test]
+    fn load_of_a_missing_file_names_the_path() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("no-such-dir/edge.yaml");
+        let error = load(&path).unwrap_err();
+        assert!(matches!(&error, ConfigError::Read { error, .. } if error.kind() == std::io::ErrorKind::NotFound));
+        let text = error.to_string();
+        assert!(text.starts_with(&format!("cannot read {}: ", path.display())), "{text}");
+        assert!(text.contains("No such file or directory"), "{text}");
+    }
+}

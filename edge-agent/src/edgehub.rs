@@ -1,0 +1,339 @@
+//! edgehub: the agent's one stream to the cloudhub. Connects over TLS to a
+//! cloud whose CA matches the join token, says hello with the versions the
+//! metamanager holds, passes messages both ways, keeps the stream alive and
+//! reconnects with jittered exponential backoff (no reconnect storms).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use rand::Rng;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use supermesh_api::protocol::{
+    ca_fingerprint, decode, encode, ConnectionState, ErrorCode, ErrorContent, Hello, Message, Operation, Welcome,
+    CONNECTION_RESOURCE, CONNECT_PATH, MAX_MESSAGE_BYTES, NODE_HEADER,
+};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as Frame};
+use tracing::{debug, error, info, warn};
+
+use crate::config::EdgeConfig;
+use crate::metamanager::MetaHandle;
+
+/// First reconnect delay; doubles up to [`MAX_BACKOFF`], each with ±50 % jitter.
+const MIN_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// Why a connection attempt or session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// TCP, TLS or WebSocket failed.
+    #[error("cannot reach the cloudhub at {0}: {1}")]
+    Unreachable(String, String),
+    /// The cloudhub answered the upgrade with an error.
+    #[error("the cloudhub refused the connection ({status}): {reason}")]
+    Refused {
+        /// HTTP status of the refusal.
+        status: u16,
+        /// The cloudhub's explanation.
+        reason: String,
+        /// How long the cloudhub asked us to wait.
+        retry_after: Option<Duration>,
+    },
+    /// The stream broke or went silent.
+    #[error("the stream to the cloudhub ended: {0}")]
+    Lost(String),
+}
+
+/// Keeps the agent connected until the process ends.
+pub async fn run(config: Arc<EdgeConfig>, meta: MetaHandle, mut outbound: mpsc::Receiver<Message>) {
+    let connector = match connector(&config.cloud.token.ca_hash) {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %e, "cannot set up TLS; the agent stays offline");
+            return;
+        }
+    };
+    let mut failures = 0u32;
+    loop {
+        let wait = match connect(&config, &connector).await {
+            Ok(ws) => {
+                failures = 0;
+                meta.set_connection(ConnectionState::CloudConnected);
+                let ended = Session::new(ws, &config, &meta).run(&mut outbound).await;
+                meta.set_connection(ConnectionState::CloudDisconnected);
+                warn!(reason = %ended, "disconnected from the cloud; instances keep running");
+                backoff(0)
+            }
+            Err(LinkError::Refused { status, reason, retry_after }) => {
+                failures += 1;
+                error!(status, %reason, "the cloud refused this node");
+                retry_after.unwrap_or_else(|| backoff(failures))
+            }
+            Err(e) => {
+                failures += 1;
+                warn!(error = %e, attempt = failures, "cannot connect to the cloud");
+                backoff(failures)
+            }
+        };
+        // While offline, answers meant for the cloud are moot: the cloud resends what it misses.
+        let until = tokio::time::Instant::now() + wait;
+        while let Ok(Some(dropped)) = tokio::time::timeout_at(until, outbound.recv()).await {
+            debug!(operation = ?dropped.operation, resource = %dropped.resource, "offline: not sent");
+        }
+    }
+}
+
+/// Delay before reconnect attempt `failures`: exponential, capped, with ±50 % jitter.
+pub fn backoff(failures: u32) -> Duration {
+    let base = MIN_BACKOFF.saturating_mul(1 << failures.min(6)).min(MAX_BACKOFF);
+    base.mul_f64(rand::rng().random_range(0.5..1.5))
+}
+
+async fn connect(config: &EdgeConfig, connector: &TlsConnector) -> Result<Ws, LinkError> {
+    let address = &config.cloud.address;
+    let unreachable = |e: &dyn std::fmt::Display| LinkError::Unreachable(address.clone(), e.to_string());
+    let host = address.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(address);
+    let server_name = ServerName::try_from(host.to_owned()).map_err(|e| unreachable(&e))?;
+    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(address))
+        .await
+        .map_err(|_| unreachable(&"timed out"))?
+        .map_err(|e| unreachable(&e))?;
+    let tls = connector.connect(server_name, tcp).await.map_err(|e| unreachable(&e))?;
+    let mut request = format!("wss://{address}{CONNECT_PATH}").into_client_request().map_err(|e| unreachable(&e))?;
+    let headers = request.headers_mut();
+    headers.insert(NODE_HEADER, config.node.name.parse().map_err(|e| unreachable(&e))?);
+    let bearer = format!("Bearer {}", config.cloud.token.secret);
+    headers.insert("authorization", bearer.parse().map_err(|e| unreachable(&e))?);
+    let ws_config = WebSocketConfig::default()
+        .max_message_size(Some(2 * MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(2 * MAX_MESSAGE_BYTES));
+    match tokio_tungstenite::client_async_with_config(request, tls, Some(ws_config)).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(WsError::Http(response)) => {
+            let reason = response.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .map(Duration::from_secs);
+            Err(LinkError::Refused { status: response.status().as_u16(), reason, retry_after })
+        }
+        Err(e) => Err(unreachable(&e)),
+    }
+}
+
+/// One connected session.
+struct Session<'a> {
+    ws: Ws,
+    config: &'a EdgeConfig,
+    meta: &'a MetaHandle,
+    keepalive: Duration,
+    last_heard: Instant,
+    last_sent: Instant,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+impl<'a> Session<'a> {
+    fn new(ws: Ws, config: &'a EdgeConfig, meta: &'a MetaHandle) -> Self {
+        Session {
+            ws,
+            config,
+            meta,
+            keepalive: Duration::from_secs(15),
+            last_heard: Instant::now(),
+            last_sent: Instant::now(),
+        }
+    }
+
+    async fn run(mut self, outbound: &mut mpsc::Receiver<Message>) -> LinkError {
+        if let Err(e) = self.hello().await {
+            return e;
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                frame = self.ws.next() => match frame {
+                    Some(Ok(Frame::Text(text))) => {
+                        self.last_heard = Instant::now();
+                        if let Err(e) = self.receive(&text).await { return e; }
+                    }
+                    Some(Ok(Frame::Close(_))) | None => return LinkError::Lost("closed by the cloud".into()),
+                    Some(Ok(_)) => self.last_heard = Instant::now(),
+                    Some(Err(e)) => return LinkError::Lost(e.to_string()),
+                },
+                Some(msg) = outbound.recv() => {
+                    if let Err(e) = self.send(&msg).await { return e; }
+                }
+                _ = tick.tick() => {
+                    if self.last_heard.elapsed() > 3 * self.keepalive {
+                        return LinkError::Lost(format!("no word from the cloud for {} s", 3 * self.keepalive.as_secs()));
+                    }
+                    if self.last_sent.elapsed() >= self.keepalive {
+                        let ping = message(Operation::Keepalive, CONNECTION_RESOURCE, ());
+                        if let Err(e) = self.send(&ping).await { return e; }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn hello(&mut self) -> Result<(), LinkError> {
+        let held = self.meta.held_versions().await.map_err(|e| LinkError::Lost(format!("metamanager: {e}")))?;
+        let node = &self.config.node;
+        let hello = Hello {
+            node: node.name.clone(),
+            account: node.account.clone(),
+            network: node.network.clone(),
+            location: node.location,
+            supernode_eligible: node.supernode_eligible,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            os: std::env::consts::OS.into(),
+            arch: std::env::consts::ARCH.into(),
+            held,
+        };
+        let held = hello.held.len();
+        self.send(&message(Operation::NodeConnection, CONNECTION_RESOURCE, hello)).await?;
+        let reply = tokio::time::timeout(Duration::from_secs(15), self.ws.next())
+            .await
+            .map_err(|_| LinkError::Lost("no welcome from the cloud within 15 s".into()))?
+            .ok_or_else(|| LinkError::Lost("closed before the welcome".into()))?
+            .map_err(|e| LinkError::Lost(e.to_string()))?;
+        let text = reply.into_text().map_err(|e| LinkError::Lost(e.to_string()))?;
+        let msg = decode(&text).map_err(|e| LinkError::Lost(e.to_string()))?;
+        if msg.operation == Operation::Error {
+            let reason = msg.content_as::<ErrorContent>().map(|c| c.message).unwrap_or_default();
+            return Err(LinkError::Refused { status: 0, reason, retry_after: None });
+        }
+        let welcome: Welcome = msg.content_as().map_err(|e| LinkError::Lost(e.to_string()))?;
+        self.keepalive = Duration::from_secs(welcome.keepalive_seconds.max(1));
+        self.last_heard = Instant::now();
+        info!(cloud = %self.config.cloud.address, held, "connected to the cloud");
+        Ok(())
+    }
+
+    async fn receive(&mut self, text: &str) -> Result<(), LinkError> {
+        let msg = match decode(text) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "invalid message from the cloud");
+                let content =
+                    ErrorContent { code: ErrorCode::BadMessage, message: e.to_string(), retry_after_ms: None };
+                return self.send(&message(Operation::Error, CONNECTION_RESOURCE, content)).await;
+            }
+        };
+        match msg.operation {
+            Operation::Keepalive | Operation::NodeConnection => {}
+            Operation::Error if msg.parent_id.is_none() => {
+                let reason = msg.content_as::<ErrorContent>().map(|c| c.message).unwrap_or_default();
+                warn!(%reason, "the cloud reported an error");
+            }
+            _ => self.meta.from_cloud(msg).await,
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, msg: &Message) -> Result<(), LinkError> {
+        let text = encode(msg).map_err(|e| LinkError::Lost(e.to_string()))?;
+        self.ws.send(Frame::text(text)).await.map_err(|e| LinkError::Lost(e.to_string()))?;
+        self.last_sent = Instant::now();
+        Ok(())
+    }
+}
+
+fn message(operation: Operation, resource: &str, content: impl serde::Serialize) -> Message {
+    let id = format!("h{}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Message::new(id, now.as_millis() as i64, operation, resource, content)
+}
+
+/// TLS that trusts only a server whose chain includes the CA with `fingerprint`.
+fn connector(fingerprint: &str) -> Result<TlsConnector, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(PinnedCa { fingerprint: fingerprint.to_owned(), provider: provider.clone() });
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// Verifies the server against the one CA the join token pins, found in the presented chain.
+#[derive(Debug)]
+struct PinnedCa {
+    fingerprint: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates.iter().find(|c| ca_fingerprint(c) == self.fingerprint).ok_or_else(|| {
+            rustls::Error::General("the cloud's CA does not match the fingerprint in the join token".into())
+        })?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let webpki =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        webpki.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        for failures in 0..20 {
+            let d = backoff(failures);
+            let base = MIN_BACKOFF.saturating_mul(1 << failures.min(6)).min(MAX_BACKOFF);
+            assert!(d >= base.mul_f64(0.5) && d <= base.mul_f64(1.5), "{failures}: {d:?}");
+        }
+        assert!(backoff(30) <= MAX_BACKOFF.mul_f64(1.5));
+        let samples: std::collections::BTreeSet<Duration> = (0..20).map(|_| backoff(3)).collect();
+        assert!(samples.len() > 10, "delays are spread, not synchronized: {samples:?}");
+    }
+}
