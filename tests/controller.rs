@@ -6,7 +6,8 @@ use supermesh_api::names::condition::*;
 use supermesh_api::names::FINALIZER;
 use supermesh_api::{EdgeNode, Mesh, Microservice};
 use supermesh_tests::{
-    apply_yaml, delete_all, kubectl, try_kubectl, unique, workspace, Cluster, Controller, CONTROLLER_NAMESPACE,
+    apply_yaml, delete_all, kubectl, microservice, try_kubectl, unique, workspace, Cluster, Controller,
+    CONTROLLER_NAMESPACE,
 };
 
 fn ready_reason(m: &Microservice) -> Option<String> {
@@ -59,12 +60,6 @@ impl Fleet {
     async fn delete(&self, api: &Api<EdgeNode>) {
         delete_all(api, &self.names).await;
     }
-}
-
-fn microservice(name: &str, mesh: &str, extra_spec: &str) -> String {
-    format!(
-        "apiVersion: supermesh.io/v1alpha1\nkind: Microservice\nmetadata:\n  name: {name}\nspec:\n  mesh: {mesh}\n  command: [\"/bin/sleep\", \"3600\"]\n{extra_spec}"
-    )
 }
 
 #[tokio::test]

@@ -119,9 +119,19 @@ pub fn apply_yaml(yaml: &str, extra: &[&str]) -> Result<String, String> {
     }
 }
 
+/// YAML of a Microservice `name` in `mesh` running a long sleep, with `extra_spec` lines appended to its spec.
+pub fn microservice(name: &str, mesh: &str, extra_spec: &str) -> String {
+    format!(
+        "apiVersion: supermesh.io/v1alpha1\nkind: Microservice\nmetadata:\n  name: {name}\nspec:\n  mesh: {mesh}\n  command: [\"/bin/sleep\", \"3600\"]\n{extra_spec}"
+    )
+}
+
 /// A running `supermesh-controller`, stopped (SIGTERM) when dropped.
 pub struct Controller {
     child: Child,
+    name: String,
+    user: Option<String>,
+    extra: Vec<String>,
     /// Address of its metrics and health endpoints.
     pub metrics_addr: String,
     /// Address agents connect to.
@@ -143,30 +153,54 @@ impl Controller {
 
     /// Starts the controller, optionally as `user`, with extra command-line arguments.
     pub fn launch(name: &str, user: Option<&str>, extra: &[&str]) -> Controller {
-        let binary = target_dir().join("debug/supermesh-controller");
-        assert!(binary.exists(), "{} is missing: run `cargo build --bins` (cargo xtask test does)", binary.display());
-        let dir = target_dir().join("e2e");
-        std::fs::create_dir_all(&dir).expect("create target/e2e");
-        let log = dir.join(format!("{name}-{}.log", unique()));
-        let file = std::fs::File::create(&log).expect("create controller log");
         let metrics_addr = format!("127.0.0.1:{}", free_port());
         let cloudhub_addr = format!("127.0.0.1:{}", free_port());
-        let mut cmd = Command::new(binary);
-        if let Some(user) = user {
-            cmd.env("KUBECONFIG", impersonating_kubeconfig(&dir, user));
-        }
-        let child = cmd
-            .args(["--metrics-addr", &metrics_addr, "--cloudhub-addr", &cloudhub_addr])
-            .args(["--namespace", CONTROLLER_NAMESPACE, "--log-level", "info,supermesh_controller=debug"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log handle"))
-            .stderr(file)
-            .spawn()
-            .expect("start supermesh-controller");
-        Controller { child, metrics_addr, cloudhub_addr, log }
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let (child, log) = spawn_controller(name, user, &extra, &metrics_addr, &cloudhub_addr);
+        Controller { child, name: name.into(), user: user.map(str::to_owned), extra, metrics_addr, cloudhub_addr, log }
     }
 
+    /// Stops the controller and starts a new process with the same addresses and arguments.
+    pub fn restart(&mut self) {
+        self.terminate();
+        let (child, log) =
+            spawn_controller(&self.name, self.user.as_deref(), &self.extra, &self.metrics_addr, &self.cloudhub_addr);
+        self.child = child;
+        self.log = log;
+    }
+}
+
+/// Starts one controller process; returns it and its log file.
+fn spawn_controller(
+    name: &str,
+    user: Option<&str>,
+    extra: &[String],
+    metrics_addr: &str,
+    cloudhub_addr: &str,
+) -> (Child, PathBuf) {
+    let binary = target_dir().join("debug/supermesh-controller");
+    assert!(binary.exists(), "{} is missing: run `cargo build --bins` (cargo xtask test does)", binary.display());
+    let dir = target_dir().join("e2e");
+    std::fs::create_dir_all(&dir).expect("create target/e2e");
+    let log = dir.join(format!("{name}-{}.log", unique()));
+    let file = std::fs::File::create(&log).expect("create controller log");
+    let mut cmd = Command::new(binary);
+    if let Some(user) = user {
+        cmd.env("KUBECONFIG", impersonating_kubeconfig(&dir, user));
+    }
+    let child = cmd
+        .args(["--metrics-addr", metrics_addr, "--cloudhub-addr", cloudhub_addr])
+        .args(["--namespace", CONTROLLER_NAMESPACE, "--log-level", "info,supermesh_controller=debug"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("log handle"))
+        .stderr(file)
+        .spawn()
+        .expect("start supermesh-controller");
+    (child, log)
+}
+
+impl Controller {
     /// Stops the controller and waits until it exited.
     pub fn stop(mut self) {
         self.terminate();
@@ -216,10 +250,10 @@ impl Controller {
             .await;
     }
 
-    /// Value of the counter `name` with label set `labels` (for example `kind="Mesh"`) in /metrics.
+    /// Value of metric `name` with label set `labels` (for example `kind="Mesh"`, or empty) in /metrics.
     pub fn metric(&self, name: &str, labels: &str) -> Option<f64> {
         let (_, body) = self.http_get("/metrics")?;
-        let prefix = format!("{name}{{{labels}}} ");
+        let prefix = if labels.is_empty() { format!("{name} ") } else { format!("{name}{{{labels}}} ") };
         body.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
     }
 
@@ -385,7 +419,9 @@ impl Agent {
 
     /// How many times edged was told about `key` (stored or removed).
     pub fn edged_events(&self, key: &str) -> usize {
-        self.log().lines().filter(|l| l.contains("edged:") && l.contains(&format!("key={key}"))).count()
+        let field = format!("key={key}");
+        let whole = |l: &&str| l.split_whitespace().any(|word| word == field);
+        self.log().lines().filter(|l| l.contains("edged:")).filter(whole).count()
     }
 
     /// `supermesh-agent inspect` of this agent's data dir; `Err` holds its error output.

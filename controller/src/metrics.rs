@@ -45,6 +45,8 @@ pub struct Metrics {
     pub changes_nacked: Counter,
     /// Invalid messages received from agents.
     pub bad_messages: Counter,
+    /// Agents connected now.
+    pub agents: Gauge,
 }
 
 impl Default for Metrics {
@@ -67,6 +69,8 @@ impl Default for Metrics {
         registry.register("cloudhub_changes_acked", "Changes agents acknowledged", changes_acked.clone());
         registry.register("cloudhub_changes_nacked", "Changes agents refused", changes_nacked.clone());
         registry.register("cloudhub_bad_messages", "Invalid messages received from agents", bad_messages.clone());
+        let agents = Gauge::default();
+        registry.register("cloudhub_agents", "Agents connected now", agents.clone());
         Metrics {
             registry,
             reconciliations,
@@ -78,6 +82,7 @@ impl Default for Metrics {
             changes_acked,
             changes_nacked,
             bad_messages,
+            agents,
         }
     }
 }

@@ -32,7 +32,8 @@ use crate::metamanager::MetaHandle;
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+/// The agent's WebSocket over TLS to the cloudhub.
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// Why a connection attempt or session ended.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +93,14 @@ pub async fn run(config: Arc<EdgeConfig>, meta: MetaHandle, mut outbound: mpsc::
             debug!(operation = ?dropped.operation, resource = %dropped.resource, "offline: not sent");
         }
     }
+}
+
+/// Opens a stream to the cloudhub as `config` says (TLS pinned to the join token's
+/// CA, node name and token in the upgrade), without saying hello.
+pub async fn dial(config: &EdgeConfig) -> Result<Ws, LinkError> {
+    let connector = connector(&config.cloud.token.ca_hash)
+        .map_err(|e| LinkError::Unreachable(config.cloud.address.clone(), e.to_string()))?;
+    connect(config, &connector).await
 }
 
 /// Delay before reconnect attempt `failures`: exponential, capped, with ±50 % jitter.

@@ -79,6 +79,7 @@ pub(super) async fn run(mut ws: Ws, node: String, peer: SocketAddr, ctx: Arc<Con
         address: peer.ip().to_string(),
     };
     let (id, poke, superseded) = ctx.hub.register(&node, info);
+    ctx.metrics.agents.set(ctx.hub.connected() as i64);
     info!(%node, %peer, held = hello.held.len(), "agent connected");
     let acked = hello.held.into_iter().filter(|(r, _)| r.split('/').nth(1) == Some("microservice")).collect();
     let mut s = Session {
@@ -96,6 +97,7 @@ pub(super) async fn run(mut ws: Ws, node: String, peer: SocketAddr, ctx: Arc<Con
     };
     let outcome = s.serve(poke, superseded).await;
     ctx.hub.unregister(&node, id);
+    ctx.metrics.agents.set(ctx.hub.connected() as i64);
     info!(%node, reason = outcome, "agent disconnected");
     let _ = s.ws.close(None).await;
 }

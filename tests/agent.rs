@@ -1,0 +1,315 @@
+//! End-to-end tests of the cloud->edge path: the real controller, real agent
+//! processes with real SQLite files, and the real API server.
+
+use std::collections::BTreeMap;
+
+use futures::{SinkExt, StreamExt};
+use kube::api::Api;
+use supermesh_api::protocol::{self, ErrorCode, ErrorContent, Hello, Message, Operation};
+use supermesh_api::{EdgeNode, Microservice};
+use supermesh_tests::{apply_yaml, join_token, kubectl, microservice, unique, Agent, Cluster, Controller};
+use tokio_tungstenite::tungstenite::Message as Frame;
+
+const SENT: &str = "supermesh_controller_cloudhub_changes_sent_total";
+const AGENTS: &str = "supermesh_controller_cloudhub_agents";
+
+/// A controller, a namespace with an Account mesh `m`, and what agents need to join.
+struct Site {
+    cluster: Cluster,
+    ns: String,
+    controller: Controller,
+    token: String,
+    id: String,
+}
+
+impl Site {
+    async fn new(prefix: &str) -> Site {
+        let cluster = Cluster::connect().await;
+        let ns = cluster.namespace(prefix);
+        let controller = Controller::start(prefix);
+        let token = join_token(&cluster.client).await;
+        let id = unique();
+        let mesh = format!("apiVersion: supermesh.io/v1alpha1\nkind: Mesh\nmetadata: {{name: m}}\nspec: {{type: Account, account: acct-{id}}}\n");
+        apply_yaml(&mesh, &["-n", &ns]).unwrap();
+        Site { cluster, ns, controller, token, id }
+    }
+
+    fn agent(&self, i: usize) -> Agent {
+        let name = format!("node-{}-{i}", self.id);
+        Agent::start(
+            &name,
+            &format!("net-{}", self.id),
+            &format!("acct-{}", self.id),
+            &self.controller.cloudhub_addr,
+            &self.token,
+        )
+    }
+
+    fn apply(&self, yaml: &str) {
+        apply_yaml(yaml, &["-n", &self.ns]).unwrap_or_else(|e| panic!("apply failed: {e}"));
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}/microservice/{name}", self.ns)
+    }
+
+    fn sent(&self) -> f64 {
+        self.controller.metric(SENT, "").unwrap_or(0.0)
+    }
+
+    async fn wait_agents(&self, n: f64) {
+        self.controller
+            .wait_until(&format!("{n} agents connected"), || self.controller.metric(AGENTS, "") == Some(n))
+            .await;
+    }
+
+    async fn cleanup(&self, agents: &[&Agent]) {
+        let nodes: Api<EdgeNode> = Api::all(self.cluster.client.clone());
+        let names: Vec<String> = agents.iter().map(|a| a.name.clone()).collect();
+        supermesh_tests::delete_all(&nodes, &names).await;
+    }
+}
+
+#[tokio::test]
+async fn agents_register_and_receive_exactly_what_is_placed_on_them() {
+    let site = Site::new("placed").await;
+    let agents: Vec<Agent> = (0..3).map(|i| site.agent(i)).collect();
+    site.wait_agents(3.0).await;
+
+    // Automatic registration: EdgeNodes created from edge.yaml, connected.
+    let nodes: Api<EdgeNode> = Api::all(site.cluster.client.clone());
+    for agent in &agents {
+        let node = site
+            .controller
+            .wait_for(&nodes, &agent.name, "Connected=True", |n| {
+                n.status
+                    .as_ref()
+                    .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Connected" && c.status == "True"))
+            })
+            .await;
+        assert_eq!(node.spec.network, format!("net-{}", site.id));
+        assert_eq!(node.status.unwrap().agent_version.as_deref(), Some(env!("CARGO_PKG_VERSION")));
+    }
+    for agent in &agents[..2] {
+        kubectl(&["label", "edgenode", &agent.name, "tier=edge"]);
+    }
+    site.apply(&microservice("web", "m", "  nodeSelector: {tier: edge}\n"));
+    let key = site.key("web");
+    for agent in &agents[..2] {
+        agent.wait_held("web stored", |held| held.contains_key(&key)).await;
+        assert_eq!(agent.edged_events(&key), 1, "edged told once");
+    }
+    let msvcs: Api<Microservice> = Api::namespaced(site.cluster.client.clone(), &site.ns);
+    let web = msvcs.get("web").await.unwrap();
+    site.controller
+        .wait_until("2 changes acked", || {
+            site.controller.metric("supermesh_controller_cloudhub_changes_acked_total", "") == Some(2.0)
+        })
+        .await;
+    assert_eq!(site.sent(), 2.0, "one change per placed node and no more");
+    assert!(agents[2].held().is_empty(), "the unplaced node holds nothing");
+    let version = format!("{}-{}", web.metadata.generation.unwrap(), web.metadata.uid.unwrap());
+    assert_eq!(agents[0].held()[&key], version);
+    site.cleanup(&agents.iter().collect::<Vec<_>>()).await;
+}
+
+#[tokio::test]
+async fn updates_are_stored_only_when_they_change_and_deletes_remove() {
+    let site = Site::new("updates").await;
+    let agent = site.agent(0);
+    site.wait_agents(1.0).await;
+    site.apply(&microservice("svc", "m", ""));
+    let key = site.key("svc");
+    agent.wait_held("svc stored", |h| h.get(&key).is_some_and(|v| v.starts_with("1-"))).await;
+
+    // A metadata-only change does not change the spec: nothing is sent, stored or passed to edged.
+    let reconciles =
+        || site.controller.metric("supermesh_controller_reconciliations_total", "kind=\"Microservice\"").unwrap_or(0.0);
+    let before = reconciles();
+    kubectl(&["annotate", "msvc", "svc", "-n", &site.ns, "note=hello"]);
+    site.controller.wait_until("the annotation reconciled", || reconciles() > before).await;
+    assert_eq!(site.sent(), 1.0);
+    assert_eq!(agent.edged_events(&key), 1);
+
+    // A real change is stored and passed on.
+    kubectl(&["patch", "msvc", "svc", "-n", &site.ns, "--type", "merge", "-p", r#"{"spec":{"args":["7200"]}}"#]);
+    agent.wait_held("svc at generation 2", |h| h.get(&key).is_some_and(|v| v.starts_with("2-"))).await;
+    assert_eq!(agent.edged_events(&key), 2);
+
+    kubectl(&["delete", "msvc", "svc", "-n", &site.ns]);
+    agent.wait_held("svc removed", |h| !h.contains_key(&key)).await;
+    assert_eq!(agent.edged_events(&key), 3);
+    site.cleanup(&[&agent]).await;
+}
+
+#[tokio::test]
+async fn an_agent_that_was_offline_receives_exactly_the_missing_changes() {
+    let site = Site::new("offline").await;
+    let mut agent = site.agent(0);
+    site.wait_agents(1.0).await;
+    let batch = |names: &[String], extra: &str| -> String {
+        names.iter().map(|n| microservice(n, "m", extra)).collect::<Vec<_>>().join("---\n")
+    };
+    let old: Vec<String> = (0..10).map(|i| format!("old-{i}")).collect();
+    site.apply(&batch(&old, ""));
+    agent.wait_held("10 microservices", |h| h.len() == 10).await;
+    let sent_before = site.sent();
+
+    agent.stop();
+    site.wait_agents(0.0).await;
+    // 50 changes while offline: 10 updates, 5 second updates, 5 deletes, 30 creations.
+    site.apply(&batch(&old, "  args: [\"1\"]\n"));
+    site.apply(&batch(&old[..5], "  args: [\"2\"]\n"));
+    for name in &old[5..] {
+        kubectl(&["delete", "msvc", name, "-n", &site.ns, "--wait=false"]);
+    }
+    let new: Vec<String> = (0..30).map(|i| format!("new-{i}")).collect();
+    site.apply(&batch(&new, ""));
+    let msvcs: Api<Microservice> = Api::namespaced(site.cluster.client.clone(), &site.ns);
+    for name in &old[..5] {
+        site.controller
+            .wait_for(&msvcs, name, "generation 3 reconciled", |m| {
+                m.status.as_ref().and_then(|s| s.observed_generation) == Some(3)
+            })
+            .await;
+    }
+    assert_eq!(site.sent(), sent_before, "nothing is sent while the agent is away");
+
+    agent.restart();
+    let expected: BTreeMap<String, String> = {
+        let mut e = BTreeMap::new();
+        for name in old[..5].iter().chain(&new) {
+            site.controller
+                .wait_for(&msvcs, name, "placed", |m| m.status.as_ref().is_some_and(|s| s.desired_instances == 1))
+                .await;
+            let m = msvcs.get(name).await.unwrap();
+            e.insert(site.key(name), format!("{}-{}", m.metadata.generation.unwrap(), m.metadata.uid.unwrap()));
+        }
+        e
+    };
+    agent.wait_held("the final state", |h| *h == expected).await;
+    // 5 updates (final versions only), 5 deletes and 30 inserts: the difference, counted.
+    assert_eq!(site.sent() - sent_before, 40.0);
+    for name in &new {
+        assert_eq!(agent.edged_events(&site.key(name)), 1, "{name} passed to edged once");
+    }
+    site.cleanup(&[&agent]).await;
+}
+
+#[tokio::test]
+async fn kill_9_during_batches_leaves_a_sound_database_that_converges() {
+    let site = Site::new("kill9").await;
+    let mut agent = site.agent(0);
+    site.wait_agents(1.0).await;
+    let names: Vec<String> = (0..8).map(|i| format!("svc-{i}")).collect();
+    for round in 0..20 {
+        let events_before = agent.log().matches("edged:").count();
+        let yaml: Vec<String> =
+            names.iter().map(|n| microservice(n, "m", &format!("  args: [\"{round}\"]\n"))).collect();
+        site.apply(&yaml.join("---\n"));
+        // Kill as soon as the batch starts arriving.
+        site.controller
+            .wait_until("the batch to start", || agent.log().matches("edged:").count() > events_before)
+            .await;
+        agent.kill9();
+        let report = agent.inspect().unwrap_or_else(|e| panic!("round {round}: database unsound after kill -9: {e}"));
+        assert!(report.contains("integrity ok"), "{report}");
+        agent.restart();
+    }
+    let msvcs: Api<Microservice> = Api::namespaced(site.cluster.client.clone(), &site.ns);
+    let mut expected = BTreeMap::new();
+    for name in &names {
+        let m = site.controller.wait_for(&msvcs, name, "generation 20", |m| m.metadata.generation == Some(20)).await;
+        expected.insert(site.key(name), format!("20-{}", m.metadata.uid.unwrap()));
+    }
+    agent.wait_held("the last round everywhere", |h| *h == expected).await;
+    site.cleanup(&[&agent]).await;
+}
+
+#[tokio::test]
+async fn a_controller_restart_reapplies_nothing() {
+    let mut site = Site::new("ctl-restart").await;
+    let agent = site.agent(0);
+    site.wait_agents(1.0).await;
+    site.apply(&[microservice("a", "m", ""), microservice("b", "m", "")].join("---\n"));
+    agent.wait_held("a and b", |h| h.len() == 2).await;
+    let held = agent.held();
+
+    site.controller.restart();
+    site.wait_agents(1.0).await;
+    // A new change after the reconnect is the only thing the new controller sends.
+    site.apply(&microservice("c", "m", ""));
+    agent.wait_held("c", |h| h.len() == 3).await;
+    assert_eq!(site.sent(), 1.0, "the reconnect re-sent nothing");
+    let after = agent.held();
+    for (key, version) in &held {
+        assert_eq!(after.get(key), Some(version));
+        assert_eq!(agent.edged_events(key), 1, "{key} not re-applied");
+    }
+    site.cleanup(&[&agent]).await;
+}
+
+#[tokio::test]
+async fn bad_messages_get_an_error_reply_and_lose_nothing() {
+    let site = Site::new("bad-msg").await;
+    site.apply(&microservice("kept", "m", ""));
+    let name = format!("raw-{}", site.id);
+    let yaml = format!(
+        "node: {{name: {name}, account: acct-{id}, network: net-{id}}}\ncloud: {{address: \"{}\", token: \"{}\"}}\n",
+        site.controller.cloudhub_addr,
+        site.token,
+        id = site.id
+    );
+    let config = supermesh_agent::config::parse(&yaml, "edge.yaml").unwrap();
+    let mut ws = supermesh_agent::edgehub::dial(&config).await.expect("dial the cloudhub");
+    let hello = Hello {
+        node: name.clone(),
+        account: format!("acct-{}", site.id),
+        network: format!("net-{}", site.id),
+        agent_version: "test".into(),
+        ..Hello::default()
+    };
+    let hello = Message::new("t-1".into(), 0, Operation::NodeConnection, protocol::CONNECTION_RESOURCE, hello);
+    ws.send(Frame::text(protocol::encode(&hello).unwrap())).await.unwrap();
+
+    let mut errors = Vec::new();
+    let mut assignment = None;
+    ws.send(Frame::text("{this is not json")).await.unwrap();
+    ws.send(Frame::text("x".repeat(protocol::MAX_MESSAGE_BYTES + 100))).await.unwrap();
+    let deadline = tokio::time::Instant::now() + supermesh_tests::DEADLINE;
+    while errors.len() < 2 || assignment.is_none() {
+        let frame =
+            tokio::time::timeout_at(deadline, ws.next()).await.expect("replies in time").expect("open").unwrap();
+        let msg = protocol::decode(&frame.into_text().unwrap()).unwrap();
+        match msg.operation {
+            Operation::Error => errors.push(msg.content_as::<ErrorContent>().unwrap()),
+            Operation::Insert => assignment = Some(msg),
+            _ => {}
+        }
+    }
+    assert!(errors.iter().all(|e| e.code == ErrorCode::BadMessage), "{errors:?}");
+    assert!(errors.iter().any(|e| e.message.contains("exceeds the limit")), "{errors:?}");
+    // Nothing lost: the session still works and the placed microservice was delivered.
+    let insert = assignment.unwrap();
+    assert_eq!(insert.resource, site.key("kept"));
+    assert_eq!(site.controller.metric("supermesh_controller_cloudhub_bad_messages_total", ""), Some(2.0));
+    assert!(site.controller.log().contains("invalid message from agent"));
+    let nodes: Api<EdgeNode> = Api::all(site.cluster.client.clone());
+    supermesh_tests::delete_all(&nodes, &[name]).await;
+}
+
+#[tokio::test]
+async fn a_wrong_bootstrap_token_is_refused_with_a_clear_reason() {
+    let site = Site::new("bad-token").await;
+    let (fingerprint, _) = site.token.split_once('.').unwrap();
+    let wrong = format!("{fingerprint}.not-the-cluster-secret");
+    let name = format!("intruder-{}", site.id);
+    let agent = Agent::start(&name, "net", "acct", &site.controller.cloudhub_addr, &wrong);
+    site.controller
+        .wait_until("the agent to log the refusal", || agent.log().contains("bootstrap token rejected"))
+        .await;
+    assert!(agent.log().contains("401"), "the refusal carries its status:\n{}", agent.log());
+    let nodes: Api<EdgeNode> = Api::all(site.cluster.client.clone());
+    assert!(nodes.get_opt(&name).await.unwrap().is_none(), "no EdgeNode for a refused agent");
+    assert_eq!(site.controller.metric(AGENTS, ""), Some(0.0));
+}
