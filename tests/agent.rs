@@ -24,9 +24,13 @@ struct Site {
 
 impl Site {
     async fn new(prefix: &str) -> Site {
+        Site::with_args(prefix, &[]).await
+    }
+
+    async fn with_args(prefix: &str, args: &[&str]) -> Site {
         let cluster = Cluster::connect().await;
         let ns = cluster.namespace(prefix);
-        let controller = Controller::start(prefix);
+        let controller = Controller::launch(prefix, None, args);
         let token = join_token(&cluster.client).await;
         let id = unique();
         let mesh = format!("apiVersion: supermesh.io/v1alpha1\nkind: Mesh\nmetadata: {{name: m}}\nspec: {{type: Account, account: acct-{id}}}\n");
@@ -312,4 +316,39 @@ async fn a_wrong_bootstrap_token_is_refused_with_a_clear_reason() {
     let nodes: Api<EdgeNode> = Api::all(site.cluster.client.clone());
     assert!(nodes.get_opt(&name).await.unwrap().is_none(), "no EdgeNode for a refused agent");
     assert_eq!(site.controller.metric(AGENTS, ""), Some(0.0));
+}
+
+fn connected(node: &EdgeNode) -> Option<(String, String)> {
+    let c = node.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Connected")?;
+    Some((c.status.clone(), c.reason.clone()))
+}
+
+#[tokio::test]
+async fn connected_and_heartbeat_follow_the_session() {
+    let site = Site::with_args("session", &["--reconnect-grace-seconds", "0"]).await;
+    let mut agent = site.agent(0);
+    let nodes: Api<EdgeNode> = Api::all(site.cluster.client.clone());
+    let is = |status: &'static str| move |n: &EdgeNode| connected(n).is_some_and(|(s, _)| s == status);
+    let node = site.controller.wait_for(&nodes, &agent.name, "Connected=True", is("True")).await;
+    assert!(node.status.unwrap().last_heartbeat_time.is_some(), "heartbeat recorded");
+
+    agent.stop();
+    let node = site.controller.wait_for(&nodes, &agent.name, "Connected=False", is("False")).await;
+    assert_eq!(connected(&node).unwrap().1, "AgentDisconnected");
+    agent.restart();
+    site.controller.wait_for(&nodes, &agent.name, "Connected=True again", is("True")).await;
+    site.cleanup(&[&agent]).await;
+}
+
+#[tokio::test]
+async fn agents_beyond_the_limit_are_told_to_retry_later() {
+    let site = Site::with_args("limit", &["--max-agents", "1"]).await;
+    let first = site.agent(0);
+    site.wait_agents(1.0).await;
+    let second = site.agent(1);
+    site.controller.wait_until("the second agent to be refused", || second.log().contains("agent limit")).await;
+    assert!(second.log().contains("503"), "{}", second.log());
+    assert_eq!(site.controller.metric(AGENTS, ""), Some(1.0));
+    assert!(first.log().contains("connected to the cloud"));
+    site.cleanup(&[&first, &second]).await;
 }

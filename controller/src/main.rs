@@ -31,6 +31,9 @@ struct Args {
     /// Most agents connected at once; more are told to retry later.
     #[arg(long, default_value_t = 10_000)]
     max_agents: usize,
+    /// Seconds after a start during which nodes keep their Connected condition while their agents reconnect.
+    #[arg(long, default_value_t = supermesh_controller::cloudhub::RECONNECT_GRACE.as_secs())]
+    reconnect_grace_seconds: u64,
     /// Log filter, for example `info` or `supermesh_controller=debug,kube=info`.
     #[arg(long, env = "SUPERMESH_LOG", default_value = "info")]
     log_level: String,
@@ -70,6 +73,7 @@ async fn main() -> ExitCode {
         cloudhub_names: args.cloudhub_names,
         namespace: args.namespace,
         max_agents: args.max_agents,
+        reconnect_grace: std::time::Duration::from_secs(args.reconnect_grace_seconds),
     };
     match run(settings).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -35,6 +35,8 @@ pub struct Settings {
     pub namespace: String,
     /// Most agents connected at once.
     pub max_agents: usize,
+    /// Time after a start during which nodes without a session keep their Connected condition.
+    pub reconnect_grace: std::time::Duration,
 }
 
 /// Runs the controller until SIGINT or SIGTERM.
@@ -73,7 +75,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         index: index.clone(),
         placements: Placements::default(),
         node_trigger: node_trigger.clone(),
-        hub: Arc::new(cloudhub::Hub::new(settings.max_agents, node_trigger)),
+        hub: Arc::new(cloudhub::Hub::new(settings.max_agents, settings.reconnect_grace, node_trigger)),
     });
     tokio::spawn(cloudhub::serve(agents, pki, ctx.clone()));
 

@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: control plane, controller, examples, and what the cluster shows.
 
 use std::fs;
+use std::path::Path;
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,8 +24,8 @@ pub fn run() -> Result<()> {
 }
 
 fn show(plane: &ControlPlane) -> Result<()> {
-    eprintln!("==> building supermesh-controller");
-    shell::run(cargo().args(["build", "--quiet", "--bin", "supermesh-controller"]))?;
+    eprintln!("==> building supermesh-controller and supermesh-agent");
+    shell::run(cargo().args(["build", "--quiet", "--bin", "supermesh-controller", "--bin", "supermesh-agent"]))?;
     let root = workspace_root();
     plane.kubectl(&["apply", "--server-side", "-f", &root.join("crds").display().to_string()])?;
     for crd in ["meshes", "edgenodes", "microservices"] {
@@ -54,35 +55,96 @@ fn show(plane: &ControlPlane) -> Result<()> {
         .spawn()
         .context("cannot start supermesh-controller")?;
     let pid = Pid::from_raw(controller.id() as i32);
-    let result = apply_and_wait(plane, &root.join("examples").display().to_string());
+    let mut agents = Vec::new();
+    let result = apply_and_wait(plane, &root.join("examples").display().to_string())
+        .and_then(|()| start_agents(plane, &cloudhub.to_string(), &dir, &mut agents));
     let result = result.and_then(|()| {
         println!("{}", plane.kubectl(&["get", "mesh,edgenodes,msvc", "-A"])?);
+        println!("What agent pi-kitchen stored in its SQLite (supermesh-agent inspect):");
+        println!("{}", inspect(&dir.join("agents/pi-kitchen/data"))?);
         println!("The controller keeps running. Try: export KUBECONFIG={}", plane.kubeconfig().display());
         println!("  kubectl describe msvc hello    # conditions and events");
         println!("  kubectl label edgenode pi-attic role=spare; kubectl get msvc  # placement follows");
         println!("Press Ctrl-C to stop everything the demo started.");
         wait_for_signal()
     });
+    for agent in agents {
+        stop(agent, Duration::from_secs(10));
+    }
     eprintln!("==> stopping supermesh-controller");
     stop(pid, Duration::from_secs(10));
     result
 }
 
-fn apply_and_wait(plane: &ControlPlane, examples: &str) -> Result<()> {
-    eprintln!("==> kubectl apply -f examples/");
-    print!("{}", plane.kubectl(&["apply", "-f", examples])?);
+/// The demo's agents: three devices of the `home` network, as in examples/edgenodes.yaml.
+const AGENTS: [&str; 3] = ["pi-kitchen", "pi-garage", "pi-attic"];
+
+/// Starts one agent per entry of `AGENTS` with the join token the controller published,
+/// and waits until they are connected and hold what is placed on them.
+fn start_agents(plane: &ControlPlane, cloudhub: &str, dir: &Path, pids: &mut Vec<Pid>) -> Result<()> {
+    let template = "--template={{.data.joinToken | base64decode}}";
+    let token = wait_for("the join token", || {
+        plane.kubectl(&["get", "secret", "-n", "supermesh", "supermesh-bootstrap-token", template]).ok().filter(|t| !t.is_empty())
+    })?;
+    for name in AGENTS {
+        let home = dir.join("agents").join(name);
+        let _ = fs::remove_dir_all(&home);
+        fs::create_dir_all(&home)?;
+        let config = home.join("edge.yaml");
+        let yaml = format!(
+            "node: {{name: {name}, account: acme, network: home}}\ncloud: {{address: \"{cloudhub}\", token: \"{token}\"}}\ndataDir: {}\nmeta:\n  sync:\n    podstatus:\n      interval: 60\n",
+            home.join("data").display()
+        );
+        fs::write(&config, yaml)?;
+        let log = fs::File::create(home.join("agent.log"))?;
+        let child = Command::new(target_dir().join("debug/supermesh-agent"))
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start supermesh-agent")?;
+        pids.push(Pid::from_raw(child.id() as i32));
+    }
+    eprintln!("==> started agents {} (logs in {})", AGENTS.join(", "), dir.join("agents").display());
+    let connected = "{range .items[*]}{.status.conditions[?(@.type==\"Connected\")].status}{\" \"}{end}";
+    wait_for("three connected agents", || {
+        let out = plane.kubectl(&["get", "edgenodes", "-o", &format!("jsonpath={connected}")]).ok()?;
+        (out.split_whitespace().filter(|s| *s == "True").count() >= AGENTS.len()).then_some(())
+    })?;
+    wait_for("the microservices to reach pi-kitchen", || {
+        inspect(&dir.join("agents/pi-kitchen/data")).ok().filter(|r| r.contains("default/microservice/hello"))
+    })?;
+    Ok(())
+}
+
+fn inspect(data_dir: &Path) -> Result<String> {
+    shell::output(Command::new(target_dir().join("debug/supermesh-agent")).arg("inspect").arg("--data-dir").arg(data_dir))
+}
+
+/// Polls `check` for up to 60 s.
+fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> Result<T> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let query = "{range .items[*]}{.status.observedGeneration}{\"\\n\"}{end}";
     loop {
-        let out = plane.kubectl(&["get", "msvc,mesh", "-A", "-o", &format!("jsonpath={query}")])?;
-        if !out.is_empty() && out.lines().all(|l| !l.trim().is_empty()) {
-            return Ok(());
+        if let Some(v) = check() {
+            return Ok(v);
         }
         if Instant::now() > deadline {
-            bail!("the controller did not write status within 60 s; see target/demo/controller.log");
+            bail!("timed out after 60 s waiting for {what}; logs are in target/demo/");
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+fn apply_and_wait(plane: &ControlPlane, examples: &str) -> Result<()> {
+    eprintln!("==> kubectl apply -f examples/");
+    print!("{}", plane.kubectl(&["apply", "-f", examples])?);
+    let query = "{range .items[*]}{.status.observedGeneration}{\"\\n\"}{end}";
+    wait_for("the controller to write status", || {
+        let out = plane.kubectl(&["get", "msvc,mesh", "-A", "-o", &format!("jsonpath={query}")]).ok()?;
+        (!out.is_empty() && out.lines().all(|l| !l.trim().is_empty())).then_some(())
+    })
 }
 
 fn wait_for_signal() -> Result<()> {

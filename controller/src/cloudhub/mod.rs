@@ -29,8 +29,8 @@ use tracing::{debug, info, warn};
 use crate::context::Context;
 use pki::{token_matches, Pki};
 
-/// How long after a controller start a node without a session keeps its Connected
-/// condition: agents reconnect within this time, so a restart flips nothing.
+/// Default time after a controller start during which a node without a session
+/// keeps its Connected condition: agents reconnect within it, so a restart flips nothing.
 pub const RECONNECT_GRACE: Duration = Duration::from_secs(45);
 /// Seconds between keepalives on an idle stream.
 pub const KEEPALIVE_SECONDS: u64 = 15;
@@ -66,17 +66,19 @@ pub struct Hub {
     sessions: Mutex<HashMap<String, Registered>>,
     next_id: AtomicU64,
     started: Instant,
+    grace: Duration,
     max_agents: usize,
     node_trigger: UnboundedSender<ObjectRef<EdgeNode>>,
 }
 
 impl Hub {
-    /// A hub accepting at most `max_agents` sessions.
-    pub fn new(max_agents: usize, node_trigger: UnboundedSender<ObjectRef<EdgeNode>>) -> Hub {
+    /// A hub accepting at most `max_agents` sessions, giving agents `grace` to reconnect after a start.
+    pub fn new(max_agents: usize, grace: Duration, node_trigger: UnboundedSender<ObjectRef<EdgeNode>>) -> Hub {
         Hub {
             sessions: Mutex::default(),
             next_id: AtomicU64::new(1),
             started: Instant::now(),
+            grace,
             max_agents,
             node_trigger,
         }
@@ -104,7 +106,7 @@ impl Hub {
 
     /// Whether agents have had time to reconnect since this controller started.
     pub fn grace_over(&self) -> bool {
-        self.started.elapsed() > RECONNECT_GRACE
+        self.started.elapsed() >= self.grace
     }
 
     /// Registers a session for `node`, closing any older one of the same node.
