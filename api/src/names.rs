@@ -32,6 +32,8 @@ pub mod condition {
     pub const INSTANCES_READY: &str = "InstancesReady";
     /// A Mesh whose spec is valid.
     pub const MESH_VALID: &str = "Valid";
+    /// No instance is failing.
+    pub const AS_EXPECTED: &str = "AsExpected";
     /// An EdgeNode whose agent has not connected to the cloud yet.
     pub const AGENT_NEVER_CONNECTED: &str = "AgentNeverConnected";
     /// An EdgeNode whose agent holds a session with the cloudhub.

@@ -343,8 +343,48 @@ impl Assignment {
     /// The version the agent stores and states: changes with every spec change and
     /// when an object is deleted and re-created under the same name.
     pub fn version(&self) -> String {
-        format!("{}-{}", self.generation, self.uid)
+        version(self.generation, &self.uid)
     }
+}
+
+/// The version of a Microservice's assignment: changes with every spec change and
+/// when the object is deleted and re-created under the same name.
+pub fn version(generation: i64, uid: &str) -> String {
+    format!("{generation}-{uid}")
+}
+
+/// Resource of a node's instance status report (operation MetaSync).
+pub const STATUS_RESOURCE: &str = "node/status";
+
+/// A node's full instance status (content of MetaSync on [`STATUS_RESOURCE`]).
+/// Sent every `meta.sync.podstatus.interval` seconds and, coalesced, on every
+/// phase change. Each report supersedes the previous one of the same node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReport {
+    /// Milliseconds since the epoch when the agent took the snapshot.
+    pub taken_ms: i64,
+    /// Every instance the node runs or tried to run.
+    pub instances: Vec<InstanceReport>,
+}
+
+/// Status of one instance in a [`StatusReport`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceReport {
+    /// Resource string of the microservice (`namespace/microservice/name`).
+    pub resource: String,
+    /// Version of the assignment the instance runs.
+    pub version: String,
+    /// Phase, for example Running, Ready, Backoff or Failed.
+    pub phase: String,
+    /// Whether the instance passes its health check.
+    pub ready: bool,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// What went wrong, if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// Lower-case hex SHA-256 of a DER certificate: how a join token pins the cloud's CA.

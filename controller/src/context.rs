@@ -157,6 +157,10 @@ pub struct Context {
     pub node_trigger: UnboundedSender<ObjectRef<EdgeNode>>,
     /// Sessions of connected agents.
     pub hub: Arc<crate::cloudhub::Hub>,
+    /// The latest instance status report of every node.
+    pub reports: crate::aggregator::Reports,
+    /// Asks the Microservice controller to re-aggregate a microservice's status.
+    pub msvc_trigger: UnboundedSender<ObjectRef<Microservice>>,
 }
 
 impl Context {

@@ -25,9 +25,14 @@ const HEARTBEAT_WRITE_INTERVAL_SECONDS: i64 = 30;
 /// The status of `node` with `desired` instances placed on it and its agent's
 /// session, if connected. Until `grace_over`, a node without a session keeps
 /// its conditions: after a controller restart agents are still reconnecting.
-pub fn status_for(node: &EdgeNode, desired: i32, session: Option<&SessionInfo>, grace_over: bool) -> EdgeNodeStatus {
+pub fn status_for(
+    node: &EdgeNode,
+    counts: InstanceCounts,
+    session: Option<&SessionInfo>,
+    grace_over: bool,
+) -> EdgeNodeStatus {
     let mut status = node.status.clone().unwrap_or_default();
-    status.instances.get_or_insert_with(InstanceCounts::default).desired = desired;
+    status.instances = Some(counts);
     let was = conditions::reason(&status.conditions, CONNECTED).map(str::to_owned);
     let connection = |ok: &'static str, reason: &'static str, message: String| {
         vec![
@@ -92,9 +97,10 @@ async fn apply(api: Api<EdgeNode>, node: Arc<EdgeNode>, ctx: Arc<Context>) -> Re
         warn!("placements still incomplete after 30 s; instance counts may be low until the next pass");
     }
     let name = node.name_any();
-    let desired = ctx.placements.instances_on(&name) as i32;
+    let (running, ready) = ctx.reports.node_counts(&name);
+    let counts = InstanceCounts { desired: ctx.placements.instances_on(&name) as i32, running, ready };
     let session = ctx.hub.session(&name);
-    ctx.write_status(&api, &node, &status_for(&node, desired, session.as_ref(), ctx.hub.grace_over())).await?;
+    ctx.write_status(&api, &node, &status_for(&node, counts, session.as_ref(), ctx.hub.grace_over())).await?;
     Ok(Action::requeue(RESYNC))
 }
 
@@ -102,6 +108,10 @@ async fn apply(api: Api<EdgeNode>, node: Arc<EdgeNode>, ctx: Arc<Context>) -> Re
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn counts(desired: i32) -> InstanceCounts {
+        InstanceCounts { desired, running: 0, ready: 0 }
+    }
 
     fn session(seen: i64) -> SessionInfo {
         let at = Timestamp::from_second(seen).unwrap();
@@ -123,30 +133,30 @@ mod tests {
     #[test]
     fn new_node_is_unknown_until_its_agent_connects() {
         let n = EdgeNode::new("n1", serde_json::from_value(json!({"account": "a", "network": "n"})).unwrap());
-        let s = status_for(&n, 2, None, true);
+        let s = status_for(&n, counts(2), None, true);
         assert_eq!(s.instances.as_ref().unwrap().desired, 2);
         assert_eq!(connected(&s), ("Unknown", AGENT_NEVER_CONNECTED));
         let mut again = n.clone();
         again.status = Some(s.clone());
-        assert_eq!(status_for(&again, 2, None, true), s, "no change, no write");
+        assert_eq!(status_for(&again, counts(2), None, true), s, "no change, no write");
     }
 
     #[test]
     fn connection_follows_the_session_and_heartbeats_are_coalesced() {
         let mut n = EdgeNode::new("n1", serde_json::from_value(json!({"account": "a", "network": "n"})).unwrap());
-        let s = status_for(&n, 0, Some(&session(1000)), false);
+        let s = status_for(&n, counts(0), Some(&session(1000)), false);
         assert_eq!(connected(&s), ("True", AGENT_CONNECTED));
         assert_eq!(s.last_heartbeat_time.as_ref().unwrap().0.as_second(), 1000);
         assert_eq!(s.arch.as_deref(), Some("x86_64"));
         n.status = Some(s.clone());
-        let soon = status_for(&n, 0, Some(&session(1010)), false);
+        let soon = status_for(&n, counts(0), Some(&session(1010)), false);
         assert_eq!(soon, s, "a heartbeat 10 s later is not written");
-        let later = status_for(&n, 0, Some(&session(1031)), false);
+        let later = status_for(&n, counts(0), Some(&session(1031)), false);
         assert_eq!(later.last_heartbeat_time.unwrap().0.as_second(), 1031);
 
         // Right after a controller restart the node keeps Connected until agents had time to reconnect.
-        assert_eq!(status_for(&n, 0, None, false), s);
-        let gone = status_for(&n, 0, None, true);
+        assert_eq!(status_for(&n, counts(0), None, false), s);
+        let gone = status_for(&n, counts(0), None, true);
         assert_eq!(connected(&gone), ("False", AGENT_DISCONNECTED));
     }
 }

@@ -1,6 +1,7 @@
 //! supermesh-controller: reconciles Mesh, EdgeNode and Microservice, places
 //! microservices on edge nodes and serves metrics and health.
 
+pub mod aggregator;
 pub mod cloudhub;
 pub mod conditions;
 pub mod context;

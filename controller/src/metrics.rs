@@ -47,6 +47,8 @@ pub struct Metrics {
     pub bad_messages: Counter,
     /// Agents connected now.
     pub agents: Gauge,
+    /// Instance status reports (MetaSync) received from agents.
+    pub status_reports: Counter,
 }
 
 impl Default for Metrics {
@@ -69,6 +71,8 @@ impl Default for Metrics {
         registry.register("cloudhub_changes_acked", "Changes agents acknowledged", changes_acked.clone());
         registry.register("cloudhub_changes_nacked", "Changes agents refused", changes_nacked.clone());
         registry.register("cloudhub_bad_messages", "Invalid messages received from agents", bad_messages.clone());
+        let status_reports = Counter::default();
+        registry.register("cloudhub_status_reports", "Instance status reports received", status_reports.clone());
         let agents = Gauge::default();
         registry.register("cloudhub_agents", "Agents connected now", agents.clone());
         Metrics {
@@ -83,6 +87,7 @@ impl Default for Metrics {
             changes_nacked,
             bad_messages,
             agents,
+            status_reports,
         }
     }
 }

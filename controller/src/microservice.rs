@@ -8,9 +8,11 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use supermesh_api::microservice::MicroserviceStatus;
 use supermesh_api::names::condition::*;
+use supermesh_api::protocol::{version, ResourceRef, MICROSERVICE};
 use supermesh_api::{EdgeNode, Mesh, Microservice};
 use tracing::{info, instrument};
 
+use crate::aggregator::{aggregate, Aggregate};
 use crate::conditions::{self, Wanted};
 use crate::context::{reconcile_in_finalizer, Context, RESYNC};
 use crate::placement::{self, Placement};
@@ -53,56 +55,74 @@ pub fn plan(msvc: &Microservice, mesh: Option<&Mesh>, nodes: &[EdgeNode], curren
     }
 }
 
-/// The status that describes `plan` (instance readiness is reported by agents).
-pub fn status_for(msvc: &Microservice, plan: &Plan) -> MicroserviceStatus {
+/// The status that describes `plan` and what agents report (`agg`). Without an
+/// aggregate (agents still reconnecting after a controller start) the previous
+/// counts and Degraded condition are kept, so that a restart flips nothing.
+pub fn status_for(msvc: &Microservice, plan: &Plan, agg: Option<&Aggregate>) -> MicroserviceStatus {
     let old = msvc.status.clone().unwrap_or_default();
-    let (desired, wanted) = match plan {
-        Plan::Blocked { reason, message } => (
-            0,
-            vec![
-                Wanted::new(READY, false, reason, message.clone()),
-                Wanted::new(PROGRESSING, false, reason, message.clone()),
-            ],
-        ),
-        Plan::Placed(p) if p.nodes.is_empty() && msvc.spec.replicas != Some(0) => {
-            let message = format!(
+    let kept = Aggregate {
+        ready: old.ready_instances,
+        available: old.available_instances,
+        unhealthy: old.unhealthy_instances.clone(),
+        ..Aggregate::default()
+    };
+    let reported = agg.unwrap_or(&kept);
+    let blocked = |reason: &'static str, message: String| {
+        (0, vec![Wanted::new(READY, false, reason, message.clone()), Wanted::new(PROGRESSING, false, reason, message)])
+    };
+    let (desired, mut wanted) = match plan {
+        Plan::Blocked { reason, message } => blocked(reason, message.clone()),
+        Plan::Placed(p) if p.nodes.is_empty() && msvc.spec.replicas != Some(0) => blocked(
+            NO_MATCHING_NODES,
+            format!(
                 "no node of Mesh {:?} can run it ({} mesh nodes match the node selector); \
                  add nodes to the mesh or relax spec.nodeSelector",
                 msvc.spec.mesh, p.candidates
-            );
-            (
-                0,
-                vec![
-                    Wanted::new(READY, false, NO_MATCHING_NODES, message.clone()),
-                    Wanted::new(PROGRESSING, false, NO_MATCHING_NODES, message),
-                ],
-            )
-        }
+            ),
+        ),
         Plan::Placed(p) => {
             let desired = p.nodes.len() as i32;
-            let ready = old.ready_instances.min(desired);
+            let ready = reported.ready.min(desired);
+            let counts = format!("{ready} of {desired} instances ready");
             let ready_condition = if ready == desired {
-                Wanted::new(READY, true, INSTANCES_READY, format!("{ready} of {desired} instances ready"))
+                Wanted::new(READY, true, INSTANCES_READY, counts)
             } else {
-                Wanted::new(READY, false, INSTANCES_NOT_READY, format!("{ready} of {desired} instances ready"))
+                Wanted::new(READY, false, INSTANCES_NOT_READY, counts)
             };
             let progressing = Wanted::new(
                 PROGRESSING,
                 true,
                 PLACED,
-                format!("placed on {desired} of {} candidate nodes", p.candidates),
+                format!(
+                    "placed on {desired} of {} candidate nodes; {} run the current version and are ready",
+                    p.candidates,
+                    reported.available.min(desired)
+                ),
             );
             (desired, vec![ready_condition, progressing])
         }
     };
-    let ready = old.ready_instances.min(desired);
+    let placed = matches!(plan, Plan::Placed(p) if desired > 0 || p.nodes.is_empty() && msvc.spec.replicas == Some(0));
+    if placed {
+        if let Some(agg) = agg {
+            wanted.push(match &agg.degraded {
+                Some((reason, message)) => Wanted::new(DEGRADED, true, reason, message.clone()),
+                None => Wanted::new(DEGRADED, false, AS_EXPECTED, "no instance is failing"),
+            });
+        }
+    }
+    let mut conditions = conditions::merge(&old.conditions, wanted, msvc.metadata.generation);
+    if placed && agg.is_none() {
+        conditions.extend(old.conditions.iter().filter(|c| c.type_ == DEGRADED).cloned());
+    }
+    let ready = reported.ready.min(desired);
     MicroserviceStatus {
         observed_generation: msvc.metadata.generation,
         desired_instances: desired,
         ready_instances: ready,
-        available_instances: old.available_instances.min(ready),
-        conditions: conditions::merge(&old.conditions, wanted, msvc.metadata.generation),
-        unhealthy_instances: old.unhealthy_instances,
+        available_instances: reported.available.min(ready),
+        conditions,
+        unhealthy_instances: if desired > 0 { reported.unhealthy.clone() } else { Vec::new() },
     }
 }
 
@@ -135,12 +155,33 @@ async fn apply(api: Api<Microservice>, msvc: Arc<Microservice>, ctx: Arc<Context
     // The spec may have changed too: every node that had or gets it re-syncs.
     ctx.hub.poke(previous.union(&nodes));
 
-    let status = status_for(&msvc, &plan);
+    let agg = match &plan {
+        Plan::Placed(p) => {
+            let resource = ResourceRef::string(&msvc.namespace().unwrap_or_default(), MICROSERVICE, &msvc.name_any());
+            let current = version(msvc.metadata.generation.unwrap_or_default(), &msvc.uid().unwrap_or_default());
+            let agg = aggregate(&current, &ctx.reports.about(&resource, &p.nodes));
+            // Right after a start, wait for the agents' reports before believing an incomplete picture.
+            (ctx.hub.grace_over() || agg.reported as usize >= p.nodes.len()).then_some(agg)
+        }
+        Plan::Blocked { .. } => Some(Aggregate::default()),
+    };
+    let status = status_for(&msvc, &plan, agg.as_ref());
     let old = msvc.status.clone().unwrap_or_default();
     let old_reason = conditions::reason(&old.conditions, READY).map(str::to_owned);
     let new_reason = conditions::reason(&status.conditions, READY).unwrap_or_default();
     if ctx.write_status(&api, &msvc, &status).await? {
         info!(desired = status.desired_instances, reason = new_reason, "status written");
+    }
+    let degraded = |s: &MicroserviceStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == DEGRADED && c.status == "True")
+            .map(|c| (c.reason.clone(), c.message.clone()))
+    };
+    if let Some((reason, message)) =
+        degraded(&status).filter(|(r, _)| degraded(&old).map(|(o, _)| o) != Some(r.clone()))
+    {
+        ctx.publish(&*msvc, true, &reason, message).await;
     }
     match &plan {
         Plan::Blocked { reason, message } if old_reason.as_deref() != Some(*reason) => {
@@ -193,6 +234,9 @@ mod tests {
             .collect()
     }
 
+    const NONE: Option<&Aggregate> =
+        Some(&Aggregate { reported: 0, ready: 0, available: 0, unhealthy: Vec::new(), degraded: None });
+
     fn ready(status: &MicroserviceStatus) -> (&str, &str) {
         let c = status.conditions.iter().find(|c| c.type_ == READY).unwrap();
         (c.status.as_str(), c.reason.as_str())
@@ -202,7 +246,7 @@ mod tests {
     fn missing_mesh_is_reported_as_mesh_not_found() {
         let m = msvc(json!({"mesh": "nope", "command": ["srv"]}));
         let p = plan(&m, None, &nodes(), &BTreeSet::new());
-        let s = status_for(&m, &p);
+        let s = status_for(&m, &p, NONE);
         assert_eq!(ready(&s), ("False", MESH_NOT_FOUND));
         assert_eq!(s.desired_instances, 0);
         assert!(s.conditions[0].message.contains("\"nope\""), "{}", s.conditions[0].message);
@@ -213,19 +257,20 @@ mod tests {
     fn invalid_mesh_and_invalid_spec_have_their_own_reasons() {
         let m = msvc(json!({"mesh": "lan", "command": ["srv"]}));
         let bad_mesh = mesh(json!({"type": "Proximity"}));
-        let s = status_for(&m, &plan(&m, Some(&bad_mesh), &nodes(), &BTreeSet::new()));
+        let s = status_for(&m, &plan(&m, Some(&bad_mesh), &nodes(), &BTreeSet::new()), NONE);
         assert_eq!(ready(&s), ("False", MESH_INVALID));
         let bad = msvc(
             json!({"mesh": "lan", "command": ["srv"], "healthCheck": {"tcp": {"port": 1}, "exec": {"command": ["x"]}}}),
         );
-        let s = status_for(&bad, &plan(&bad, Some(&mesh(json!({"type": "Network"}))), &nodes(), &BTreeSet::new()));
+        let s =
+            status_for(&bad, &plan(&bad, Some(&mesh(json!({"type": "Network"}))), &nodes(), &BTreeSet::new()), NONE);
         assert_eq!(ready(&s), ("False", INVALID_SPEC));
     }
 
     #[test]
     fn placed_microservice_waits_for_its_instances() {
         let m = msvc(json!({"mesh": "lan", "command": ["srv"]}));
-        let s = status_for(&m, &plan(&m, Some(&mesh(json!({"type": "Network"}))), &nodes(), &BTreeSet::new()));
+        let s = status_for(&m, &plan(&m, Some(&mesh(json!({"type": "Network"}))), &nodes(), &BTreeSet::new()), NONE);
         assert_eq!(s.desired_instances, 3);
         assert_eq!(ready(&s), ("False", INSTANCES_NOT_READY));
         let progressing = s.conditions.iter().find(|c| c.type_ == PROGRESSING).unwrap();
@@ -235,10 +280,11 @@ mod tests {
     #[test]
     fn no_matching_nodes_is_explained() {
         let m = msvc(json!({"mesh": "lan", "command": ["srv"], "nodeSelector": {"gpu": "yes"}}));
-        let s = status_for(&m, &plan(&m, Some(&mesh(json!({"type": "Network"}))), &nodes(), &BTreeSet::new()));
+        let s = status_for(&m, &plan(&m, Some(&mesh(json!({"type": "Network"}))), &nodes(), &BTreeSet::new()), NONE);
         assert_eq!(ready(&s), ("False", NO_MATCHING_NODES));
         let zero = msvc(json!({"mesh": "lan", "command": ["srv"], "replicas": 0}));
-        let s = status_for(&zero, &plan(&zero, Some(&mesh(json!({"type": "Network"}))), &nodes(), &BTreeSet::new()));
+        let s =
+            status_for(&zero, &plan(&zero, Some(&mesh(json!({"type": "Network"}))), &nodes(), &BTreeSet::new()), NONE);
         assert_eq!(ready(&s), ("True", INSTANCES_READY));
     }
 
@@ -246,8 +292,71 @@ mod tests {
     fn an_unchanged_plan_gives_an_identical_status() {
         let mut m = msvc(json!({"mesh": "lan", "command": ["srv"]}));
         let p = plan(&m, Some(&mesh(json!({"type": "Network"}))), &nodes(), &BTreeSet::new());
-        let first = status_for(&m, &p);
+        let first = status_for(&m, &p, NONE);
         m.status = Some(first.clone());
-        assert_eq!(status_for(&m, &p), first, "a second reconcile must not need a write");
+        assert_eq!(status_for(&m, &p, NONE), first, "a second reconcile must not need a write");
+    }
+}
+
+#[cfg(test)]
+mod aggregate_tests {
+    use super::*;
+    use serde_json::json;
+    use supermesh_api::microservice::UnhealthyInstance;
+
+    fn placed(n: usize) -> Plan {
+        Plan::Placed(Placement { nodes: (0..n).map(|i| format!("n{i}")).collect(), candidates: n })
+    }
+
+    fn msvc() -> Microservice {
+        let mut m = Microservice::new("web", serde_json::from_value(json!({"mesh": "m", "command": ["x"]})).unwrap());
+        m.metadata.generation = Some(1);
+        m
+    }
+
+    fn condition<'a>(s: &'a MicroserviceStatus, type_: &str) -> (&'a str, &'a str) {
+        let c = s.conditions.iter().find(|c| c.type_ == type_).unwrap();
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    #[test]
+    fn reports_make_instances_ready() {
+        let agg = Aggregate { reported: 3, ready: 3, available: 3, ..Aggregate::default() };
+        let s = status_for(&msvc(), &placed(3), Some(&agg));
+        assert_eq!((s.desired_instances, s.ready_instances, s.available_instances), (3, 3, 3));
+        assert_eq!(condition(&s, READY), ("True", INSTANCES_READY));
+        assert_eq!(condition(&s, DEGRADED), ("False", AS_EXPECTED));
+    }
+
+    #[test]
+    fn a_crash_loop_degrades_with_its_reason() {
+        let unhealthy =
+            vec![UnhealthyInstance { node: "n1".into(), phase: "Backoff".into(), restarts: 5, message: None }];
+        let agg = Aggregate {
+            reported: 2,
+            ready: 1,
+            available: 1,
+            unhealthy: unhealthy.clone(),
+            degraded: Some(("CrashLoop", "1 of the instances are Backoff".into())),
+        };
+        let s = status_for(&msvc(), &placed(2), Some(&agg));
+        assert_eq!(condition(&s, DEGRADED), ("True", "CrashLoop"));
+        assert_eq!(condition(&s, READY), ("False", INSTANCES_NOT_READY));
+        assert_eq!(s.unhealthy_instances, unhealthy);
+    }
+
+    #[test]
+    fn without_an_aggregate_the_previous_counts_are_kept() {
+        let agg = Aggregate {
+            reported: 2,
+            ready: 2,
+            available: 2,
+            degraded: Some(("Unhealthy", "x".into())),
+            ..Aggregate::default()
+        };
+        let mut m = msvc();
+        m.status = Some(status_for(&m, &placed(2), Some(&agg)));
+        let after_restart = status_for(&m, &placed(2), None);
+        assert_eq!(Some(after_restart), m.status, "a controller restart rewrites nothing");
     }
 }

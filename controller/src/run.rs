@@ -66,6 +66,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let msvc_ctrl = Controller::for_stream(msvc_stream, msvc_store);
 
     let (node_trigger, node_triggers) = futures::channel::mpsc::unbounded();
+    let (msvc_trigger, msvc_triggers) = futures::channel::mpsc::unbounded();
     let metrics = Arc::new(Metrics::default());
     let reporter = Reporter { controller: CONTROLLER_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
     let ctx = Arc::new(Context {
@@ -76,6 +77,8 @@ pub async fn run(settings: Settings) -> Result<()> {
         placements: Placements::default(),
         node_trigger: node_trigger.clone(),
         hub: Arc::new(cloudhub::Hub::new(settings.max_agents, settings.reconnect_grace, node_trigger)),
+        reports: Default::default(),
+        msvc_trigger,
     });
     tokio::spawn(cloudhub::serve(agents, pki, ctx.clone()));
 
@@ -111,7 +114,10 @@ pub async fn run(settings: Settings) -> Result<()> {
         wc,
         |m: Microservice| Some(ObjectRef::<Mesh>::new(&m.spec.mesh).within(&m.namespace().unwrap_or_default())),
     );
-    let node_ctrl = node_ctrl.reconcile_on(node_triggers);
+    // Reports arrive in bursts: coalesce the status writes they cause.
+    let coalesce = kube::runtime::controller::Config::default().debounce(std::time::Duration::from_millis(500));
+    let node_ctrl = node_ctrl.reconcile_on(node_triggers).with_config(coalesce.clone());
+    let msvc_ctrl = msvc_ctrl.reconcile_on(msvc_triggers).with_config(coalesce);
 
     info!("starting the Mesh, EdgeNode and Microservice controllers");
     futures::join!(

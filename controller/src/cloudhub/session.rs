@@ -12,7 +12,8 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use supermesh_api::edgenode::EdgeNodeSpec;
 use supermesh_api::protocol::{
-    decode, encode, Assignment, ErrorCode, ErrorContent, Hello, Message, Operation, Welcome, CONNECTION_RESOURCE,
+    decode, encode, Assignment, ErrorCode, ErrorContent, Hello, Message, Operation, StatusReport, Welcome,
+    CONNECTION_RESOURCE, STATUS_RESOURCE,
 };
 use supermesh_api::EdgeNode;
 use tokio_tungstenite::tungstenite::Message as Frame;
@@ -307,6 +308,19 @@ impl Session {
                 self.write(&reply).await
             }
             Operation::Query => self.answer_query(&msg).await,
+            Operation::MetaSync if msg.resource == STATUS_RESOURCE => {
+                match msg.content_as::<StatusReport>() {
+                    Ok(report) => self.status_report(report),
+                    Err(e) => {
+                        warn!(node = %self.node, error = %e, "invalid status report");
+                        return send_error(&mut self.ws, Some(&msg.id), ErrorCode::BadMessage, &e.to_string()).await;
+                    }
+                }
+                let ack =
+                    Message::new(format!("c{}-a{}", self.id, msg.id), now_ms(), Operation::Response, &msg.resource, ())
+                        .answering(&msg.id);
+                self.write(&ack).await
+            }
             other => {
                 // Reports (MetaSync) are acknowledged so the agent's outbox drains; status aggregation reads them.
                 debug!(node = %self.node, operation = ?other, resource = %msg.resource, "report from agent");
@@ -316,6 +330,21 @@ impl Session {
                 self.write(&ack).await
             }
         }
+    }
+
+    /// Takes a node's instance status: only what is placed on it counts, then
+    /// the affected microservices and the node itself re-aggregate.
+    fn status_report(&mut self, mut report: StatusReport) {
+        let assigned: std::collections::BTreeSet<String> = self.desired().into_keys().collect();
+        report.instances.retain(|i| assigned.contains(&i.resource) || self.acked.contains_key(&i.resource));
+        for resource in self.ctx.reports.update(&self.node, report) {
+            let mut parts = resource.splitn(3, '/');
+            if let (Some(ns), Some(_), Some(name)) = (parts.next(), parts.next(), parts.next()) {
+                let _ = self.ctx.msvc_trigger.unbounded_send(ObjectRef::new(name).within(ns));
+            }
+        }
+        self.ctx.metrics.status_reports.inc();
+        self.ctx.hub.recount(&self.node);
     }
 
     /// An ack or nack of a change this session sent.

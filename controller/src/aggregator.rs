@@ -1,0 +1,189 @@
+//! Status aggregation: the latest report of every node, and what they say about
+//! each microservice. The index is in memory (reports are re-sent on connect
+//! and every interval); aggregation is a pure function.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use supermesh_api::microservice::{MicroserviceStatus, UnhealthyInstance};
+use supermesh_api::protocol::{InstanceReport, StatusReport};
+
+/// The latest status report of every node.
+#[derive(Default)]
+pub struct Reports {
+    by_node: Mutex<HashMap<String, StatusReport>>,
+}
+
+impl Reports {
+    /// Records `node`'s report and returns the resources whose status it may change.
+    pub fn update(&self, node: &str, report: StatusReport) -> BTreeSet<String> {
+        let mut by_node = self.lock();
+        let mut touched: BTreeSet<String> = report.instances.iter().map(|i| i.resource.clone()).collect();
+        if let Some(old) = by_node.get(node) {
+            if old.taken_ms > report.taken_ms {
+                return BTreeSet::new(); // an older snapshot arriving late changes nothing
+            }
+            touched.extend(old.instances.iter().map(|i| i.resource.clone()));
+        }
+        by_node.insert(node.to_owned(), report);
+        touched
+    }
+
+    /// What `nodes` report about `resource`.
+    pub fn about(&self, resource: &str, nodes: &BTreeSet<String>) -> Vec<(String, InstanceReport)> {
+        let by_node = self.lock();
+        nodes
+            .iter()
+            .filter_map(|n| {
+                let report = by_node.get(n)?;
+                let instance = report.instances.iter().find(|i| i.resource == resource)?;
+                Some((n.clone(), instance.clone()))
+            })
+            .collect()
+    }
+
+    /// Instances `node` reports running and ready.
+    pub fn node_counts(&self, node: &str) -> (i32, i32) {
+        let by_node = self.lock();
+        let Some(report) = by_node.get(node) else { return (0, 0) };
+        let running = report.instances.iter().filter(|i| is_running(&i.phase)).count() as i32;
+        let ready = report.instances.iter().filter(|i| i.ready).count() as i32;
+        (running, ready)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, StatusReport>> {
+        self.by_node.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn is_running(phase: &str) -> bool {
+    matches!(phase, "Running" | "Ready" | "Unhealthy")
+}
+
+/// What the reports of the placed nodes say about one microservice.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Aggregate {
+    /// Placed nodes that reported on the microservice.
+    pub reported: i32,
+    /// Instances passing their health check.
+    pub ready: i32,
+    /// Ready instances running the current version.
+    pub available: i32,
+    /// Instances failing, restarting or unhealthy, at most `MAX_UNHEALTHY`.
+    pub unhealthy: Vec<UnhealthyInstance>,
+    /// Why the microservice is degraded: condition reason and message.
+    pub degraded: Option<(&'static str, String)>,
+}
+
+/// Aggregates the `reports` of placed nodes for a microservice whose current version is `version`.
+pub fn aggregate(version: &str, reports: &[(String, InstanceReport)]) -> Aggregate {
+    let mut agg = Aggregate { reported: reports.len() as i32, ..Aggregate::default() };
+    let mut failing: Vec<UnhealthyInstance> = Vec::new();
+    for (node, r) in reports {
+        if r.ready {
+            agg.ready += 1;
+            if r.version == version {
+                agg.available += 1;
+            }
+        }
+        if matches!(r.phase.as_str(), "Failed" | "Backoff" | "Unhealthy") {
+            failing.push(UnhealthyInstance {
+                node: node.clone(),
+                phase: r.phase.clone(),
+                restarts: r.restarts as i32,
+                message: r.message.clone(),
+            });
+        }
+    }
+    failing.sort_by(|a, b| b.restarts.cmp(&a.restarts).then_with(|| a.node.cmp(&b.node)));
+    agg.degraded = degraded(&failing);
+    failing.truncate(MicroserviceStatus::MAX_UNHEALTHY);
+    agg.unhealthy = failing;
+    agg
+}
+
+fn degraded(failing: &[UnhealthyInstance]) -> Option<(&'static str, String)> {
+    let worst = failing.first()?;
+    let count = |phase: &str| failing.iter().filter(|f| f.phase == phase).count();
+    let (reason, phase) = if count("Failed") > 0 {
+        ("InstanceFailed", "Failed")
+    } else if count("Backoff") > 0 {
+        ("CrashLoop", "Backoff")
+    } else {
+        ("Unhealthy", "Unhealthy")
+    };
+    let detail = worst.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
+    let message = format!(
+        "{} of the instances are {phase}; {} restarted {} times{detail}",
+        count(phase),
+        worst.node,
+        worst.restarts
+    );
+    Some((reason, message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(resource: &str, version: &str, phase: &str, ready: bool, restarts: u32) -> InstanceReport {
+        InstanceReport {
+            resource: resource.into(),
+            version: version.into(),
+            phase: phase.into(),
+            ready,
+            restarts,
+            message: (phase == "Backoff").then(|| "exited with code 3".into()),
+        }
+    }
+
+    #[test]
+    fn counts_ready_and_available_instances() {
+        let reports = vec![
+            ("n1".to_string(), report("a", "v2", "Ready", true, 0)),
+            ("n2".to_string(), report("a", "v1", "Ready", true, 0)),
+            ("n3".to_string(), report("a", "v2", "Running", false, 0)),
+        ];
+        let agg = aggregate("v2", &reports);
+        assert_eq!((agg.reported, agg.ready, agg.available), (3, 2, 1));
+        assert_eq!(agg.degraded, None);
+    }
+
+    #[test]
+    fn crash_loops_are_degraded_with_restart_counts() {
+        let reports = vec![
+            ("n1".to_string(), report("a", "v", "Backoff", false, 4)),
+            ("n2".to_string(), report("a", "v", "Backoff", false, 7)),
+            ("n3".to_string(), report("a", "v", "Ready", true, 0)),
+        ];
+        let agg = aggregate("v", &reports);
+        let (reason, message) = agg.degraded.unwrap();
+        assert_eq!(reason, "CrashLoop");
+        assert!(message.contains("n2 restarted 7 times: exited with code 3"), "{message}");
+        assert_eq!(agg.unhealthy.len(), 2);
+        assert_eq!(agg.unhealthy[0].node, "n2");
+    }
+
+    #[test]
+    fn the_unhealthy_list_is_bounded() {
+        let reports: Vec<_> = (0..50).map(|i| (format!("n{i:02}"), report("a", "v", "Failed", false, 1))).collect();
+        let agg = aggregate("v", &reports);
+        assert_eq!(agg.unhealthy.len(), MicroserviceStatus::MAX_UNHEALTHY);
+        assert_eq!(agg.degraded.unwrap().0, "InstanceFailed");
+    }
+
+    #[test]
+    fn the_index_keeps_the_newest_report_per_node() {
+        let reports = Reports::default();
+        let first = StatusReport { taken_ms: 10, instances: vec![report("x", "v", "Ready", true, 0)] };
+        assert_eq!(reports.update("n1", first), BTreeSet::from(["x".to_string()]));
+        let stale = StatusReport { taken_ms: 5, instances: vec![] };
+        assert!(reports.update("n1", stale).is_empty());
+        let nodes = BTreeSet::from(["n1".to_string(), "n2".to_string()]);
+        assert_eq!(reports.about("x", &nodes).len(), 1);
+        assert_eq!(reports.node_counts("n1"), (1, 1));
+        let newer = StatusReport { taken_ms: 20, instances: vec![report("y", "v", "Backoff", false, 2)] };
+        assert_eq!(reports.update("n1", newer), BTreeSet::from(["x".to_string(), "y".to_string()]));
+        assert_eq!(reports.node_counts("n1"), (0, 0));
+    }
+}
