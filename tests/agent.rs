@@ -207,13 +207,15 @@ async fn kill_9_during_batches_leaves_a_sound_database_that_converges() {
     site.wait_agents(1.0).await;
     let names: Vec<String> = (0..8).map(|i| format!("svc-{i}")).collect();
     for round in 0..20 {
-        let events_before = agent.log().matches("edged:").count();
+        let events_before = agent.log().matches("edged: desired microservice").count();
         let yaml: Vec<String> =
             names.iter().map(|n| microservice(n, "m", &format!("  args: [\"{round}\"]\n"))).collect();
         site.apply(&yaml.join("---\n"));
         // Kill as soon as the batch starts arriving.
         site.controller
-            .wait_until("the batch to start", || agent.log().matches("edged:").count() > events_before)
+            .wait_until("the batch to start", || {
+                agent.log().matches("edged: desired microservice").count() > events_before
+            })
             .await;
         agent.kill9();
         let report = agent.inspect().unwrap_or_else(|e| panic!("round {round}: database unsound after kill -9: {e}"));

@@ -421,7 +421,18 @@ impl Agent {
     pub fn edged_events(&self, key: &str) -> usize {
         let field = format!("key={key}");
         let whole = |l: &&str| l.split_whitespace().any(|word| word == field);
-        self.log().lines().filter(|l| l.contains("edged:")).filter(whole).count()
+        self.log().lines().filter(|l| l.contains("edged: desired microservice")).filter(whole).count()
+    }
+
+    /// Process ids of the instances the agent recorded in its data dir.
+    pub fn instance_pids(&self) -> Vec<i32> {
+        let Ok(dirs) = std::fs::read_dir(self.data_dir.join("instances")) else { return Vec::new() };
+        dirs.filter_map(|d| {
+            let text = std::fs::read_to_string(d.ok()?.path().join("instance.json")).ok()?;
+            let record: serde_json::Value = serde_json::from_str(&text).ok()?;
+            i32::try_from(record["process"]["pid"].as_i64()?).ok()
+        })
+        .collect()
     }
 
     /// `supermesh-agent inspect` of this agent's data dir; `Err` holds its error output.
@@ -475,5 +486,16 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
+        // Agents leave instances running on purpose (the next agent adopts them); a test must not.
+        for pid in self.instance_pids() {
+            let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+        }
+    }
+}
+
+impl Controller {
+    /// Process id of the running controller, for example to read its memory use from /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }

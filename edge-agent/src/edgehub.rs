@@ -3,6 +3,7 @@
 //! metamanager holds, passes messages both ways, keeps the stream alive and
 //! reconnects with jittered exponential backoff (no reconnect storms).
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +19,7 @@ use supermesh_api::protocol::{
     CONNECTION_RESOURCE, CONNECT_PATH, MAX_MESSAGE_BYTES, NODE_HEADER,
 };
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -56,8 +57,17 @@ pub enum LinkError {
     Lost(String),
 }
 
+/// Signals between the edgehub and the reporters that fill the outbox.
+#[derive(Clone, Default)]
+pub struct Signals {
+    /// Told when a report was queued in the outbox: send it now if connected.
+    pub outbox: Arc<Notify>,
+    /// Told after every (re)connect: reporters queue a fresh snapshot.
+    pub connected: Arc<Notify>,
+}
+
 /// Keeps the agent connected until the process ends.
-pub async fn run(config: Arc<EdgeConfig>, meta: MetaHandle, mut outbound: mpsc::Receiver<Message>) {
+pub async fn run(config: Arc<EdgeConfig>, meta: MetaHandle, mut outbound: mpsc::Receiver<Message>, signals: Signals) {
     let connector = match connector(&config.cloud.token.ca_hash) {
         Ok(c) => c,
         Err(e) => {
@@ -71,7 +81,7 @@ pub async fn run(config: Arc<EdgeConfig>, meta: MetaHandle, mut outbound: mpsc::
             Ok(ws) => {
                 failures = 0;
                 meta.set_connection(ConnectionState::CloudConnected);
-                let ended = Session::new(ws, &config, &meta).run(&mut outbound).await;
+                let ended = Session::new(ws, &config, &meta, &signals).run(&mut outbound).await;
                 meta.set_connection(ConnectionState::CloudDisconnected);
                 warn!(reason = %ended, "disconnected from the cloud; instances keep running");
                 backoff(0)
@@ -142,11 +152,19 @@ async fn connect(config: &EdgeConfig, connector: &TlsConnector) -> Result<Ws, Li
     }
 }
 
+/// Outbox entries sent per flush; the rest follow as acks arrive.
+const OUTBOX_WINDOW: usize = 64;
+/// Prefix of the ids of outbox messages, followed by the entry's seq.
+const OUTBOX_ID: &str = "o-";
+
 /// One connected session.
 struct Session<'a> {
     ws: Ws,
     config: &'a EdgeConfig,
     meta: &'a MetaHandle,
+    signals: &'a Signals,
+    /// Outbox entries sent and not yet acknowledged, by seq.
+    unacked: BTreeSet<i64>,
     keepalive: Duration,
     last_heard: Instant,
     last_sent: Instant,
@@ -155,11 +173,13 @@ struct Session<'a> {
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 impl<'a> Session<'a> {
-    fn new(ws: Ws, config: &'a EdgeConfig, meta: &'a MetaHandle) -> Self {
+    fn new(ws: Ws, config: &'a EdgeConfig, meta: &'a MetaHandle, signals: &'a Signals) -> Self {
         Session {
             ws,
             config,
             meta,
+            signals,
+            unacked: BTreeSet::new(),
             keepalive: Duration::from_secs(15),
             last_heard: Instant::now(),
             last_sent: Instant::now(),
@@ -170,9 +190,13 @@ impl<'a> Session<'a> {
         if let Err(e) = self.hello().await {
             return e;
         }
+        self.signals.connected.notify_one();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
+                _ = self.signals.outbox.notified() => {
+                    if let Err(e) = self.flush_outbox().await { return e; }
+                }
                 frame = self.ws.next() => match frame {
                     Some(Ok(Frame::Text(text))) => {
                         self.last_heard = Instant::now();
@@ -189,6 +213,7 @@ impl<'a> Session<'a> {
                     if self.last_heard.elapsed() > 3 * self.keepalive {
                         return LinkError::Lost(format!("no word from the cloud for {} s", 3 * self.keepalive.as_secs()));
                     }
+                    if let Err(e) = self.flush_outbox().await { return e; }
                     if self.last_sent.elapsed() >= self.keepalive {
                         let ping = message(Operation::Keepalive, CONNECTION_RESOURCE, ());
                         if let Err(e) = self.send(&ping).await { return e; }
@@ -242,6 +267,9 @@ impl<'a> Session<'a> {
                 return self.send(&message(Operation::Error, CONNECTION_RESOURCE, content)).await;
             }
         };
+        if let Some(seq) = msg.parent_id.as_deref().and_then(|p| p.strip_prefix(OUTBOX_ID)?.parse::<i64>().ok()) {
+            return self.outbox_answered(seq, &msg).await;
+        }
         match msg.operation {
             Operation::Keepalive | Operation::NodeConnection => {}
             Operation::Error if msg.parent_id.is_none() => {
@@ -249,6 +277,37 @@ impl<'a> Session<'a> {
                 warn!(%reason, "the cloud reported an error");
             }
             _ => self.meta.from_cloud(msg).await,
+        }
+        Ok(())
+    }
+
+    /// Sends outbox entries not yet in flight, oldest first, up to the window.
+    async fn flush_outbox(&mut self) -> Result<(), LinkError> {
+        if self.unacked.len() >= OUTBOX_WINDOW {
+            return Ok(());
+        }
+        let metamanager = |e: crate::metamanager::MetaError| LinkError::Lost(format!("metamanager: {e}"));
+        let mut pending = self.meta.outbox_pending(OUTBOX_WINDOW).await.map_err(metamanager)?;
+        pending.retain(|e| !self.unacked.contains(&e.seq));
+        for entry in pending {
+            let content: serde_json::Value = serde_json::from_str(&entry.content).unwrap_or(serde_json::Value::Null);
+            let mut msg = message(entry.operation, &entry.resource, content);
+            msg.id = format!("{OUTBOX_ID}{}", entry.seq);
+            msg.timestamp = entry.created_ms;
+            self.send(&msg).await?;
+            self.unacked.insert(entry.seq);
+        }
+        Ok(())
+    }
+
+    /// The cloud's answer to an outbox entry: an ack deletes it, a refusal leaves it for later.
+    async fn outbox_answered(&mut self, seq: i64, msg: &Message) -> Result<(), LinkError> {
+        self.unacked.remove(&seq);
+        if msg.operation == Operation::Response {
+            self.meta.outbox_acked(&[seq]).await.map_err(|e| LinkError::Lost(format!("metamanager: {e}")))?;
+        } else {
+            let reason = msg.content_as::<ErrorContent>().map(|c| c.message).unwrap_or_default();
+            warn!(seq, %reason, "the cloud refused a report; it stays in the outbox");
         }
         Ok(())
     }

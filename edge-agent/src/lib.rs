@@ -4,4 +4,5 @@ pub mod config;
 pub mod edged;
 pub mod edgehub;
 pub mod metamanager;
+pub mod metasync;
 pub mod run;

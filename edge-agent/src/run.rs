@@ -10,7 +10,12 @@ use tracing::info;
 use crate::config::EdgeConfig;
 use crate::metamanager::store::{self, Store};
 use crate::metamanager::{self, MetaError};
-use crate::{edged, edgehub};
+use crate::edged::process::ProcessRuntime;
+use crate::edged::runtime::Runtime;
+use crate::edged::Desired;
+use crate::edgehub::Signals;
+use crate::{edged, edgehub, metasync};
+use supermesh_api::protocol::MICROSERVICE;
 
 /// File name of the agent's database inside its data dir.
 pub const DATABASE: &str = "meta.db";
@@ -23,10 +28,24 @@ pub async fn run(config: EdgeConfig) -> Result<(), MetaError> {
     let (to_cloud, outbound) = mpsc::channel(1024);
     let (to_edged, edged_events) = mpsc::channel(1024);
     let meta = metamanager::spawn(store, to_cloud, to_edged);
-    let (desired, _watch) = watch::channel(BTreeMap::new());
+    // Offline autonomy: edged starts from what SQLite holds, whether the cloud answers or not.
+    let held: BTreeMap<String, Desired> = meta
+        .list(MICROSERVICE)
+        .await?
+        .into_iter()
+        .map(|row| (row.key, Desired { version: row.version, value: row.value }))
+        .collect();
+    info!(instances = held.len(), "starting the instances recorded in the store");
+    let (desired, wanted) = watch::channel(held);
     tokio::spawn(edged::run(edged_events, desired));
-    tokio::spawn(edgehub::run(config, meta, outbound));
+    let runtime = Arc::new(ProcessRuntime::new(config.data_dir.clone(), config.node.name.clone()));
+    let signals = Signals::default();
+    tokio::spawn(metasync::run(runtime.statuses(), meta.clone(), config.podstatus_interval(), signals.clone()));
+    let (edged_runtime, node) = (runtime.clone(), config.node.name.clone());
+    tokio::spawn(async move { edged::reconcile(&*edged_runtime, wanted, &node).await });
+    tokio::spawn(edgehub::run(config, meta, outbound, signals));
     shutdown_signal().await;
+    // Dropping the runtime leaves instances running: the next agent adopts them.
     info!("supermesh-agent stopping; instances are left running");
     Ok(())
 }

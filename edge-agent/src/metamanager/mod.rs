@@ -245,6 +245,23 @@ impl MetaHandle {
     }
 
     /// Puts a report for the cloud in the outbox; returns its seq.
+    /// Every stored resource of `res_type` (what edged starts from after a restart, cloud or not).
+    pub async fn list(&self, res_type: &str) -> Result<Vec<store::Row>, MetaError> {
+        let res_type = res_type.to_owned();
+        self.with_actor(move |a| a.store.list(&res_type)).await
+    }
+
+    /// Queues a report that supersedes unsent reports of the same operation and resource.
+    pub async fn replace_report(
+        &self,
+        operation: Operation,
+        resource: &str,
+        content: &Value,
+    ) -> Result<i64, MetaError> {
+        let (resource, content) = (resource.to_owned(), content.to_string());
+        self.with_actor(move |a| a.store.replace(operation, &resource, &content)).await
+    }
+
     pub async fn enqueue_report(
         &self,
         operation: Operation,

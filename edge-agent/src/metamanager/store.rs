@@ -194,6 +194,13 @@ fn check(conn: &Connection, pragma: &str) -> rusqlite::Result<Result<(), String>
     Ok(if report == ["ok"] { Ok(()) } else { Err(report.join("; ")) })
 }
 
+/// Inserts one outbox row; the operation is stored as its variant name, which `pending` parses back.
+fn insert_report(conn: &Connection, operation: Operation, resource: &str, content: &str) -> rusqlite::Result<i64> {
+    conn.prepare_cached("INSERT INTO outbox (operation, resource, content, created_ms) VALUES (?1, ?2, ?3, ?4)")?
+        .execute((format!("{operation:?}"), resource, content, super::now_ms()))?;
+    Ok(conn.last_insert_rowid())
+}
+
 /// Runs `PRAGMA integrity_check` on the database at `path` from a separate connection.
 pub fn integrity_check(path: &Path) -> Result<(), String> {
     let fail = |e: &dyn std::fmt::Display| format!("integrity check of {} failed: {e}", path.display());
@@ -309,14 +316,19 @@ impl Store {
 
     /// Appends a report to the outbox and returns its seq.
     pub fn enqueue(&mut self, operation: Operation, resource: &str, content: &str) -> Result<i64, StoreError> {
+        insert_report(&self.conn, operation, resource, content).map_err(sql_err(&self.path))
+    }
+
+    /// Appends a report that supersedes every unsent report of the same operation and
+    /// resource (a newer full snapshot makes older ones moot), in one transaction.
+    pub fn replace(&mut self, operation: Operation, resource: &str, content: &str) -> Result<i64, StoreError> {
         let err = sql_err(&self.path);
-        // Debug is the variant name, which is also its serde name that `pending` parses back.
-        let op = format!("{operation:?}");
-        self.conn
-            .prepare_cached("INSERT INTO outbox (operation, resource, content, created_ms) VALUES (?1, ?2, ?3, ?4)")
-            .and_then(|mut s| s.execute((op, resource, content, super::now_ms())))
+        let tx = self.conn.transaction().map_err(&err)?;
+        tx.execute("DELETE FROM outbox WHERE operation = ?1 AND resource = ?2", (format!("{operation:?}"), resource))
             .map_err(&err)?;
-        Ok(self.conn.last_insert_rowid())
+        let seq = insert_report(&tx, operation, resource, content).map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        Ok(seq)
     }
 
     /// Up to `limit` outbox entries, oldest first.

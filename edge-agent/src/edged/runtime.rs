@@ -1,0 +1,172 @@
+//! The `Runtime` trait: what edged asks of whatever runs microservice instances
+//! on this device, and the status every runtime reports back.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::future::Future;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use supermesh_api::microservice::MicroserviceSpec;
+use supermesh_api::protocol::Assignment;
+use tokio::sync::watch;
+
+/// Variable naming the edge node an instance runs on.
+pub const ENV_NODE: &str = "SUPERMESH_NODE";
+/// Variable naming the namespace of the instance's microservice.
+pub const ENV_NAMESPACE: &str = "SUPERMESH_NAMESPACE";
+/// Variable naming the instance's microservice.
+pub const ENV_MICROSERVICE: &str = "SUPERMESH_MICROSERVICE";
+
+/// Latest status of every instance a runtime knows, by resource key.
+pub type Statuses = BTreeMap<String, InstanceStatus>;
+
+/// One microservice instance the node should run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceSpec {
+    /// Resource key `namespace/microservice/name`.
+    pub key: String,
+    /// Namespace of the microservice.
+    pub namespace: String,
+    /// Name of the microservice.
+    pub name: String,
+    /// Version of the assignment; a new version replaces the running instance.
+    pub version: String,
+    /// What to run.
+    pub spec: MicroserviceSpec,
+    /// Context environment the agent adds (node, mesh, namespace, microservice, local API address).
+    pub env: BTreeMap<String, String>,
+}
+
+impl InstanceSpec {
+    /// The instance of an assignment, with the agent's context environment.
+    pub fn from_assignment(assignment: &Assignment, env: BTreeMap<String, String>) -> InstanceSpec {
+        InstanceSpec {
+            key: assignment.resource(),
+            namespace: assignment.namespace.clone(),
+            name: assignment.name.clone(),
+            version: assignment.version(),
+            spec: assignment.spec.clone(),
+            env,
+        }
+    }
+}
+
+/// Where an instance is in its life.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Accepted, not started yet.
+    Pending,
+    /// Its artifact is being downloaded, verified or unpacked.
+    Downloading,
+    /// Its process is being started.
+    Starting,
+    /// Its process runs; the health check has not passed yet.
+    Running,
+    /// Its process runs and its health check passes (or it has none).
+    Ready,
+    /// Its health check failed `failureThreshold` times in a row; it is being restarted.
+    Unhealthy,
+    /// It exited or failed to start and waits before the next start.
+    Backoff,
+    /// It exited with code 0 and its restart policy does not restart it.
+    Succeeded,
+    /// It failed and is not restarted: a failed exit under `Never`, or a spec that cannot run.
+    Failed,
+}
+
+impl Phase {
+    /// The phase's name, as stored and sent.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Downloading => "Downloading",
+            Phase::Starting => "Starting",
+            Phase::Running => "Running",
+            Phase::Ready => "Ready",
+            Phase::Unhealthy => "Unhealthy",
+            Phase::Backoff => "Backoff",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+        }
+    }
+
+    /// Whether the instance is done and waits only for a new spec.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed)
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Observed state of one instance.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceStatus {
+    /// Resource key `namespace/microservice/name`.
+    pub key: String,
+    /// Version of the spec this status describes.
+    pub version: String,
+    /// Current phase.
+    pub phase: Phase,
+    /// How many times the instance was restarted (since this version or the agent started).
+    pub restarts: u32,
+    /// Process id of the running instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Exit code of the last exit, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// What happened last, for a user to read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Milliseconds since the Unix epoch when the phase last changed.
+    pub since_ms: i64,
+}
+
+impl InstanceStatus {
+    /// A new instance's status: `Pending`, no restarts, since now.
+    pub fn pending(key: &str, version: &str) -> InstanceStatus {
+        InstanceStatus {
+            key: key.to_owned(),
+            version: version.to_owned(),
+            phase: Phase::Pending,
+            restarts: 0,
+            pid: None,
+            exit_code: None,
+            message: None,
+            since_ms: now_ms(),
+        }
+    }
+}
+
+/// Runs microservice instances on this device.
+///
+/// Every method is idempotent; outcomes (including a spec that cannot run) are
+/// reported through [`Runtime::statuses`], never as errors of the call.
+pub trait Runtime: Send + Sync {
+    /// Makes the instance run `spec`: starts it, adopts a still-running process of the
+    /// same key and version, or replaces one of another version. Returns once the
+    /// request is taken; progress shows in the statuses.
+    fn ensure(&self, spec: InstanceSpec) -> impl Future<Output = ()> + Send;
+
+    /// Stops the instance gracefully (also one left running by a previous agent) and
+    /// forgets it; resolves when its processes are gone.
+    fn stop(&self, key: &str) -> impl Future<Output = ()> + Send;
+
+    /// Every instance's status; each phase change is published at once.
+    fn statuses(&self) -> watch::Receiver<Statuses>;
+
+    /// Keys of the instances this runtime runs or supervises, including processes a
+    /// previous agent left running: what the agent compares with its desired set.
+    fn running_keys(&self) -> BTreeSet<String>;
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
