@@ -7,72 +7,8 @@ use futures::{SinkExt, StreamExt};
 use kube::api::Api;
 use supermesh_api::protocol::{self, ErrorCode, ErrorContent, Hello, Message, Operation};
 use supermesh_api::{EdgeNode, Microservice};
-use supermesh_tests::{apply_yaml, join_token, kubectl, microservice, unique, Agent, Cluster, Controller};
+use supermesh_tests::{kubectl, microservice, Agent, Site, AGENTS};
 use tokio_tungstenite::tungstenite::Message as Frame;
-
-const SENT: &str = "supermesh_controller_cloudhub_changes_sent_total";
-const AGENTS: &str = "supermesh_controller_cloudhub_agents";
-
-/// A controller, a namespace with an Account mesh `m`, and what agents need to join.
-struct Site {
-    cluster: Cluster,
-    ns: String,
-    controller: Controller,
-    token: String,
-    id: String,
-}
-
-impl Site {
-    async fn new(prefix: &str) -> Site {
-        Site::with_args(prefix, &[]).await
-    }
-
-    async fn with_args(prefix: &str, args: &[&str]) -> Site {
-        let cluster = Cluster::connect().await;
-        let ns = cluster.namespace(prefix);
-        let controller = Controller::launch(prefix, None, args);
-        let token = join_token(&cluster.client).await;
-        let id = unique();
-        let mesh = format!("apiVersion: supermesh.io/v1alpha1\nkind: Mesh\nmetadata: {{name: m}}\nspec: {{type: Account, account: acct-{id}}}\n");
-        apply_yaml(&mesh, &["-n", &ns]).unwrap();
-        Site { cluster, ns, controller, token, id }
-    }
-
-    fn agent(&self, i: usize) -> Agent {
-        let name = format!("node-{}-{i}", self.id);
-        Agent::start(
-            &name,
-            &format!("net-{}", self.id),
-            &format!("acct-{}", self.id),
-            &self.controller.cloudhub_addr,
-            &self.token,
-        )
-    }
-
-    fn apply(&self, yaml: &str) {
-        apply_yaml(yaml, &["-n", &self.ns]).unwrap_or_else(|e| panic!("apply failed: {e}"));
-    }
-
-    fn key(&self, name: &str) -> String {
-        format!("{}/microservice/{name}", self.ns)
-    }
-
-    fn sent(&self) -> f64 {
-        self.controller.metric(SENT, "").unwrap_or(0.0)
-    }
-
-    async fn wait_agents(&self, n: f64) {
-        self.controller
-            .wait_until(&format!("{n} agents connected"), || self.controller.metric(AGENTS, "") == Some(n))
-            .await;
-    }
-
-    async fn cleanup(&self, agents: &[&Agent]) {
-        let nodes: Api<EdgeNode> = Api::all(self.cluster.client.clone());
-        let names: Vec<String> = agents.iter().map(|a| a.name.clone()).collect();
-        supermesh_tests::delete_all(&nodes, &names).await;
-    }
-}
 
 #[tokio::test]
 async fn agents_register_and_receive_exactly_what_is_placed_on_them() {
@@ -247,6 +183,11 @@ async fn a_controller_restart_reapplies_nothing() {
     site.apply(&microservice("c", "m", ""));
     agent.wait_held("c", |h| h.len() == 3).await;
     assert_eq!(site.sent(), 1.0, "the reconnect re-sent nothing");
+    assert!(
+        !agent.log().contains("desired microservice removed"),
+        "a controller restart deleted workloads:\n{}",
+        agent.log()
+    );
     let after = agent.held();
     for (key, version) in &held {
         assert_eq!(after.get(key), Some(version));

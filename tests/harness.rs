@@ -29,6 +29,13 @@ fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"))
 }
 
+/// Path of a workspace binary: from `SUPERMESH_BIN_DIR` (for example a release
+/// build, as benchmarks use), else the debug build.
+pub fn binary(name: &str) -> PathBuf {
+    let dir = std::env::var_os("SUPERMESH_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| target_dir().join("debug"));
+    dir.join(name)
+}
+
 /// The cluster under test, with the supermesh CRDs applied.
 pub struct Cluster {
     /// Client for the API server named by `KUBECONFIG`.
@@ -163,6 +170,16 @@ impl Controller {
     /// Stops the controller and starts a new process with the same addresses and arguments.
     pub fn restart(&mut self) {
         self.terminate();
+        self.resume();
+    }
+
+    /// Stops the controller process, keeping what `resume` needs to start it again.
+    pub fn pause(&mut self) {
+        self.terminate();
+    }
+
+    /// Starts the controller again after `pause`, with the same addresses and arguments.
+    pub fn resume(&mut self) {
         let (child, log) =
             spawn_controller(&self.name, self.user.as_deref(), &self.extra, &self.metrics_addr, &self.cloudhub_addr);
         self.child = child;
@@ -178,7 +195,7 @@ fn spawn_controller(
     metrics_addr: &str,
     cloudhub_addr: &str,
 ) -> (Child, PathBuf) {
-    let binary = target_dir().join("debug/supermesh-controller");
+    let binary = binary("supermesh-controller");
     assert!(binary.exists(), "{} is missing: run `cargo build --bins` (cargo xtask test does)", binary.display());
     let dir = target_dir().join("e2e");
     std::fs::create_dir_all(&dir).expect("create target/e2e");
@@ -364,13 +381,18 @@ pub struct Agent {
 impl Agent {
     /// Writes the agent's edge.yaml and starts it.
     pub fn start(name: &str, network: &str, account: &str, cloudhub: &str, token: &str) -> Agent {
+        Agent::start_with(name, network, account, cloudhub, token, "")
+    }
+
+    /// Like `start`, with `extra` appended to edge.yaml (for example a `meta:` block).
+    pub fn start_with(name: &str, network: &str, account: &str, cloudhub: &str, token: &str, extra: &str) -> Agent {
         let dir = target_dir().join("e2e/agents").join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("agent dir");
         let config = dir.join("edge.yaml");
         let data_dir = dir.join("data");
         let yaml = format!(
-            "node: {{name: {name}, account: {account}, network: {network}}}\ncloud: {{address: \"{cloudhub}\", token: \"{token}\"}}\ndataDir: {}\n",
+            "node: {{name: {name}, account: {account}, network: {network}}}\ncloud: {{address: \"{cloudhub}\", token: \"{token}\"}}\ndataDir: {}\n{extra}",
             data_dir.display()
         );
         std::fs::write(&config, yaml).expect("write edge.yaml");
@@ -381,7 +403,7 @@ impl Agent {
 
     /// Starts the agent process again (after `stop` or `kill`), appending to its log.
     pub fn restart(&mut self) {
-        let binary = target_dir().join("debug/supermesh-agent");
+        let binary = binary("supermesh-agent");
         assert!(binary.exists(), "{} is missing: run `cargo build --bins`", binary.display());
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("agent log");
         let child = Command::new(binary)
@@ -424,6 +446,22 @@ impl Agent {
         self.log().lines().filter(|l| l.contains("edged: desired microservice")).filter(whole).count()
     }
 
+    /// The working directory of the instance of `key` (`namespace/microservice/name`).
+    pub fn instance_dir(&self, key: &str) -> Option<PathBuf> {
+        let dirs = std::fs::read_dir(self.data_dir.join("instances")).ok()?;
+        dirs.filter_map(|d| d.ok()).map(|d| d.path()).find(|p| {
+            let text = std::fs::read_to_string(p.join("instance.json")).unwrap_or_default();
+            serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|r| r["key"] == key)
+        })
+    }
+
+    /// Process id of the instance of `key`, as recorded by the agent.
+    pub fn instance_pid(&self, key: &str) -> Option<i32> {
+        let text = std::fs::read_to_string(self.instance_dir(key)?.join("instance.json")).ok()?;
+        let record: serde_json::Value = serde_json::from_str(&text).ok()?;
+        i32::try_from(record["process"]["pid"].as_i64()?).ok()
+    }
+
     /// Process ids of the instances the agent recorded in its data dir.
     pub fn instance_pids(&self) -> Vec<i32> {
         let Ok(dirs) = std::fs::read_dir(self.data_dir.join("instances")) else { return Vec::new() };
@@ -437,7 +475,7 @@ impl Agent {
 
     /// `supermesh-agent inspect` of this agent's data dir; `Err` holds its error output.
     pub fn inspect(&self) -> Result<String, String> {
-        let out = Command::new(target_dir().join("debug/supermesh-agent"))
+        let out = Command::new(binary("supermesh-agent"))
             .arg("inspect")
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -497,5 +535,77 @@ impl Controller {
     /// Process id of the running controller, for example to read its memory use from /proc.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+}
+
+/// Controller metric: changes sent to agents.
+pub const SENT: &str = "supermesh_controller_cloudhub_changes_sent_total";
+/// Controller metric: agents connected now.
+pub const AGENTS: &str = "supermesh_controller_cloudhub_agents";
+
+/// A controller, a namespace with an Account mesh `m`, and what agents need to join.
+pub struct Site {
+    /// The cluster under test.
+    pub cluster: Cluster,
+    /// Namespace of the test's objects.
+    pub ns: String,
+    /// The controller under test.
+    pub controller: Controller,
+    /// Join token for agents.
+    pub token: String,
+    /// Suffix unique to this test.
+    pub id: String,
+}
+
+impl Site {
+    pub async fn new(prefix: &str) -> Site {
+        Site::with_args(prefix, &[]).await
+    }
+
+    pub async fn with_args(prefix: &str, args: &[&str]) -> Site {
+        let cluster = Cluster::connect().await;
+        let ns = cluster.namespace(prefix);
+        let controller = Controller::launch(prefix, None, args);
+        let token = join_token(&cluster.client).await;
+        let id = unique();
+        let mesh = format!("apiVersion: supermesh.io/v1alpha1\nkind: Mesh\nmetadata: {{name: m}}\nspec: {{type: Account, account: acct-{id}}}\n");
+        apply_yaml(&mesh, &["-n", &ns]).unwrap();
+        Site { cluster, ns, controller, token, id }
+    }
+
+    /// Starts agent `i` of this site.
+    pub fn agent(&self, i: usize) -> Agent {
+        self.agent_with(i, "")
+    }
+
+    /// Starts agent `i` with `extra` appended to its edge.yaml.
+    pub fn agent_with(&self, i: usize, extra: &str) -> Agent {
+        let name = format!("node-{}-{i}", self.id);
+        let (network, account) = (format!("net-{}", self.id), format!("acct-{}", self.id));
+        Agent::start_with(&name, &network, &account, &self.controller.cloudhub_addr, &self.token, extra)
+    }
+
+    pub fn apply(&self, yaml: &str) {
+        apply_yaml(yaml, &["-n", &self.ns]).unwrap_or_else(|e| panic!("apply failed: {e}"));
+    }
+
+    pub fn key(&self, name: &str) -> String {
+        format!("{}/microservice/{name}", self.ns)
+    }
+
+    pub fn sent(&self) -> f64 {
+        self.controller.metric(SENT, "").unwrap_or(0.0)
+    }
+
+    pub async fn wait_agents(&self, n: f64) {
+        self.controller
+            .wait_until(&format!("{n} agents connected"), || self.controller.metric(AGENTS, "") == Some(n))
+            .await;
+    }
+
+    pub async fn cleanup(&self, agents: &[&Agent]) {
+        let nodes: Api<supermesh_api::EdgeNode> = Api::all(self.cluster.client.clone());
+        let names: Vec<String> = agents.iter().map(|a| a.name.clone()).collect();
+        delete_all(&nodes, &names).await;
     }
 }

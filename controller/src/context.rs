@@ -60,6 +60,11 @@ impl Synced {
 }
 
 impl Index {
+    /// Whether every cache holds its initial listing.
+    pub fn is_ready(&self) -> bool {
+        self.synced.borrow().all()
+    }
+
     /// Waits until every cache holds its initial listing.
     pub async fn wait_ready(&self) {
         // An error means the sender is gone, that is the controller is shutting down.
@@ -115,6 +120,13 @@ impl Placements {
         self.lock().values().map(BTreeSet::len).sum()
     }
 
+    /// Whether every microservice in `store` has been placed at least once since this
+    /// controller started: until then, what a node "should hold" is not known.
+    pub fn is_complete(&self, store: &Store<Microservice>) -> bool {
+        let placed = self.lock();
+        store.state().iter().all(|m| placed.contains_key(&ObjectRef::from_obj(&**m)))
+    }
+
     /// Waits until every microservice in `store` has been placed at least once,
     /// so that counts derived from placements are complete (for example right
     /// after a controller restart). Gives up after `limit` and returns false.
@@ -122,11 +134,7 @@ impl Placements {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let notified = self.changed.notified();
-            let complete = {
-                let placed = self.lock();
-                store.state().iter().all(|m| placed.contains_key(&ObjectRef::from_obj(&**m)))
-            };
-            if complete {
+            if self.is_complete(store) {
                 return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -161,6 +169,28 @@ pub struct Context {
     pub reports: crate::aggregator::Reports,
     /// Asks the Microservice controller to re-aggregate a microservice's status.
     pub msvc_trigger: UnboundedSender<ObjectRef<Microservice>>,
+    /// Consecutive failed reconciles per object, for exponential retry backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    fn failure_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+        format!("{}/{}/{}", K::kind(&()), obj.namespace().unwrap_or_default(), obj.name_any())
+    }
+
+    /// Records one more failure of `obj` and returns how long to wait before retrying:
+    /// 200 ms doubling up to 60 s, with jitter, so that a stuck object never storms the API server.
+    fn next_retry<K: Resource<DynamicType = ()>>(&self, obj: &K) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(Self::failure_key(obj)).or_insert(0);
+        *n = n.saturating_add(1);
+        let base = Duration::from_millis(200).saturating_mul(1 << (*n - 1).min(9)).min(Duration::from_secs(60));
+        base.mul_f64(0.75 + rand::random::<f64>() / 2.0)
+    }
+
+    fn succeeded<K: Resource<DynamicType = ()>>(&self, obj: &K) {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&Self::failure_key(obj));
+    }
 }
 
 impl Context {
@@ -231,7 +261,8 @@ where
 {
     let _timer = ctx.metrics.reconcile(kind_of::<K>());
     ctx.index.wait_ready().await;
-    finalizer(&api, FINALIZER, obj, |event| async move {
+    let (done, key) = (ctx.clone(), obj.clone());
+    let result = finalizer(&api, FINALIZER, obj, |event| async move {
         match event {
             Finalized::Apply(o) => apply(o, ctx).await,
             Finalized::Cleanup(o) => {
@@ -241,19 +272,29 @@ where
         }
     })
     .await
-    .map_err(Error::from)
+    .map_err(Error::from);
+    if result.is_ok() {
+        done.succeeded(&*key);
+    }
+    result
 }
 
 /// What to do after a failed reconcile: log, count by reason, retry later.
 pub fn error_policy<K: Resource<DynamicType = ()>>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
-    if error.is_stale_write() {
-        debug!(kind = kind_of::<K>(), name = %obj.name_any(), %error, "write raced a newer version, retrying");
-        ctx.metrics.failure(kind_of::<K>(), "stale");
-        return Action::requeue(Duration::from_millis(200));
+    if error.is_gone() {
+        debug!(kind = kind_of::<K>(), name = %obj.name_any(), "object is gone; nothing to retry");
+        ctx.succeeded(&*obj);
+        return Action::await_change();
     }
-    warn!(kind = kind_of::<K>(), name = %obj.name_any(), namespace = ?obj.namespace(), %error, "reconcile failed, retrying");
-    ctx.metrics.failure(kind_of::<K>(), error.metric_label());
-    Action::requeue(Duration::from_secs(5))
+    let retry = ctx.next_retry(&*obj);
+    if error.is_stale_write() {
+        debug!(kind = kind_of::<K>(), name = %obj.name_any(), %error, ?retry, "write raced a newer version, retrying");
+        ctx.metrics.failure(kind_of::<K>(), "stale");
+    } else {
+        warn!(kind = kind_of::<K>(), name = %obj.name_any(), namespace = ?obj.namespace(), %error, ?retry, "reconcile failed, retrying");
+        ctx.metrics.failure(kind_of::<K>(), error.metric_label());
+    }
+    Action::requeue(retry)
 }
 
 /// Requeue interval of a successful reconcile: a safety net, watches drive the rest.

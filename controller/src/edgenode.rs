@@ -83,8 +83,11 @@ pub async fn reconcile(node: Arc<EdgeNode>, ctx: Arc<Context>) -> Result<Action>
         node,
         ctx,
         |n, c| apply(api, n, c),
-        |_, _| async {
-            // Microservices placed on the node are re-placed by the EdgeNode watch.
+        |n, c| async move {
+            // Microservices placed on the node are placed again, without it.
+            for msvc in c.placements.assigned_to(&n.name_any()) {
+                let _ = c.msvc_trigger.unbounded_send(msvc);
+            }
             Ok(Action::await_change())
         },
     )

@@ -67,6 +67,21 @@ impl Error {
         }
     }
 
+    /// Whether the object no longer exists (404): there is nothing left to reconcile.
+    pub fn is_gone(&self) -> bool {
+        use kube::runtime::finalizer::Error as F;
+        let not_found = |e: &kube::Error| matches!(e, kube::Error::Api(s) if s.is_not_found());
+        match self {
+            Error::Kube(e) => not_found(e),
+            Error::Finalizer(f) => match f.as_ref() {
+                F::AddFinalizer(e) | F::RemoveFinalizer(e) => not_found(e),
+                F::ApplyFailed(e) | F::CleanupFailed(e) => e.is_gone(),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
     /// Short, bounded label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {

@@ -1,6 +1,7 @@
 //! Wiring: client, CRD check, caches, the three controllers and the HTTP server.
 
 use std::fmt::Debug;
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -79,6 +80,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         hub: Arc::new(cloudhub::Hub::new(settings.max_agents, settings.reconnect_grace, node_trigger)),
         reports: Default::default(),
         msvc_trigger,
+        failures: Default::default(),
     });
     tokio::spawn(cloudhub::serve(agents, pki, ctx.clone()));
 
@@ -97,6 +99,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     // A Mesh change affects the microservices that name it; an EdgeNode change may affect any.
     let (by_mesh, all_msvcs) = (index.microservices.clone(), index.microservices.clone());
     let msvc_ctrl = msvc_ctrl
+        .watches_stream(node_changes(nodes.clone(), placement_hash), move |_: EdgeNode| all_refs(&all_msvcs))
         .watches(meshes.clone(), wc.clone(), move |mesh: Mesh| {
             let (ns, name) = (mesh.namespace(), mesh.name_any());
             by_mesh
@@ -105,17 +108,16 @@ pub async fn run(settings: Settings) -> Result<()> {
                 .filter(|m| m.namespace() == ns && m.spec.mesh == name)
                 .map(|m| ObjectRef::from_obj(&*m))
                 .collect::<Vec<_>>()
-        })
-        .watches(nodes.clone(), wc.clone(), move |_: EdgeNode| all_refs(&all_msvcs));
+        });
     // A node change may change any mesh's members; a microservice changes its mesh's count.
     let all_meshes = index.meshes.clone();
-    let mesh_ctrl = mesh_ctrl.watches(nodes, wc.clone(), move |_: EdgeNode| all_refs(&all_meshes)).watches(
-        microservices,
-        wc,
-        |m: Microservice| Some(ObjectRef::<Mesh>::new(&m.spec.mesh).within(&m.namespace().unwrap_or_default())),
-    );
+    let mesh_ctrl = mesh_ctrl
+        .watches_stream(node_changes(nodes, membership_hash), move |_: EdgeNode| all_refs(&all_meshes))
+        .watches(microservices, wc, |m: Microservice| {
+            Some(ObjectRef::<Mesh>::new(&m.spec.mesh).within(&m.namespace().unwrap_or_default()))
+        });
     // Reports arrive in bursts: coalesce the status writes they cause.
-    let coalesce = kube::runtime::controller::Config::default().debounce(std::time::Duration::from_millis(500));
+    let coalesce = kube::runtime::controller::Config::default().debounce(std::time::Duration::from_millis(150));
     let node_ctrl = node_ctrl.reconcile_on(node_triggers).with_config(coalesce.clone());
     let msvc_ctrl = msvc_ctrl.reconcile_on(msvc_triggers).with_config(coalesce);
 
@@ -151,6 +153,38 @@ where
         })
         .touched_objects();
     (reader, stream)
+}
+
+/// EdgeNode changes that matter to a consumer, as `hash` sees them: heartbeats and
+/// instance counts change node status constantly and must not re-run every
+/// Microservice and Mesh of the cluster.
+fn node_changes(
+    api: Api<EdgeNode>,
+    hash: fn(&EdgeNode) -> Option<u64>,
+) -> impl Stream<Item = Result<EdgeNode, watcher::Error>> + Send + 'static {
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .touched_objects()
+        .predicate_filter(hash, Default::default())
+}
+
+/// What placement depends on: spec, labels and whether the node is being deleted.
+fn placement_hash(node: &EdgeNode) -> Option<u64> {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(&node.spec).unwrap_or_default().hash(&mut h);
+    node.labels().hash(&mut h);
+    node.metadata.deletion_timestamp.is_some().hash(&mut h);
+    Some(h.finish())
+}
+
+/// What mesh status depends on: placement, plus readiness and role of the node.
+fn membership_hash(node: &EdgeNode) -> Option<u64> {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    placement_hash(node).hash(&mut h);
+    let status = node.status.as_ref();
+    status.map(|s| crate::conditions::is_true(&s.conditions, supermesh_api::names::condition::READY)).hash(&mut h);
+    status.and_then(|s| s.role).map(|r| format!("{r:?}")).hash(&mut h);
+    Some(h.finish())
 }
 
 fn all_refs<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<ObjectRef<K>> {

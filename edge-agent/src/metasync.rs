@@ -83,7 +83,10 @@ mod tests {
         let r = report(&statuses, 42);
         assert_eq!(r.taken_ms, 42);
         assert_eq!((r.instances[0].phase.as_str(), r.instances[0].ready), ("Ready", true));
-        assert_eq!((r.instances[1].phase.as_str(), r.instances[1].ready, r.instances[1].restarts), ("Backoff", false, 4));
+        assert_eq!(
+            (r.instances[1].phase.as_str(), r.instances[1].ready, r.instances[1].restarts),
+            ("Backoff", false, 4)
+        );
         assert_eq!(r.instances[1].message.as_deref(), Some("exited with code 3"));
     }
 }

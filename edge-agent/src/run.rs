@@ -8,12 +8,12 @@ use tokio::sync::{mpsc, watch};
 use tracing::info;
 
 use crate::config::EdgeConfig;
-use crate::metamanager::store::{self, Store};
-use crate::metamanager::{self, MetaError};
 use crate::edged::process::ProcessRuntime;
 use crate::edged::runtime::Runtime;
 use crate::edged::Desired;
 use crate::edgehub::Signals;
+use crate::metamanager::store::{self, Store};
+use crate::metamanager::{self, MetaError};
 use crate::{edged, edgehub, metasync};
 use supermesh_api::protocol::MICROSERVICE;
 

@@ -47,6 +47,28 @@ pub fn run(action: Action) -> Result<()> {
     Ok(())
 }
 
+/// Runs `work` with the kubeconfig of the cluster to use: the one `KUBECONFIG` names
+/// (used as is), else the local control plane, brought up if needed and stopped
+/// afterwards only when this call started it.
+pub fn with_cluster<T>(work: impl FnOnce(&str) -> Result<T>) -> Result<T> {
+    let given = std::env::var("KUBECONFIG").ok().filter(|k| !k.is_empty());
+    let plane = ControlPlane::new();
+    let started = given.is_none() && !plane.is_running();
+    let kubeconfig = match given {
+        Some(k) => k,
+        None => {
+            eprintln!("\n==> control plane");
+            plane.up()?;
+            plane.kubeconfig().display().to_string()
+        }
+    };
+    let result = work(&kubeconfig);
+    if started {
+        plane.down()?;
+    }
+    result
+}
+
 /// The control plane whose state lives in `target/controlplane/`.
 pub struct ControlPlane {
     dir: PathBuf,

@@ -1,8 +1,8 @@
 //! `cargo xtask demo`: control plane, controller, examples, and what the cluster shows.
 
 use std::fs;
-use std::path::Path;
 use std::net::TcpListener;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -84,7 +84,10 @@ const AGENTS: [&str; 3] = ["pi-kitchen", "pi-garage", "pi-attic"];
 fn start_agents(plane: &ControlPlane, cloudhub: &str, dir: &Path, pids: &mut Vec<Pid>) -> Result<()> {
     let template = "--template={{.data.joinToken | base64decode}}";
     let token = wait_for("the join token", || {
-        plane.kubectl(&["get", "secret", "-n", "supermesh", "supermesh-bootstrap-token", template]).ok().filter(|t| !t.is_empty())
+        plane
+            .kubectl(&["get", "secret", "-n", "supermesh", "supermesh-bootstrap-token", template])
+            .ok()
+            .filter(|t| !t.is_empty())
     })?;
     for name in AGENTS {
         let home = dir.join("agents").join(name);
@@ -120,7 +123,9 @@ fn start_agents(plane: &ControlPlane, cloudhub: &str, dir: &Path, pids: &mut Vec
 }
 
 fn inspect(data_dir: &Path) -> Result<String> {
-    shell::output(Command::new(target_dir().join("debug/supermesh-agent")).arg("inspect").arg("--data-dir").arg(data_dir))
+    shell::output(
+        Command::new(target_dir().join("debug/supermesh-agent")).arg("inspect").arg("--data-dir").arg(data_dir),
+    )
 }
 
 /// Polls `check` for up to 60 s.

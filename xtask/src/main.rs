@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's own automation. Every command installs what it needs.
 
+mod bench;
 mod controlplane;
 mod crdgen;
 mod demo;
@@ -37,6 +38,14 @@ enum Command {
     },
     /// Bring up a control plane and the controller, apply examples/, show the result.
     Demo,
+    /// Run a benchmark against a real API server and print its figures (`sync`).
+    Bench {
+        /// Which benchmark: `sync`.
+        what: String,
+        /// Extra arguments for the benchmark (sync: `--agents 1,100`).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() {
@@ -46,6 +55,7 @@ fn main() {
         Command::Controlplane { action } => controlplane::run(action),
         Command::Test { args } => test::run(&args),
         Command::Demo => demo::run(),
+        Command::Bench { what, args } => bench::run(&what, &args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -3,7 +3,6 @@
 
 use anyhow::{Context, Result};
 
-use crate::controlplane::ControlPlane;
 use crate::shell::{self, cargo};
 
 pub fn run(extra: &[String]) -> Result<()> {
@@ -17,19 +16,6 @@ pub fn run(extra: &[String]) -> Result<()> {
     step("building the binaries");
     shell::run(cargo().args(["build", "--workspace", "--bins"]))?;
 
-    // Any cluster given by KUBECONFIG is used as is; otherwise a local one is brought up.
-    let given = std::env::var("KUBECONFIG").ok().filter(|k| !k.is_empty());
-    let plane = ControlPlane::new();
-    let started = given.is_none() && !plane.is_running();
-    let kubeconfig = match given {
-        Some(k) => k,
-        None => {
-            step("control plane");
-            plane.up()?;
-            plane.kubeconfig().display().to_string()
-        }
-    };
-    step("tests");
     let mut tests = if shell::has("cargo-nextest") {
         let mut c = cargo();
         c.args(["nextest", "run", "--workspace"]);
@@ -39,11 +25,11 @@ pub fn run(extra: &[String]) -> Result<()> {
         c.args(["test", "--workspace", "--", "--test-threads=1"]);
         c
     };
-    let result = shell::run(tests.args(extra).env("KUBECONFIG", kubeconfig));
-    if started {
-        plane.down()?;
-    }
-    result
+    // Any cluster given by KUBECONFIG is used as is; otherwise a local one is brought up.
+    crate::controlplane::with_cluster(|kubeconfig| {
+        step("tests");
+        shell::run(tests.args(extra).env("KUBECONFIG", kubeconfig))
+    })
 }
 
 fn step(name: &str) {

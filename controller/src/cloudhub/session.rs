@@ -214,7 +214,14 @@ impl Session {
     }
 
     /// Sends every change between what the agent holds (and is being sent) and what it should hold.
+    /// Nothing is sent until this controller has placed every microservice: right after a
+    /// start, an empty placement would otherwise tell every agent to delete its workloads.
     async fn sync(&mut self) -> Result<(), String> {
+        let index = &self.ctx.index;
+        if !index.is_ready() || !self.ctx.placements.is_complete(&index.microservices) {
+            debug!(node = %self.node, "placements not complete yet; sync deferred");
+            return Ok(());
+        }
         let desired = self.desired();
         let mut view = self.acked.clone();
         for f in self.inflight.values() {

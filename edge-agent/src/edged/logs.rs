@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 /// Name of the log file an instance writes.
 pub const CURRENT: &str = "current.log";
 
-/// Path of the `n`th rotated copy of `current` (`current.log.1` is the newest).
+/// Path of the `n`th rotated copy of `current` (`current.log.1` is the newest; `.0` is a copy in progress).
 pub fn rotated(current: &Path, n: usize) -> PathBuf {
     let mut name = current.as_os_str().to_owned();
     name.push(format!(".{n}"));
@@ -35,13 +35,17 @@ pub fn rotate_if_larger(current: &Path, max_bytes: u64, keep: usize) -> io::Resu
         OpenOptions::new().write(true).open(current)?.set_len(0)?;
         return Ok(true);
     }
+    // The copy is made under a temporary name first, so a reader of `.1` never
+    // sees a half-written file.
+    let copy = rotated(current, 0);
+    std::fs::copy(current, &copy)?;
     for n in (1..keep).rev() {
         match std::fs::rename(rotated(current, n), rotated(current, n + 1)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
     }
-    std::fs::copy(current, rotated(current, 1))?;
+    std::fs::rename(&copy, rotated(current, 1))?;
     OpenOptions::new().write(true).open(current)?.set_len(0)?;
     Ok(true)
 }

@@ -7,44 +7,32 @@
 //! so that a restarted agent adopts it instead of starting a duplicate. The child
 //! writes its log through its own O_APPEND descriptor, never a pipe to the agent,
 //! so it outlives an agent restart untouched.
+//!
+//! An instance's environment is clean: PATH, LANG, LC_ALL and TZ from the agent,
+//! HOME set to its work directory, the spec's `env`, then `SUPERMESH_NODE`,
+//! `SUPERMESH_NAMESPACE`, `SUPERMESH_MICROSERVICE` and the agent's context
+//! variables, which the spec cannot override.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
-use supermesh_api::microservice::{Artifact, MicroserviceSpec, RestartPolicy};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, MissedTickBehavior};
-use tracing::{info, warn};
+use tracing::warn;
 
-use super::artifact::{self, io_error, ArtifactError, ArtifactStore};
-use super::group::{self, Identity};
-use super::health::{self, ExecContext, HealthError, Probe};
+use super::artifact::ArtifactStore;
+use super::group::Identity;
 use super::logs;
-use super::runtime::{
-    now_ms, InstanceSpec, InstanceStatus, Phase, Runtime, Statuses, ENV_MICROSERVICE, ENV_NAMESPACE, ENV_NODE,
-};
+use super::runtime::{InstanceSpec, InstanceStatus, Phase, Runtime, Statuses};
 
-/// Variables passed from the agent's environment to instances; nothing else is, so
-/// the agent's own secrets (join token, ...) never reach a microservice.
-const INHERITED_ENV: [&str; 4] = ["PATH", "LANG", "LC_ALL", "TZ"];
-/// PATH of instances when the agent has none.
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-/// Longest wait before the first health check: a process needs a moment to listen,
-/// but a long period should not delay `Ready` by a whole period.
-const FIRST_CHECK_DELAY: Duration = Duration::from_secs(1);
-/// How long a SIGKILLed process is waited for.
-const KILL_GRACE: Duration = Duration::from_secs(5);
+mod supervisor;
 
 /// Timings and limits of the process runtime.
 #[derive(Debug, Clone)]
@@ -242,53 +230,6 @@ pub(crate) fn command(argv: &[String], dir: &Path, env: &BTreeMap<String, String
     Some(cmd)
 }
 
-/// Wait before a restart: doubles from `initial` up to `max`, and starts over
-/// after a run of at least `reset_after`.
-#[derive(Debug, Clone)]
-struct Backoff {
-    initial: Duration,
-    max: Duration,
-    reset_after: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    fn new(config: &ProcessConfig) -> Backoff {
-        Backoff {
-            initial: config.backoff_initial,
-            max: config.backoff_max,
-            reset_after: config.backoff_reset_after,
-            next: config.backoff_initial,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.next = self.initial;
-    }
-
-    /// The wait before the next start, after a run that lasted `ran_for`.
-    fn delay(&mut self, ran_for: Duration) -> Duration {
-        if ran_for >= self.reset_after {
-            self.reset();
-        }
-        let delay = self.next;
-        self.next = self.next.saturating_mul(2).min(self.max);
-        delay
-    }
-}
-
-/// A duration for people: `500ms`, `4s`, `2m8s`.
-fn human(d: Duration) -> String {
-    let secs = d.as_secs();
-    if secs == 0 {
-        format!("{}ms", d.as_millis())
-    } else if secs < 60 {
-        format!("{secs}s")
-    } else {
-        format!("{}m{}s", secs / 60, secs % 60)
-    }
-}
-
 /// The default runtime: instances are supervised OS processes.
 ///
 /// Dropping it ends supervision but leaves the processes running, so that the
@@ -297,6 +238,7 @@ pub struct ProcessRuntime {
     shared: Arc<Shared>,
 }
 
+/// State shared by the runtime and its supervisors.
 struct Shared {
     data_dir: PathBuf,
     node: String,
@@ -323,6 +265,7 @@ struct Handle {
     task: JoinHandle<()>,
 }
 
+/// What the runtime wants of an instance's supervisor.
 #[derive(Debug, Clone, PartialEq)]
 enum Desired {
     Run(Box<InstanceSpec>),
@@ -365,22 +308,14 @@ impl ProcessRuntime {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (desired_tx, desired_rx) = watch::channel(desired);
         let (stops_tx, stops_rx) = watch::channel(0);
-        let supervisor = Supervisor {
-            shared: self.shared.clone(),
+        let task = tokio::spawn(supervisor::run(
+            self.shared.clone(),
             id,
-            key: key.to_owned(),
-            dir: self.instance_dir(key),
-            desired: desired_rx,
-            stops: stops_tx,
-            status: InstanceStatus::pending(key, ""),
-            version: None,
-            live: None,
-            finished: None,
-            preparing: None,
-            state: State::Start,
-            backoff: Backoff::new(&self.shared.config),
-        };
-        let task = tokio::spawn(supervisor.run());
+            key.to_owned(),
+            self.instance_dir(key),
+            desired_rx,
+            stops_tx,
+        ));
         let handle = Handle { id, desired: desired_tx, stops: stops_rx, task };
         supervisors.entry(key.to_owned()).insert_entry(handle).into_mut()
     }
@@ -461,569 +396,6 @@ impl Runtime for ProcessRuntime {
     }
 }
 
-/// Why a supervisor left what it was doing.
-enum Interrupt {
-    /// The desired state changed.
-    Changed,
-    /// The runtime is gone.
-    Closed,
-}
-
-/// Awaits `fut` unless the desired state changes first.
-async fn interruptible<F: Future>(desired: &mut watch::Receiver<Desired>, fut: F) -> Result<F::Output, Interrupt> {
-    tokio::select! {
-        out = fut => Ok(out),
-        changed = desired.changed() => Err(if changed.is_ok() { Interrupt::Changed } else { Interrupt::Closed }),
-    }
-}
-
-/// What the supervisor does next for the current version.
-#[derive(Debug, Clone, Copy)]
-enum State {
-    Start,
-    Monitor,
-    Backoff(Instant),
-    /// Finished or failed; waits for another spec.
-    Done,
-}
-
-/// How a process ended.
-#[derive(Debug)]
-struct Exit {
-    code: Option<i32>,
-    message: String,
-}
-
-impl Exit {
-    fn of(status: ExitStatus) -> Exit {
-        use std::os::unix::process::ExitStatusExt;
-        let message = match (status.code(), status.signal()) {
-            (Some(code), _) => format!("exited with code {code}"),
-            (None, Some(signal)) => match Signal::try_from(signal) {
-                Ok(signal) => format!("killed by {signal}"),
-                Err(_) => format!("killed by signal {signal}"),
-            },
-            (None, None) => "exited".to_owned(),
-        };
-        Exit { code: status.code(), message }
-    }
-
-    fn unknown() -> Exit {
-        Exit { code: None, message: "exited; exit code unknown (adopted after an agent restart)".to_owned() }
-    }
-}
-
-/// The process of an instance: our child, or adopted from a previous agent.
-struct Live {
-    /// `None` for an adopted process, which can only be watched through `/proc`.
-    child: Option<Child>,
-    identity: Identity,
-    version: String,
-    started: Instant,
-}
-
-impl Live {
-    async fn wait(&mut self, poll: Duration) -> Exit {
-        match &mut self.child {
-            Some(child) => match child.wait().await {
-                Ok(status) => Exit::of(status),
-                Err(e) => Exit { code: None, message: format!("exit status unknown: {e}") },
-            },
-            None => {
-                while self.identity.is_alive() {
-                    tokio::time::sleep(poll).await;
-                }
-                Exit::unknown()
-            }
-        }
-    }
-}
-
-/// An artifact download and unpack running on a blocking thread.
-struct Preparation {
-    artifact: Artifact,
-    cancel: Arc<AtomicBool>,
-    task: JoinHandle<Result<(), ArtifactError>>,
-}
-
-/// What the monitor loop woke up for.
-enum Event {
-    Exited(Exit),
-    Checked(Result<(), HealthError>),
-    RotateLogs,
-    Desired(bool),
-}
-
-type CheckFuture = Pin<Box<dyn Future<Output = Result<(), HealthError>> + Send>>;
-
-/// A health check `delay` from now; never completes without a probe.
-fn next_check(probe: &Option<Probe>, context: &ExecContext, timeout: Duration, delay: Duration) -> CheckFuture {
-    let (probe, context) = (probe.clone(), context.clone());
-    Box::pin(async move {
-        tokio::time::sleep(delay).await;
-        match probe {
-            Some(probe) => health::check(&probe, &context, timeout).await,
-            None => std::future::pending().await,
-        }
-    })
-}
-
-/// Downloads (or finds cached), verifies and unpacks `artifact` into the work
-/// directory; skipped when that very archive is already unpacked there.
-fn prepare_artifact(
-    store: &ArtifactStore,
-    artifact: &Artifact,
-    dir: &InstanceDir,
-    cancel: &AtomicBool,
-) -> Result<(), ArtifactError> {
-    let archive = store.fetch(artifact, cancel)?;
-    let (marker, work) = (dir.artifact_marker(), dir.work());
-    if std::fs::read_to_string(&marker).is_ok_and(|sha| sha == artifact.sha256) && work.is_dir() {
-        return Ok(());
-    }
-    // Files of another archive must not linger next to the new ones.
-    match std::fs::remove_file(&marker) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_error("cannot remove", &marker)(e)),
-        _ => {}
-    }
-    match std::fs::remove_dir_all(&work) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_error("cannot empty work directory", &work)(e)),
-        _ => {}
-    }
-    artifact::unpack(&archive, &work)?;
-    std::fs::write(&marker, &artifact.sha256).map_err(io_error("cannot write", &marker))
-}
-
-/// Checked health probe of a spec; an invalid one is reported by `start`.
-fn probe_of(spec: &MicroserviceSpec) -> Result<Option<Probe>, HealthError> {
-    spec.health_check.as_ref().map(Probe::from_check).transpose().map(Option::flatten)
-}
-
-/// The task owning one instance: its process, status and files.
-struct Supervisor {
-    shared: Arc<Shared>,
-    id: u64,
-    key: String,
-    dir: InstanceDir,
-    desired: watch::Receiver<Desired>,
-    stops: watch::Sender<u64>,
-    status: InstanceStatus,
-    /// Version the state below belongs to.
-    version: Option<String>,
-    live: Option<Live>,
-    /// Outcome recorded by a previous agent: (version, outcome).
-    finished: Option<(String, Outcome)>,
-    preparing: Option<Preparation>,
-    state: State,
-    backoff: Backoff,
-}
-
-impl Supervisor {
-    async fn run(mut self) {
-        self.load_record().await;
-        loop {
-            let desired = self.desired.borrow_and_update().clone();
-            match desired {
-                Desired::Stop => {
-                    self.stop().await;
-                    if self.finish_stop() {
-                        return;
-                    }
-                }
-                Desired::Run(spec) => {
-                    if let Interrupt::Closed = self.run_spec(&spec).await {
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Adopts the live process a previous agent recorded, or remembers its outcome.
-    async fn load_record(&mut self) {
-        let path = self.dir.record();
-        let Ok(Some(record)) = blocking(move || Ok(read_record(&path))).await else { return };
-        if record.key != self.key {
-            return;
-        }
-        if let Some(identity) = record.process.filter(Identity::is_alive) {
-            info!(target: "edged", key = %self.key, pid = identity.pid, version = %record.version, "found running instance");
-            self.live = Some(Live { child: None, identity, version: record.version, started: Instant::now() });
-        } else if let Some(outcome) = record.outcome {
-            self.finished = Some((record.version, outcome));
-        }
-    }
-
-    /// Runs `spec` until the desired state changes.
-    async fn run_spec(&mut self, spec: &InstanceSpec) -> Interrupt {
-        if self.version.as_deref() != Some(spec.version.as_str()) {
-            self.begin_version(spec).await;
-        }
-        loop {
-            let next = match self.state {
-                State::Start => self.start(spec).await,
-                State::Monitor => self.monitor(spec).await,
-                State::Backoff(until) => {
-                    interruptible(&mut self.desired, tokio::time::sleep_until(until)).await.map(|()| State::Start)
-                }
-                State::Done => interruptible(&mut self.desired, std::future::pending::<State>()).await,
-            };
-            match next {
-                Ok(state) => self.state = state,
-                Err(interrupt) => return interrupt,
-            }
-        }
-    }
-
-    /// Switches to a new version: replaces a process of another version, keeps
-    /// (adopts) one of this version, and counts restarts from zero.
-    async fn begin_version(&mut self, spec: &InstanceSpec) {
-        if let Some(live) = self.live.as_ref().filter(|live| live.version != spec.version) {
-            info!(target: "edged", key = %self.key, from = %live.version, to = %spec.version, "replacing instance");
-            self.terminate().await;
-        }
-        self.version = Some(spec.version.clone());
-        self.status = InstanceStatus::pending(&spec.key, &spec.version);
-        self.backoff.reset();
-        let finished = self.finished.take().filter(|(version, _)| *version == spec.version);
-        self.state = if let Some(live) = &self.live {
-            self.status.pid = Some(live.identity.pid);
-            info!(target: "edged", key = %self.key, pid = live.identity.pid, "adopted running instance");
-            State::Monitor
-        } else if let Some((_, outcome)) = finished {
-            self.status.exit_code = outcome.exit_code;
-            self.set_phase(outcome.phase, outcome.message);
-            State::Done
-        } else {
-            State::Start
-        };
-    }
-
-    /// Prepares the artifact and starts the process.
-    async fn start(&mut self, spec: &InstanceSpec) -> Result<State, Interrupt> {
-        if let Err(e) = probe_of(&spec.spec) {
-            return Ok(self.fail(e.to_string()));
-        }
-        if spec.spec.command.is_empty() {
-            return Ok(self.fail(StartError::NoCommand.to_string()));
-        }
-        if let Some(artifact) = &spec.spec.artifact {
-            self.set_phase(Phase::Downloading, None);
-            if let Err(e) = self.prepare(artifact).await? {
-                if !e.is_retryable() {
-                    return Ok(self.fail(e.to_string()));
-                }
-                let delay = self.backoff.delay(Duration::ZERO);
-                self.set_phase(Phase::Backoff, Some(format!("{e}; retrying in {}", human(delay))));
-                return Ok(State::Backoff(Instant::now() + delay));
-            }
-        }
-        self.set_phase(Phase::Starting, None);
-        match self.spawn(spec).await {
-            Ok(live) => {
-                info!(target: "edged", key = %self.key, pid = live.identity.pid, version = %live.version, "started instance");
-                self.status.pid = Some(live.identity.pid);
-                self.live = Some(live);
-                Ok(State::Monitor)
-            }
-            Err(e) => Ok(self.after_exit(spec, None, true, e.to_string(), Duration::ZERO).await),
-        }
-    }
-
-    /// Awaits the artifact's preparation, reusing one already under way for it.
-    async fn prepare(&mut self, artifact: &Artifact) -> Result<Result<(), ArtifactError>, Interrupt> {
-        if self.preparing.as_ref().is_some_and(|p| p.artifact != *artifact) {
-            self.abandon_preparation().await;
-        }
-        let preparation = self.preparing.get_or_insert_with(|| {
-            let cancel = Arc::new(AtomicBool::new(false));
-            let (store, wanted, dir, flag) =
-                (self.shared.artifacts.clone(), artifact.clone(), self.dir.clone(), cancel.clone());
-            let task = tokio::task::spawn_blocking(move || prepare_artifact(&store, &wanted, &dir, &flag));
-            Preparation { artifact: artifact.clone(), cancel, task }
-        });
-        // Kept across an interrupt: the next spec likely needs the same archive.
-        let joined = interruptible(&mut self.desired, &mut preparation.task).await?;
-        self.preparing = None;
-        Ok(joined.unwrap_or_else(|e| {
-            Err(ArtifactError::Io {
-                what: "artifact preparation failed in",
-                path: self.dir.work(),
-                source: io::Error::other(e),
-            })
-        }))
-    }
-
-    async fn abandon_preparation(&mut self) {
-        if let Some(preparation) = self.preparing.take() {
-            preparation.cancel.store(true, Ordering::Relaxed);
-            let _ = preparation.task.await;
-        }
-    }
-
-    /// Starts the process with its log file as stdout and stderr, and records it.
-    async fn spawn(&mut self, spec: &InstanceSpec) -> Result<Live, StartError> {
-        let io_failed = |what, path: PathBuf| move |source| StartError::Io { what, path, source };
-        let (work, log) = (self.dir.work(), self.dir.log());
-        tokio::fs::create_dir_all(&work).await.map_err(io_failed("cannot create work directory", work.clone()))?;
-        if let Some(logs_dir) = log.parent() {
-            tokio::fs::create_dir_all(logs_dir)
-                .await
-                .map_err(io_failed("cannot create log directory", logs_dir.into()))?;
-        }
-        // The child gets the descriptor (O_APPEND): its output never passes through
-        // the agent, and truncation by rotation is safe.
-        let stdout = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .map_err(io_failed("cannot open log file", log.clone()))?;
-        let stderr = stdout.try_clone().map_err(io_failed("cannot open log file", log.clone()))?;
-        let argv: Vec<String> = spec.spec.command.iter().chain(&spec.spec.args).cloned().collect();
-        let mut cmd = command(&argv, &work, &self.instance_env(spec)).ok_or(StartError::NoCommand)?;
-        cmd.stdout(stdout).stderr(stderr);
-        let program = argv.first().cloned().unwrap_or_default();
-        let mut child = cmd.spawn().map_err(|source| StartError::Spawn { program, source })?;
-        // The child stays unreaped until we wait, so its pid and /proc entry hold still.
-        let identity = child
-            .id()
-            .ok_or_else(|| io::Error::other("exited before it was seen"))
-            .and_then(Identity::of)
-            .map_err(io_failed("cannot read /proc of the process in", self.dir.path().into()));
-        let identity = match identity {
-            Ok(identity) => identity,
-            Err(e) => {
-                let _ = child.kill().await;
-                return Err(e);
-            }
-        };
-        let record = Record {
-            key: self.key.clone(),
-            version: spec.version.clone(),
-            process: Some(identity.clone()),
-            outcome: None,
-        };
-        let path = self.dir.record();
-        if let Err(source) = blocking(move || write_record(&path, &record)).await {
-            // An unrecorded process would be started a second time by the next agent
-            // (the duplicate-after-restart failure of KubeEdge): better not run it at all.
-            let _ = group::signal(identity.pid, Signal::SIGKILL);
-            let _ = child.wait().await;
-            return Err(StartError::Io { what: "cannot record the instance in", path: self.dir.record(), source });
-        }
-        Ok(Live { child: Some(child), identity, version: spec.version.clone(), started: Instant::now() })
-    }
-
-    /// Environment of the process and its exec checks: a few inherited variables,
-    /// the spec's, then the context (which the spec cannot override).
-    fn instance_env(&self, spec: &InstanceSpec) -> BTreeMap<String, String> {
-        let mut env: BTreeMap<String, String> =
-            INHERITED_ENV.iter().filter_map(|&name| Some((name.to_owned(), std::env::var(name).ok()?))).collect();
-        env.entry("PATH".to_owned()).or_insert_with(|| DEFAULT_PATH.to_owned());
-        env.insert("HOME".to_owned(), self.dir.work().display().to_string());
-        env.extend(spec.spec.env.iter().map(|var| (var.name.clone(), var.value.clone())));
-        env.insert(ENV_NODE.to_owned(), self.shared.node.clone());
-        env.insert(ENV_NAMESPACE.to_owned(), spec.namespace.clone());
-        env.insert(ENV_MICROSERVICE.to_owned(), spec.name.clone());
-        env.extend(spec.env.clone());
-        env
-    }
-
-    /// Watches the running process: its exit, its health checks and its log size.
-    async fn monitor(&mut self, spec: &InstanceSpec) -> Result<State, Interrupt> {
-        let Some(started) = self.live.as_ref().map(|live| live.started) else { return Ok(State::Start) };
-        // Validated by `start`; an adopted process's spec was validated when it started.
-        let probe = probe_of(&spec.spec).ok().flatten();
-        if self.status.phase != Phase::Ready {
-            self.set_phase(if probe.is_some() { Phase::Running } else { Phase::Ready }, None);
-        }
-        let config = self.shared.config.clone();
-        let check = spec.spec.health_check.as_ref();
-        let period = Duration::from_secs(check.map_or(10, |c| c.period_seconds).max(1).unsigned_abs().into());
-        let threshold = check.map_or(3, |c| c.failure_threshold).max(1).unsigned_abs();
-        let timeout = period.min(config.health_timeout);
-        let context = ExecContext { dir: self.dir.work(), env: self.instance_env(spec) };
-        let mut check_due = next_check(&probe, &context, timeout, period.min(FIRST_CHECK_DELAY));
-        let mut failures = 0u32;
-        let mut rotation =
-            tokio::time::interval_at(Instant::now() + config.log_check_interval, config.log_check_interval);
-        rotation.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
-            let event = {
-                let Some(live) = self.live.as_mut() else { return Ok(State::Start) };
-                tokio::select! {
-                    exit = live.wait(config.exit_poll_interval) => Event::Exited(exit),
-                    result = &mut check_due, if probe.is_some() => Event::Checked(result),
-                    _ = rotation.tick() => Event::RotateLogs,
-                    changed = self.desired.changed() => Event::Desired(changed.is_ok()),
-                }
-            };
-            match event {
-                Event::Exited(exit) => {
-                    let failed = exit.code != Some(0);
-                    return Ok(self.after_exit(spec, exit.code, failed, exit.message, started.elapsed()).await);
-                }
-                Event::Checked(Ok(())) => {
-                    failures = 0;
-                    if self.status.phase != Phase::Ready {
-                        self.set_phase(Phase::Ready, None);
-                    }
-                    check_due = next_check(&probe, &context, timeout, period);
-                }
-                Event::Checked(Err(e)) => {
-                    failures += 1;
-                    if failures >= threshold {
-                        let reason = format!("unhealthy: {e} ({failures} checks in a row)");
-                        self.set_phase(Phase::Unhealthy, Some(reason.clone()));
-                        let code = self.terminate().await.and_then(|exit| exit.code);
-                        return Ok(self.after_exit(spec, code, true, reason, started.elapsed()).await);
-                    }
-                    warn!(target: "edged", key = %self.key, error = %e, failures, "health check failed");
-                    check_due = next_check(&probe, &context, timeout, period);
-                }
-                Event::RotateLogs => self.rotate_logs().await,
-                Event::Desired(true) => return Err(Interrupt::Changed),
-                Event::Desired(false) => return Err(Interrupt::Closed),
-            }
-        }
-    }
-
-    async fn rotate_logs(&self) {
-        let (log, max, keep) = (self.dir.log(), self.shared.config.log_max_bytes, self.shared.config.log_keep);
-        if let Err(e) = blocking(move || logs::rotate_if_larger(&log, max, keep)).await {
-            warn!(target: "edged", key = %self.key, error = %e, "cannot rotate instance log");
-        }
-    }
-
-    /// Applies the restart policy after the process ended (or could not start).
-    async fn after_exit(
-        &mut self,
-        spec: &InstanceSpec,
-        code: Option<i32>,
-        failed: bool,
-        message: String,
-        ran_for: Duration,
-    ) -> State {
-        if let Some(live) = self.live.take() {
-            // The instance is the whole group: what the leader left behind goes too.
-            // (The group id cannot be reused while members remain.)
-            if group::has_members(live.identity.pid) {
-                let _ = group::signal(live.identity.pid, Signal::SIGKILL);
-            }
-        }
-        self.status.pid = None;
-        self.status.exit_code = code;
-        let restart = match spec.spec.restart_policy {
-            RestartPolicy::Always => true,
-            RestartPolicy::OnFailure => failed,
-            RestartPolicy::Never => false,
-        };
-        if restart {
-            self.status.restarts = self.status.restarts.saturating_add(1);
-            let delay = self.backoff.delay(ran_for);
-            self.set_phase(Phase::Backoff, Some(format!("{message}; restarting in {}", human(delay))));
-            return State::Backoff(Instant::now() + delay);
-        }
-        let phase = if failed { Phase::Failed } else { Phase::Succeeded };
-        self.set_phase(phase, Some(message.clone()));
-        let record = Record {
-            key: self.key.clone(),
-            version: spec.version.clone(),
-            process: None,
-            outcome: Some(Outcome { phase, exit_code: code, message: Some(message) }),
-        };
-        let path = self.dir.record();
-        if let Err(e) = blocking(move || write_record(&path, &record)).await {
-            warn!(target: "edged", key = %self.key, error = %e, "cannot record how the instance ended; it runs again after an agent restart");
-        }
-        State::Done
-    }
-
-    /// Fails the instance for good (for this version): a spec or artifact that cannot run.
-    fn fail(&mut self, message: String) -> State {
-        self.status.exit_code = None;
-        self.set_phase(Phase::Failed, Some(message));
-        State::Done
-    }
-
-    /// Stops the process gracefully: SIGTERM to its group, SIGKILL after the stop timeout.
-    async fn terminate(&mut self) -> Option<Exit> {
-        let mut live = self.live.take()?;
-        self.status.pid = None;
-        let pgid = live.identity.pid;
-        let config = &self.shared.config;
-        if live.child.is_none() && !live.identity.is_alive() {
-            return Some(Exit::unknown());
-        }
-        if let Err(e) = group::signal(pgid, Signal::SIGTERM) {
-            warn!(target: "edged", key = %self.key, pgid, error = %e, "cannot signal instance");
-        }
-        let deadline = Instant::now() + config.stop_timeout;
-        let mut exit = tokio::time::timeout_at(deadline, live.wait(config.exit_poll_interval)).await.ok();
-        let emptied = group::wait_empty(pgid, deadline).await;
-        if exit.is_none() || !emptied {
-            warn!(target: "edged", key = %self.key, pgid, "instance did not stop in time; killing it");
-            let _ = group::signal(pgid, Signal::SIGKILL);
-        }
-        if exit.is_none() {
-            exit = tokio::time::timeout(KILL_GRACE, live.wait(config.exit_poll_interval)).await.ok();
-        }
-        exit
-    }
-
-    /// Stops whatever runs and removes the instance's files.
-    async fn stop(&mut self) {
-        self.abandon_preparation().await;
-        if self.terminate().await.is_some() {
-            info!(target: "edged", key = %self.key, "stopped instance");
-        }
-        self.version = None;
-        self.finished = None;
-        self.state = State::Start;
-        let dir = self.dir.path().to_owned();
-        let removed = blocking(move || match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        });
-        if let Err(e) = removed.await {
-            warn!(target: "edged", key = %self.key, error = %e, "cannot remove instance files");
-        }
-    }
-
-    /// After a stop: leaves (returns true) unless a new spec arrived meanwhile. Done
-    /// under the supervisors lock so `ensure` never talks to a departing supervisor.
-    fn finish_stop(&self) -> bool {
-        let mut supervisors = self.shared.supervisors();
-        let leave = !self.desired.has_changed().unwrap_or(false);
-        if leave {
-            if supervisors.get(&self.key).is_some_and(|h| h.id == self.id) {
-                supervisors.remove(&self.key);
-            }
-            self.shared.statuses.send_if_modified(|all| all.remove(&self.key).is_some());
-        }
-        self.stops.send_modify(|done| *done += 1);
-        leave
-    }
-
-    /// Publishes the status with `phase` and `message` if anything changed.
-    fn set_phase(&mut self, phase: Phase, message: Option<String>) {
-        if self.status.phase != phase {
-            self.status.since_ms = now_ms();
-            info!(target: "edged", key = %self.key, version = %self.status.version, %phase, message = message.as_deref().unwrap_or(""), "instance phase");
-        }
-        self.status.phase = phase;
-        self.status.message = message;
-        let status = &self.status;
-        self.shared.statuses.send_if_modified(|all| {
-            if all.get(&status.key) == Some(status) {
-                return false;
-            }
-            all.insert(status.key.clone(), status.clone());
-            true
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1036,16 +408,6 @@ mod tests {
         assert_eq!(dir_name(""), "%");
         assert_ne!(dir_name("a/b"), dir_name("a_b"));
         assert!(!dir_name("../../etc").contains('/'));
-    }
-
-    #[test]
-    fn backoff_doubles_to_the_cap_and_resets_after_a_long_run() {
-        let config = ProcessConfig::default();
-        let mut backoff = Backoff::new(&config);
-        let delays: Vec<u64> = (0..11).map(|_| backoff.delay(Duration::from_secs(1)).as_secs()).collect();
-        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
-        assert_eq!(backoff.delay(Duration::from_secs(600)), Duration::from_secs(1));
-        assert_eq!(backoff.delay(Duration::ZERO), Duration::from_secs(2));
     }
 
     #[test]
@@ -1063,12 +425,5 @@ mod tests {
         assert_eq!(read_record(&path), Some(record));
         std::fs::write(&path, b"{not json").unwrap();
         assert_eq!(read_record(&path), None, "a corrupt record is ignored, not fatal");
-    }
-
-    #[test]
-    fn durations_read_well() {
-        assert_eq!(human(Duration::from_millis(200)), "200ms");
-        assert_eq!(human(Duration::from_secs(4)), "4s");
-        assert_eq!(human(Duration::from_secs(128)), "2m8s");
     }
 }

@@ -1,0 +1,41 @@
+//! `cargo xtask bench <name>`: benchmarks that print figures measured with the
+//! real binaries against a real API server. They report; they never pass or fail on timings.
+
+use anyhow::{bail, Result};
+
+use crate::shell::{self, cargo};
+
+/// Known benchmarks: name (also the bench target of the `supermesh-tests` crate) and what it measures.
+const BENCHES: &[(&str, &str)] = &[(
+    "sync",
+    "metamanager upserts/s (one transaction per message vs batched), change-to-ack latency and \
+     controller memory with 1, 100 and 1000 simulated agents",
+)];
+
+/// Builds what benchmark `what` needs, then runs it against a cluster and prints its report.
+pub fn run(what: &str, extra: &[String]) -> Result<()> {
+    if !BENCHES.iter().any(|(name, _)| *name == what) {
+        let known: Vec<String> = BENCHES.iter().map(|(name, about)| format!("  {name}: {about}")).collect();
+        bail!("unknown benchmark {what:?}; known benchmarks:\n{}", known.join("\n"));
+    }
+    // The bench drives the debug controller binary, like the end-to-end tests.
+    step("building the binaries");
+    // The controller and agents are measured as they ship: release builds.
+    shell::run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+    step(&format!("building benchmark {what} (release)"));
+    shell::run(cargo().args(["bench", "-p", "supermesh-tests", "--bench", what, "--no-run"]))?;
+    crate::controlplane::with_cluster(|kubeconfig| {
+        step(&format!("benchmark {what}"));
+        shell::run(
+            cargo()
+                .args(["bench", "-p", "supermesh-tests", "--bench", what, "--"])
+                .args(extra)
+                .env("KUBECONFIG", kubeconfig)
+                .env("SUPERMESH_BIN_DIR", crate::shell::target_dir().join("release")),
+        )
+    })
+}
+
+fn step(name: &str) {
+    eprintln!("\n==> {name}");
+}
