@@ -93,6 +93,12 @@ async fn a_microservice_runs_and_answers_on_every_node() {
         let answer = get(&dir.join("work/port")).expect("the service answers");
         assert!(answer.contains(&format!("hello from {}", agent.name)), "{answer}");
     }
+    site.controller
+        .wait_until("a Started event per node", || {
+            let described = kubectl(&["describe", "msvc", "web", "-n", &site.ns]);
+            agents.iter().all(|a| described.contains(&format!("{}: started with pid", a.name)))
+        })
+        .await;
     let table = kubectl(&["get", "msvc", "web", "-n", &site.ns]);
     assert!(
         table.lines().nth(1).is_some_and(|l| l.split_whitespace().take(5).eq(["web", "m", "3", "3", "3"])),
@@ -141,6 +147,13 @@ async fn a_crash_loop_is_degraded_with_its_reason_and_restart_count() {
     assert_eq!(status.ready_instances, 0);
     let events = kubectl(&["get", "events", "-n", &site.ns, "-o", "jsonpath={.items[*].reason}"]);
     assert!(events.contains("CrashLoop"), "a CrashLoop event: {events}");
+    // edged's own events reach `kubectl describe msvc`.
+    site.controller
+        .wait_until("Exited and Restarted events from edged", || {
+            let described = kubectl(&["describe", "msvc", "crasher", "-n", &site.ns]);
+            ["Exited", "Restarted", "exited with code 3"].iter().all(|word| described.contains(word))
+        })
+        .await;
     site.cleanup(&[&agent]).await;
 }
 
@@ -252,6 +265,12 @@ async fn a_wrong_artifact_hash_fails_and_runs_nothing() {
     .await;
     let instance = &m.status.unwrap().unhealthy_instances[0];
     assert!(instance.message.as_deref().unwrap_or_default().contains("hash mismatch"), "{instance:?}");
+    site.controller
+        .wait_until("an ArtifactHashMismatch event", || {
+            kubectl(&["get", "events", "-n", &site.ns, "-o", "jsonpath={.items[*].reason}"])
+                .contains("ArtifactHashMismatch")
+        })
+        .await;
     let key = site.key("bundled");
     let ran = agent.instance_dir(&key).is_some_and(|d| d.join("work/ran").exists());
     assert!(!ran, "nothing ran");

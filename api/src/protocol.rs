@@ -387,6 +387,20 @@ pub struct InstanceReport {
     pub message: Option<String>,
 }
 
+/// Something that happened to an instance, for `kubectl describe` (content of
+/// MetaSync on the instance's resource string). Unlike status reports, events
+/// are never collapsed: each is delivered.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EventReport {
+    /// Whether it is a warning (otherwise normal).
+    pub warning: bool,
+    /// One-word reason, for example Started, Exited or ArtifactHashMismatch.
+    pub reason: String,
+    /// What happened, for people.
+    pub message: String,
+}
+
 /// Lower-case hex SHA-256 of a DER certificate: how a join token pins the cloud's CA.
 pub fn ca_fingerprint(der: &[u8]) -> String {
     use sha2::Digest;

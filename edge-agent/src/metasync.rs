@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use supermesh_api::protocol::{InstanceReport, Operation, StatusReport, STATUS_RESOURCE};
+use supermesh_api::protocol::{EventReport, InstanceReport, Operation, StatusReport, STATUS_RESOURCE};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
@@ -33,9 +33,43 @@ pub fn report(statuses: &Statuses, taken_ms: i64) -> StatusReport {
     StatusReport { taken_ms, instances }
 }
 
-/// Queues status reports until the runtime's status channel closes.
+/// The events between two snapshots of the instances: what `kubectl describe` should tell.
+pub fn events(before: &Statuses, after: &Statuses) -> Vec<(String, EventReport)> {
+    let mut out = Vec::new();
+    for (key, now) in after {
+        let was = before.get(key);
+        let event = |warning: bool, reason: &str, message: String| {
+            (key.clone(), EventReport { warning, reason: reason.into(), message })
+        };
+        let entered = |phase: Phase| now.phase == phase && was.is_none_or(|w| w.phase != phase);
+        if now.pid.is_some() && was.and_then(|w| w.pid) != now.pid {
+            out.push(event(false, "Started", format!("started with pid {}", now.pid.unwrap_or_default())));
+        }
+        // Snapshots are coalesced: a quick crash may show only as more restarts.
+        let restarted = was.is_some_and(|w| now.restarts > w.restarts);
+        let ended = entered(Phase::Backoff) || entered(Phase::Failed) || entered(Phase::Succeeded);
+        if let Some(code) = now.exit_code.filter(|_| ended || restarted && now.phase == Phase::Backoff) {
+            out.push(event(code != 0, "Exited", format!("exited with code {code}")));
+        }
+        if entered(Phase::Unhealthy) {
+            out.push(event(true, "Unhealthy", now.message.clone().unwrap_or_else(|| "health check failing".into())));
+        }
+        if entered(Phase::Failed) {
+            let message = now.message.clone().unwrap_or_else(|| "failed".into());
+            let reason = if message.contains("hash mismatch") { "ArtifactHashMismatch" } else { "Failed" };
+            out.push(event(true, reason, message));
+        }
+        if restarted {
+            out.push(event(true, "Restarted", format!("restarted ({} restarts so far)", now.restarts)));
+        }
+    }
+    out
+}
+
+/// Queues status reports and instance events until the runtime's status channel closes.
 pub async fn run(mut statuses: watch::Receiver<Statuses>, meta: MetaHandle, interval: Duration, signals: Signals) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let mut last = Statuses::new();
     loop {
         tokio::select! {
             changed = statuses.changed() => {
@@ -47,7 +81,15 @@ pub async fn run(mut statuses: watch::Receiver<Statuses>, meta: MetaHandle, inte
             _ = tick.tick() => {}
             _ = signals.connected.notified() => {}
         }
-        let snapshot = report(&statuses.borrow_and_update(), now_ms());
+        let current = statuses.borrow_and_update().clone();
+        for (key, event) in events(&last, &current) {
+            let content = serde_json::to_value(&event).unwrap_or_default();
+            if let Err(e) = meta.enqueue_report(Operation::MetaSync, &key, &content).await {
+                warn!(error = %e, %key, reason = %event.reason, "cannot queue an instance event");
+            }
+        }
+        let snapshot = report(&current, now_ms());
+        last = current;
         let content = serde_json::to_value(&snapshot).unwrap_or_default();
         match meta.replace_report(Operation::MetaSync, STATUS_RESOURCE, &content).await {
             Ok(seq) => {
@@ -63,6 +105,41 @@ pub async fn run(mut statuses: watch::Receiver<Statuses>, meta: MetaHandle, inte
 mod tests {
     use super::*;
     use crate::edged::runtime::InstanceStatus;
+
+    fn at(phase: Phase, pid: Option<u32>, restarts: u32, exit_code: Option<i32>, message: Option<&str>) -> Statuses {
+        let s = InstanceStatus {
+            key: "ns/microservice/a".into(),
+            version: "1-u".into(),
+            phase,
+            restarts,
+            pid,
+            exit_code,
+            message: message.map(str::to_owned),
+            since_ms: 0,
+        };
+        Statuses::from([(s.key.clone(), s)])
+    }
+
+    fn reasons(before: &Statuses, after: &Statuses) -> Vec<String> {
+        events(before, after).into_iter().map(|(_, e)| e.reason).collect()
+    }
+
+    #[test]
+    fn transitions_become_events() {
+        let none = Statuses::new();
+        let running = at(Phase::Ready, Some(10), 0, None, None);
+        assert_eq!(reasons(&none, &running), ["Started"]);
+        assert!(reasons(&running, &running).is_empty(), "no change, no event");
+        let crashed = at(Phase::Backoff, None, 1, Some(3), Some("exited with code 3"));
+        assert_eq!(reasons(&running, &crashed), ["Exited", "Restarted"]);
+        let again = at(Phase::Running, Some(11), 1, Some(3), None);
+        assert_eq!(reasons(&crashed, &again), ["Started"]);
+        let sick = at(Phase::Unhealthy, Some(11), 1, None, Some("health check failed"));
+        assert_eq!(reasons(&again, &sick), ["Unhealthy"]);
+        let bad = at(Phase::Failed, None, 0, None, Some("artifact hash mismatch: expected a, got b"));
+        let e = events(&none, &bad);
+        assert_eq!((e[0].1.reason.as_str(), e[0].1.warning), ("ArtifactHashMismatch", true));
+    }
 
     #[test]
     fn reports_carry_phase_readiness_and_restarts() {

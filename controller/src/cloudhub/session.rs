@@ -12,8 +12,8 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use supermesh_api::edgenode::EdgeNodeSpec;
 use supermesh_api::protocol::{
-    decode, encode, Assignment, ErrorCode, ErrorContent, Hello, Message, Operation, StatusReport, Welcome,
-    CONNECTION_RESOURCE, STATUS_RESOURCE,
+    decode, encode, Assignment, ErrorCode, ErrorContent, EventReport, Hello, Message, Operation, StatusReport, Welcome,
+    CONNECTION_RESOURCE, MICROSERVICE, STATUS_RESOURCE,
 };
 use supermesh_api::EdgeNode;
 use tokio_tungstenite::tungstenite::Message as Frame;
@@ -328,8 +328,18 @@ impl Session {
                         .answering(&msg.id);
                 self.write(&ack).await
             }
+            Operation::MetaSync if msg.resource.split('/').nth(1) == Some(MICROSERVICE) => {
+                match msg.content_as::<EventReport>() {
+                    Ok(event) => self.instance_event(&msg.resource, event).await,
+                    Err(e) => warn!(node = %self.node, error = %e, "invalid instance event"),
+                }
+                let ack =
+                    Message::new(format!("c{}-a{}", self.id, msg.id), now_ms(), Operation::Response, &msg.resource, ())
+                        .answering(&msg.id);
+                self.write(&ack).await
+            }
             other => {
-                // Reports (MetaSync) are acknowledged so the agent's outbox drains; status aggregation reads them.
+                // Other reports are acknowledged so the agent's outbox drains.
                 debug!(node = %self.node, operation = ?other, resource = %msg.resource, "report from agent");
                 let ack =
                     Message::new(format!("c{}-a{}", self.id, msg.id), now_ms(), Operation::Response, &msg.resource, ())
@@ -337,6 +347,15 @@ impl Session {
                 self.write(&ack).await
             }
         }
+    }
+
+    /// Publishes an instance's event as a Kubernetes Event on its Microservice.
+    async fn instance_event(&self, resource: &str, event: EventReport) {
+        let mut parts = resource.splitn(3, '/');
+        let (Some(ns), Some(_), Some(name)) = (parts.next(), parts.next(), parts.next()) else { return };
+        let Some(msvc) = self.ctx.index.microservices.get(&ObjectRef::new(name).within(ns)) else { return };
+        let note = format!("{}: {}", self.node, event.message);
+        self.ctx.publish(&*msvc, event.warning, &event.reason, note).await;
     }
 
     /// Takes a node's instance status: only what is placed on it counts, then
