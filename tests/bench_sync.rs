@@ -20,9 +20,7 @@ use supermesh_agent::config::EdgeConfig;
 use supermesh_agent::edgehub::{self, Ws};
 use supermesh_agent::metamanager::store::{Change, Store};
 use supermesh_agent::metamanager::MAX_BATCH;
-use supermesh_api::protocol::{
-    self, Assignment, ErrorContent, Hello, Message, Operation, Welcome, CONNECTION_RESOURCE,
-};
+use supermesh_api::protocol::{self, Assignment, ErrorContent, Message, Operation, Welcome, CONNECTION_RESOURCE};
 use supermesh_api::{EdgeNode, Mesh, Microservice};
 use supermesh_tests::{apply_yaml, delete_all, join_token, microservice, unique, Cluster, Controller};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -732,18 +730,8 @@ impl SimulatedAgent {
     /// Dials, says hello holding nothing, and reads the welcome.
     async fn handshake(&self) -> Result<Ws, String> {
         let mut ws = edgehub::dial(&self.config).await.map_err(|e| e.to_string())?;
-        let node = &self.config.node;
-        let hello = Hello {
-            node: node.name.clone(),
-            account: node.account.clone(),
-            network: node.network.clone(),
-            location: node.location,
-            supernode_eligible: node.supernode_eligible,
-            agent_version: format!("bench-{}", env!("CARGO_PKG_VERSION")),
-            os: std::env::consts::OS.into(),
-            arch: std::env::consts::ARCH.into(),
-            held: Default::default(),
-        };
+        let mut hello = edgehub::hello(&self.config, Default::default());
+        hello.agent_version = format!("bench-{}", hello.agent_version);
         let hello =
             Message::new(format!("b{}-0", self.index), now_ms(), Operation::NodeConnection, CONNECTION_RESOURCE, hello);
         send(&mut ws, &hello).await?;

@@ -113,6 +113,22 @@ pub async fn dial(config: &EdgeConfig) -> Result<Ws, LinkError> {
     connect(config, &connector).await
 }
 
+/// The hello an agent with `config` sends on connect: who it is, and the versions it holds.
+pub fn hello(config: &EdgeConfig, held: std::collections::BTreeMap<String, String>) -> Hello {
+    let node = &config.node;
+    Hello {
+        node: node.name.clone(),
+        account: node.account.clone(),
+        network: node.network.clone(),
+        location: node.location,
+        supernode_eligible: node.supernode_eligible,
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        os: std::env::consts::OS.into(),
+        arch: std::env::consts::ARCH.into(),
+        held,
+    }
+}
+
 /// Delay before reconnect attempt `failures`: exponential, capped, with ±50 % jitter.
 pub fn backoff(failures: u32) -> Duration {
     let base = MIN_BACKOFF.saturating_mul(1 << failures.min(6)).min(MAX_BACKOFF);
@@ -225,18 +241,7 @@ impl<'a> Session<'a> {
 
     async fn hello(&mut self) -> Result<(), LinkError> {
         let held = self.meta.held_versions().await.map_err(|e| LinkError::Lost(format!("metamanager: {e}")))?;
-        let node = &self.config.node;
-        let hello = Hello {
-            node: node.name.clone(),
-            account: node.account.clone(),
-            network: node.network.clone(),
-            location: node.location,
-            supernode_eligible: node.supernode_eligible,
-            agent_version: env!("CARGO_PKG_VERSION").into(),
-            os: std::env::consts::OS.into(),
-            arch: std::env::consts::ARCH.into(),
-            held,
-        };
+        let hello = hello(self.config, held);
         let held = hello.held.len();
         self.send(&message(Operation::NodeConnection, CONNECTION_RESOURCE, hello)).await?;
         let reply = tokio::time::timeout(Duration::from_secs(15), self.ws.next())

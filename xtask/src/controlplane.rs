@@ -287,7 +287,7 @@ fn write_private(path: &Path, contents: &str) -> Result<()> {
     Ok(())
 }
 
-/// SIGTERM, then SIGKILL after `grace` (the apiserver can hang on SIGTERM once etcd is gone).
+/// SIGTERM, then SIGKILL after `grace`, to a process or (negative pid) a group (the apiserver can hang on SIGTERM once etcd is gone).
 pub fn stop(pid: Pid, grace: Duration) {
     if kill(pid, Signal::SIGTERM).is_err() {
         return;
@@ -304,5 +304,7 @@ pub fn stop(pid: Pid, grace: Duration) {
 
 /// Whether `pid` runs (a zombie, exited but not yet reaped, does not).
 fn alive(pid: Pid) -> bool {
-    kill(pid, None).is_ok() && fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+    // A negative pid names a process group, which has no /proc entry of its own.
+    kill(pid, None).is_ok()
+        && (pid.as_raw() < 0 || fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z ")))
 }

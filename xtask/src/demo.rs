@@ -62,6 +62,8 @@ fn show(plane: &ControlPlane) -> Result<()> {
         println!("{}", plane.kubectl(&["get", "mesh,edgenodes,msvc", "-A"])?);
         println!("What agent pi-kitchen stored in its SQLite (supermesh-agent inspect):");
         println!("{}", inspect(&dir.join("agents/pi-kitchen/data"))?);
+        println!("An answer from the hello instance on pi-kitchen:");
+        println!("{}", hello_answer(&dir.join("agents/pi-kitchen/data"))?);
         println!("The controller keeps running. Try: export KUBECONFIG={}", plane.kubeconfig().display());
         println!("  kubectl describe msvc hello    # conditions and events");
         println!("  kubectl label edgenode pi-attic role=spare; kubectl get msvc  # placement follows");
@@ -70,6 +72,12 @@ fn show(plane: &ControlPlane) -> Result<()> {
     });
     for agent in agents {
         stop(agent, Duration::from_secs(10));
+    }
+    // Agents leave instances running on purpose (a restarted agent adopts them); the demo does not.
+    for name in AGENTS {
+        for group in instance_groups(&dir.join("agents").join(name).join("data")) {
+            stop(group, Duration::from_secs(10));
+        }
     }
     eprintln!("==> stopping supermesh-controller");
     stop(pid, Duration::from_secs(10));
@@ -119,7 +127,37 @@ fn start_agents(plane: &ControlPlane, cloudhub: &str, dir: &Path, pids: &mut Vec
     wait_for("the microservices to reach pi-kitchen", || {
         inspect(&dir.join("agents/pi-kitchen/data")).ok().filter(|r| r.contains("default/microservice/hello"))
     })?;
+    wait_for("hello to be ready on the three agents", || {
+        let ready = plane.kubectl(&["get", "msvc", "hello", "-o", "jsonpath={.status.readyInstances}"]).ok()?;
+        (ready.trim() == "3").then_some(())
+    })?;
     Ok(())
+}
+
+/// Instance records (`instance.json`) of an agent's data dir, with the process group each started.
+fn instance_groups(data_dir: &Path) -> Vec<Pid> {
+    let Ok(dirs) = fs::read_dir(data_dir.join("instances")) else { return Vec::new() };
+    dirs.filter_map(|d| {
+        let record: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(d.ok()?.path().join("instance.json")).ok()?).ok()?;
+        Some(Pid::from_raw(-i32::try_from(record["process"]["pid"].as_i64()?).ok()?))
+    })
+    .collect()
+}
+
+/// GETs the hello instance of the agent with `data_dir`, on the port it recorded.
+fn hello_answer(data_dir: &Path) -> Result<String> {
+    use std::io::{Read, Write};
+    let dirs = fs::read_dir(data_dir.join("instances"))?;
+    let port = dirs
+        .filter_map(|d| fs::read_to_string(d.ok()?.path().join("work/port")).ok())
+        .find_map(|p| p.trim().parse::<u16>().ok())
+        .context("the hello instance has not written its port")?;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(stream, "GET / HTTP/1.0\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response.rsplit("\r\n\r\n").next().unwrap_or_default().trim().to_owned())
 }
 
 fn inspect(data_dir: &Path) -> Result<String> {

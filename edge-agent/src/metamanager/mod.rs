@@ -244,7 +244,6 @@ impl MetaHandle {
         self.with_actor(|a| a.store.held_versions()).await
     }
 
-    /// Puts a report for the cloud in the outbox; returns its seq.
     /// Every stored resource of `res_type` (what edged starts from after a restart, cloud or not).
     pub async fn list(&self, res_type: &str) -> Result<Vec<store::Row>, MetaError> {
         let res_type = res_type.to_owned();
@@ -262,6 +261,7 @@ impl MetaHandle {
         self.with_actor(move |a| a.store.replace(operation, &resource, &content)).await
     }
 
+    /// Puts a report for the cloud in the outbox; returns its seq.
     pub async fn enqueue_report(
         &self,
         operation: Operation,
