@@ -160,8 +160,11 @@ async fn apply(api: Api<Microservice>, msvc: Arc<Microservice>, ctx: Arc<Context
             let resource = ResourceRef::string(&msvc.namespace().unwrap_or_default(), MICROSERVICE, &msvc.name_any());
             let current = version(msvc.metadata.generation.unwrap_or_default(), &msvc.uid().unwrap_or_default());
             let agg = aggregate(&current, &ctx.reports.about(&resource, &p.nodes));
-            // Right after a start, wait for the agents' reports before believing an incomplete picture.
-            (ctx.hub.grace_over() || agg.reported as usize >= p.nodes.len()).then_some(agg)
+            // Right after a start, agents are still reconnecting: an incomplete picture may
+            // raise the counts but not lower them, so a controller restart flips nothing.
+            let old_ready = msvc.status.as_ref().map_or(0, |s| s.ready_instances);
+            let complete = agg.reported as usize >= p.nodes.len();
+            (ctx.hub.grace_over() || complete || agg.ready >= old_ready).then_some(agg)
         }
         Plan::Blocked { .. } => Some(Aggregate::default()),
     };
