@@ -220,12 +220,28 @@ impl Context {
     where
         K: Resource<DynamicType = ()>,
     {
+        self.publish_related(obj, None, warning, reason, note).await
+    }
+
+    /// Publishes a Kubernetes Event on `obj` related to another object (for
+    /// example the EdgeNode an instance event happened on, which also keeps the
+    /// events of different nodes apart instead of merging them into one series).
+    pub async fn publish_related<K>(
+        &self,
+        obj: &K,
+        related: Option<k8s_openapi::api::core::v1::ObjectReference>,
+        warning: bool,
+        reason: &str,
+        note: String,
+    ) where
+        K: Resource<DynamicType = ()>,
+    {
         let event = Event {
             type_: if warning { EventType::Warning } else { EventType::Normal },
             reason: reason.to_owned(),
             note: Some(note),
             action: "Reconcile".to_owned(),
-            secondary: None,
+            secondary: related,
         };
         if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
             warn!(error = %e, reason, object = %obj.name_any(), "cannot publish event");

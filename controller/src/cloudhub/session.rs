@@ -9,7 +9,7 @@ use futures::{SinkExt, StreamExt};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::PostParams;
 use kube::runtime::reflector::ObjectRef;
-use kube::{Api, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 use supermesh_api::edgenode::EdgeNodeSpec;
 use supermesh_api::protocol::{
     decode, encode, Assignment, ErrorCode, ErrorContent, EventReport, Hello, Message, Operation, StatusReport, Welcome,
@@ -355,7 +355,8 @@ impl Session {
         let (Some(ns), Some(_), Some(name)) = (parts.next(), parts.next(), parts.next()) else { return };
         let Some(msvc) = self.ctx.index.microservices.get(&ObjectRef::new(name).within(ns)) else { return };
         let note = format!("{}: {}", self.node, event.message);
-        self.ctx.publish(&*msvc, event.warning, &event.reason, note).await;
+        let node = self.ctx.index.nodes.get(&ObjectRef::new(&self.node)).map(|n| n.object_ref(&()));
+        self.ctx.publish_related(&*msvc, node, event.warning, &event.reason, note).await;
     }
 
     /// Takes a node's instance status: only what is placed on it counts, then
