@@ -294,3 +294,48 @@ async fn metasync_goes_out_every_interval() {
     println!("3 periodic MetaSync reports in {seconds:.1} s (interval 2 s)");
     site.cleanup(&[&agent]).await;
 }
+
+#[tokio::test]
+async fn logs_are_read_from_the_node_through_the_controller() {
+    let site = Site::new("logs").await;
+    let agent = site.agent(0);
+    let chatty = "echo first-line; echo second-line; i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.2; done";
+    apply(&site, "chatty", serde_json::json!({"command": ["sh", "-c", chatty]}));
+    wait_msvc(&site, "chatty", "Ready 1/1", |m| ready(m, 1)).await;
+    let controller = format!("http://{}", site.controller.metrics_addr);
+    let target = format!("{}/chatty", site.ns);
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(supermesh_tests::binary("supermeshctl"))
+            .args(["--controller", &controller, "logs", &target])
+            .args(args)
+            .output()
+            .expect("run supermeshctl")
+    };
+    until(&agent, "the log to hold a tick", || String::from_utf8_lossy(&ctl(&[]).stdout).contains("tick-1")).await;
+    let all = String::from_utf8_lossy(&ctl(&[]).stdout).into_owned();
+    assert!(all.starts_with("first-line\nsecond-line\n"), "{all}");
+    let last = String::from_utf8_lossy(&ctl(&["--tail", "1"]).stdout).into_owned();
+    assert_eq!(last.lines().count(), 1, "{last}");
+    assert!(last.starts_with("tick-"), "{last}");
+
+    // --follow keeps printing what the instance writes.
+    let out = std::env::temp_dir().join(format!("follow-{}", site.id));
+    let file = std::fs::File::create(&out).unwrap();
+    let mut follow = std::process::Command::new(supermesh_tests::binary("supermeshctl"))
+        .args(["--controller", &controller, "logs", &target, "--tail", "1", "--follow"])
+        .stdout(file)
+        .spawn()
+        .unwrap();
+    let ticks = || std::fs::read_to_string(&out).unwrap_or_default().lines().filter(|l| l.starts_with("tick-")).count();
+    until(&agent, "--follow to print new lines", || ticks() >= 4).await;
+    let _ = follow.kill();
+    let _ = follow.wait();
+
+    let missing = std::process::Command::new(supermesh_tests::binary("supermeshctl"))
+        .args(["--controller", &controller, "logs", &format!("{}/nothing", site.ns)])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("runs on no node"));
+    site.cleanup(&[&agent]).await;
+}

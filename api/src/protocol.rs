@@ -401,6 +401,33 @@ pub struct EventReport {
     pub message: String,
 }
 
+/// Resource type of an instance's log (Query `namespace/log/name`).
+pub const LOG: &str = "log";
+/// Most log bytes one answer carries; `--follow` asks again from the returned offset.
+pub const MAX_LOG_CHUNK: u64 = 256 * 1024;
+
+/// What the cloud asks of an instance's log (content of a Query on `namespace/log/name`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct LogQuery {
+    /// Only the last this many lines (ignored when `offset` is given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<u64>,
+    /// Bytes from this offset of the current log file on (for following).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+}
+
+/// An agent's answer to a [`LogQuery`] (content of the Response).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct LogChunk {
+    /// The log text (lossy UTF-8).
+    pub text: String,
+    /// Offset to ask from next time to get what follows.
+    pub offset: u64,
+}
+
 /// Lower-case hex SHA-256 of a DER certificate: how a join token pins the cloud's CA.
 pub fn ca_fingerprint(der: &[u8]) -> String {
     use sha2::Digest;

@@ -3,11 +3,14 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::State as AxumState;
+use axum::extract::{Path, Query, State as AxumState};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use kube::runtime::reflector::ObjectRef;
+use supermesh_api::protocol::{ErrorContent, LogChunk, LogQuery, Operation, ResourceRef, LOG};
+use supermesh_api::Microservice;
 use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
@@ -20,6 +23,8 @@ pub struct State {
     pub metrics: Arc<Metrics>,
     /// Which caches hold their initial listing; ready once all do.
     pub synced: tokio::sync::watch::Receiver<crate::context::Synced>,
+    /// Placements and agent sessions, for reading instance logs.
+    pub ctx: Arc<crate::context::Context>,
 }
 
 /// Binds the listener now, so that a taken port fails the start with a clear error.
@@ -33,12 +38,54 @@ pub async fn serve(listener: TcpListener, state: State) -> std::io::Result<()> {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/logs/{namespace}/{name}", get(logs))
         .with_state(state);
     axum::serve(listener, app).await
 }
 
 async fn metrics(AxumState(state): AxumState<State>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
+}
+
+/// Query of `GET /logs/{namespace}/{name}`.
+#[derive(serde::Deserialize)]
+struct LogParams {
+    node: Option<String>,
+    tail: Option<u64>,
+    offset: Option<u64>,
+}
+
+/// An instance's log, read from its node's agent through the cloudhub. The node
+/// defaults to the first one the microservice is placed on; the offset to follow
+/// from comes back in `x-supermesh-offset`.
+async fn logs(
+    AxumState(state): AxumState<State>,
+    Path((namespace, name)): Path<(String, String)>,
+    Query(params): Query<LogParams>,
+) -> axum::response::Response {
+    let fail = |code: StatusCode, message: String| (code, message + "\n").into_response();
+    let placed =
+        state.ctx.placements.get(&ObjectRef::<Microservice>::new(&name).within(&namespace)).unwrap_or_default();
+    let node = match params.node.or_else(|| placed.first().cloned()) {
+        Some(node) => node,
+        None => return fail(StatusCode::NOT_FOUND, format!("{namespace}/{name} runs on no node")),
+    };
+    let resource = ResourceRef::string(&namespace, LOG, &name);
+    let query = LogQuery { tail: params.tail, offset: params.offset };
+    match state.ctx.hub.query(&node, Operation::Query, &resource, query).await {
+        Ok(answer) if answer.operation == Operation::Response => match answer.content_as::<LogChunk>() {
+            Ok(chunk) => {
+                let headers = [("x-supermesh-offset", chunk.offset.to_string()), ("x-supermesh-node", node)];
+                (headers, chunk.text).into_response()
+            }
+            Err(e) => fail(StatusCode::BAD_GATEWAY, format!("node {node} answered badly: {e}")),
+        },
+        Ok(answer) => {
+            let reason = answer.content_as::<ErrorContent>().map(|c| c.message).unwrap_or_default();
+            fail(StatusCode::NOT_FOUND, reason)
+        }
+        Err(reason) => fail(StatusCode::SERVICE_UNAVAILABLE, reason),
+    }
 }
 
 async fn readyz(AxumState(state): AxumState<State>) -> impl IntoResponse {

@@ -15,8 +15,9 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use supermesh_api::protocol::{
-    ca_fingerprint, decode, encode, ConnectionState, ErrorCode, ErrorContent, Hello, Message, Operation, Welcome,
-    CONNECTION_RESOURCE, CONNECT_PATH, MAX_MESSAGE_BYTES, NODE_HEADER,
+    ca_fingerprint, decode, encode, ConnectionState, ErrorCode, ErrorContent, Hello, LogChunk, LogQuery, Message,
+    Operation, ResourceRef, Welcome, CONNECTION_RESOURCE, CONNECT_PATH, LOG, MAX_LOG_CHUNK, MAX_MESSAGE_BYTES,
+    MICROSERVICE, NODE_HEADER,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
@@ -127,6 +128,50 @@ pub fn hello(config: &EdgeConfig, held: std::collections::BTreeMap<String, Strin
         arch: std::env::consts::ARCH.into(),
         held,
     }
+}
+
+/// Answers a log query from the instance's current log file (edged writes it; reading needs no runtime).
+fn answer_log_query(data_dir: &std::path::Path, msg: &Message) -> Message {
+    let fail = |code, message: String| {
+        message_answering(msg, Operation::Error, ErrorContent { code, message, retry_after_ms: None })
+    };
+    let Ok(r) = ResourceRef::parse(&msg.resource) else { return fail(ErrorCode::BadMessage, "bad resource".into()) };
+    let key = ResourceRef::string(r.namespace, MICROSERVICE, r.id.unwrap_or_default());
+    let query: LogQuery = msg.content_as().unwrap_or_default();
+    let path = crate::edged::process::InstanceDir::new(data_dir, &key).log();
+    match read_log(&path, &query) {
+        Ok(chunk) => message_answering(msg, Operation::Response, chunk),
+        Err(e) => fail(ErrorCode::NotFound, format!("no log for {key} on this node: {e}")),
+    }
+}
+
+/// Reads what `query` asks of the log at `path`: bytes from an offset, or the last lines.
+pub fn read_log(path: &std::path::Path, query: &LogQuery) -> std::io::Result<LogChunk> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    // After a rotation the file is shorter than the offset: start again from its beginning.
+    let from = match query.offset {
+        Some(offset) if offset <= len => offset,
+        Some(_) => 0,
+        None => len.saturating_sub(MAX_LOG_CHUNK),
+    };
+    file.seek(SeekFrom::Start(from))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_LOG_CHUNK).read_to_end(&mut bytes)?;
+    let mut text = String::from_utf8_lossy(&bytes).into_owned();
+    if let (None, Some(tail)) = (query.offset, query.tail) {
+        let lines: Vec<&str> = text.lines().collect();
+        let keep = lines.len().saturating_sub(tail as usize);
+        text = lines[keep..].iter().map(|l| format!("{l}\n")).collect();
+    }
+    Ok(LogChunk { text, offset: from + bytes.len() as u64 })
+}
+
+fn message_answering(to: &Message, operation: Operation, content: impl serde::Serialize) -> Message {
+    let mut reply = message(operation, &to.resource, content);
+    reply.parent_id = Some(to.id.clone());
+    reply
 }
 
 /// Delay before reconnect attempt `failures`: exponential, capped, with ±50 % jitter.
@@ -274,6 +319,10 @@ impl<'a> Session<'a> {
         };
         if let Some(seq) = msg.parent_id.as_deref().and_then(|p| p.strip_prefix(OUTBOX_ID)?.parse::<i64>().ok()) {
             return self.outbox_answered(seq, &msg).await;
+        }
+        if msg.operation == Operation::Query && ResourceRef::parse(&msg.resource).is_ok_and(|r| r.res_type == LOG) {
+            let reply = answer_log_query(&self.config.data_dir, &msg);
+            return self.send(&reply).await;
         }
         match msg.operation {
             Operation::Keepalive | Operation::NodeConnection => {}

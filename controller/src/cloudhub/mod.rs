@@ -16,10 +16,10 @@ use futures::channel::mpsc::UnboundedSender;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::ObjectRef;
 use rand::Rng;
-use supermesh_api::protocol::{CONNECT_PATH, MAX_MESSAGE_BYTES, NODE_HEADER};
+use supermesh_api::protocol::{Message, Operation, CONNECT_PATH, MAX_MESSAGE_BYTES, NODE_HEADER};
 use supermesh_api::EdgeNode;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
@@ -59,7 +59,14 @@ struct Registered {
     info: SessionInfo,
     poke: Arc<Notify>,
     superseded: Arc<Notify>,
+    queries: mpsc::Sender<Query>,
 }
+
+/// A request to an agent and where its answer goes.
+type Query = (Message, oneshot::Sender<Message>);
+
+/// How long the cloud waits for an agent to answer a query.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The registry of agent sessions, shared with the reconcilers.
 pub struct Hub {
@@ -110,17 +117,36 @@ impl Hub {
     }
 
     /// Registers a session for `node`, closing any older one of the same node.
-    fn register(&self, node: &str, info: SessionInfo) -> (u64, Arc<Notify>, Arc<Notify>) {
+    fn register(&self, node: &str, info: SessionInfo) -> (u64, Arc<Notify>, Arc<Notify>, mpsc::Receiver<Query>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (poke, superseded) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-        let old = self
-            .lock()
-            .insert(node.to_owned(), Registered { id, info, poke: poke.clone(), superseded: superseded.clone() });
-        if let Some(old) = old {
+        let (queries, incoming) = mpsc::channel(16);
+        let registered = Registered { id, info, poke: poke.clone(), superseded: superseded.clone(), queries };
+        if let Some(old) = self.lock().insert(node.to_owned(), registered) {
             old.superseded.notify_one();
         }
         self.recount(node);
-        (id, poke, superseded)
+        (id, poke, superseded, incoming)
+    }
+
+    /// Sends `operation` on `resource` with `content` to `node`'s agent and waits for its answer.
+    pub async fn query(
+        &self,
+        node: &str,
+        operation: Operation,
+        resource: &str,
+        content: impl serde::Serialize,
+    ) -> Result<Message, String> {
+        let sender = self.lock().get(node).map(|s| s.queries.clone());
+        let sender = sender.ok_or_else(|| format!("the agent of node {node} is not connected"))?;
+        let (reply, answer) = oneshot::channel();
+        let message = Message::new(String::new(), Timestamp::now().as_millisecond(), operation, resource, content);
+        sender.send((message, reply)).await.map_err(|_| format!("the session of node {node} ended"))?;
+        match tokio::time::timeout(QUERY_TIMEOUT, answer).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err(format!("the session of node {node} ended before it answered")),
+            Err(_) => Err(format!("node {node} did not answer within {} s", QUERY_TIMEOUT.as_secs())),
+        }
     }
 
     fn unregister(&self, node: &str, id: u64) {

@@ -48,6 +48,8 @@ struct Session {
     /// Versions the agent has committed, by resource.
     acked: BTreeMap<String, String>,
     inflight: HashMap<String, Inflight>,
+    /// Queries sent on behalf of the hub, awaiting the agent's answer, by message id.
+    asked: HashMap<String, tokio::sync::oneshot::Sender<Message>>,
     counter: u64,
     last_heard: Instant,
     last_sent: Instant,
@@ -79,7 +81,7 @@ pub(super) async fn run(mut ws: Ws, node: String, peer: SocketAddr, ctx: Arc<Con
         arch: hello.arch.clone(),
         address: peer.ip().to_string(),
     };
-    let (id, poke, superseded) = ctx.hub.register(&node, info);
+    let (id, poke, superseded, queries) = ctx.hub.register(&node, info);
     ctx.metrics.agents.set(ctx.hub.connected() as i64);
     info!(%node, %peer, held = hello.held.len(), "agent connected");
     let acked = hello.held.into_iter().filter(|(r, _)| r.split('/').nth(1) == Some("microservice")).collect();
@@ -90,13 +92,14 @@ pub(super) async fn run(mut ws: Ws, node: String, peer: SocketAddr, ctx: Arc<Con
         ctx: ctx.clone(),
         acked,
         inflight: HashMap::new(),
+        asked: HashMap::new(),
         counter: 0,
         last_heard: Instant::now(),
         last_sent: Instant::now(),
         bucket: 2.0 * RATE_PER_SECOND,
         bucket_at: Instant::now(),
     };
-    let outcome = s.serve(poke, superseded).await;
+    let outcome = s.serve(poke, superseded, queries).await;
     ctx.hub.unregister(&node, id);
     ctx.metrics.agents.set(ctx.hub.connected() as i64);
     info!(%node, reason = outcome, "agent disconnected");
@@ -157,7 +160,12 @@ fn now_ms() -> i64 {
 }
 
 impl Session {
-    async fn serve(&mut self, poke: Arc<tokio::sync::Notify>, superseded: Arc<tokio::sync::Notify>) -> &'static str {
+    async fn serve(
+        &mut self,
+        poke: Arc<tokio::sync::Notify>,
+        superseded: Arc<tokio::sync::Notify>,
+        mut queries: tokio::sync::mpsc::Receiver<(Message, tokio::sync::oneshot::Sender<Message>)>,
+    ) -> &'static str {
         let welcome = Welcome { keepalive_seconds: KEEPALIVE_SECONDS, pending: 0 };
         if self.send(Operation::NodeConnection, CONNECTION_RESOURCE, None, welcome).await.is_err() {
             return "send failed";
@@ -173,6 +181,13 @@ impl Session {
                     if self.sync().await.is_err() { return "send failed"; }
                 }
                 _ = superseded.notified() => return "superseded by a newer connection of the same node",
+                Some((mut query, reply)) = queries.recv() => {
+                    self.counter += 1;
+                    query.id = format!("c{}-{}", self.id, self.counter);
+                    self.asked.retain(|_, waiting| !waiting.is_closed());
+                    self.asked.insert(query.id.clone(), reply);
+                    if self.write(&query).await.is_err() { return "send failed"; }
+                }
                 _ = tick.tick() => {
                     if self.last_heard.elapsed() > SILENCE_LIMIT { return "silent for too long"; }
                     self.inflight.retain(|_, f| f.sent.elapsed() < ACK_TIMEOUT);
@@ -300,7 +315,12 @@ impl Session {
         };
         match msg.operation {
             Operation::Response | Operation::Error => {
-                self.answered(&msg);
+                match msg.parent_id.as_ref().and_then(|p| self.asked.remove(p)) {
+                    Some(waiting) => {
+                        let _ = waiting.send(msg);
+                    }
+                    None => self.answered(&msg),
+                }
                 Ok(())
             }
             Operation::Keepalive => Ok(()),
