@@ -21,9 +21,7 @@ use crate::{Error, Result};
 pub struct State {
     /// Metrics rendered at `/metrics`.
     pub metrics: Arc<Metrics>,
-    /// Which caches hold their initial listing; ready once all do.
-    pub synced: tokio::sync::watch::Receiver<crate::context::Synced>,
-    /// Placements and agent sessions, for reading instance logs.
+    /// Caches, placements and agent sessions: readiness and instance logs.
     pub ctx: Arc<crate::context::Context>,
 }
 
@@ -89,7 +87,7 @@ async fn logs(
 }
 
 async fn readyz(AxumState(state): AxumState<State>) -> impl IntoResponse {
-    if state.synced.borrow().all() {
+    if state.ctx.index.is_ready() {
         (StatusCode::OK, "ok")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "caches are not synced yet")

@@ -84,7 +84,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     });
     tokio::spawn(cloudhub::serve(agents, pki, ctx.clone()));
 
-    let state = http::State { metrics, synced: index.synced.clone(), ctx: ctx.clone() };
+    let state = http::State { metrics, ctx: ctx.clone() };
     tokio::spawn(async move {
         if let Err(e) = http::serve(listener, state).await {
             warn!(error = %e, "metrics server stopped");

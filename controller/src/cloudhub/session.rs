@@ -12,8 +12,8 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use supermesh_api::edgenode::EdgeNodeSpec;
 use supermesh_api::protocol::{
-    decode, encode, Assignment, ErrorCode, ErrorContent, EventReport, Hello, Message, Operation, StatusReport, Welcome,
-    CONNECTION_RESOURCE, MICROSERVICE, STATUS_RESOURCE,
+    decode, encode, Assignment, ErrorCode, ErrorContent, EventReport, Hello, Message, Operation, ResourceRef,
+    StatusReport, Welcome, CONNECTION_RESOURCE, MICROSERVICE, STATUS_RESOURCE,
 };
 use supermesh_api::EdgeNode;
 use tokio_tungstenite::tungstenite::Message as Frame;
@@ -153,6 +153,12 @@ async fn send_error(ws: &mut Ws, parent: Option<&str>, code: ErrorCode, message:
     msg.parent_id = parent.map(str::to_owned);
     let text = encode(&msg).map_err(|e| e.to_string())?;
     ws.send(Frame::text(text)).await.map_err(|e| e.to_string())
+}
+
+/// The Microservice a resource string `namespace/microservice/name` names.
+fn microservice_ref(resource: &str) -> Option<ObjectRef<supermesh_api::Microservice>> {
+    let r = ResourceRef::parse(resource).ok().filter(|r| r.res_type == MICROSERVICE)?;
+    Some(ObjectRef::new(r.id?).within(r.namespace))
 }
 
 fn now_ms() -> i64 {
@@ -371,9 +377,7 @@ impl Session {
 
     /// Publishes an instance's event as a Kubernetes Event on its Microservice.
     async fn instance_event(&self, resource: &str, event: EventReport) {
-        let mut parts = resource.splitn(3, '/');
-        let (Some(ns), Some(_), Some(name)) = (parts.next(), parts.next(), parts.next()) else { return };
-        let Some(msvc) = self.ctx.index.microservices.get(&ObjectRef::new(name).within(ns)) else { return };
+        let Some(msvc) = microservice_ref(resource).and_then(|r| self.ctx.index.microservices.get(&r)) else { return };
         let note = format!("{}: {}", self.node, event.message);
         let node = self.ctx.index.nodes.get(&ObjectRef::new(&self.node)).map(|n| n.object_ref(&()));
         self.ctx.publish_related(&*msvc, node, event.warning, &event.reason, note).await;
@@ -385,9 +389,8 @@ impl Session {
         let assigned: std::collections::BTreeSet<String> = self.desired().into_keys().collect();
         report.instances.retain(|i| assigned.contains(&i.resource) || self.acked.contains_key(&i.resource));
         for resource in self.ctx.reports.update(&self.node, report) {
-            let mut parts = resource.splitn(3, '/');
-            if let (Some(ns), Some(_), Some(name)) = (parts.next(), parts.next(), parts.next()) {
-                let _ = self.ctx.msvc_trigger.unbounded_send(ObjectRef::new(name).within(ns));
+            if let Some(msvc) = microservice_ref(&resource) {
+                let _ = self.ctx.msvc_trigger.unbounded_send(msvc);
             }
         }
         self.ctx.metrics.status_reports.inc();

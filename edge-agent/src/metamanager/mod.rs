@@ -257,8 +257,7 @@ impl MetaHandle {
         resource: &str,
         content: &Value,
     ) -> Result<i64, MetaError> {
-        let (resource, content) = (resource.to_owned(), content.to_string());
-        self.with_actor(move |a| a.store.replace(operation, &resource, &content)).await
+        self.report(operation, resource, content, Store::replace).await
     }
 
     /// Puts a report for the cloud in the outbox; returns its seq.
@@ -268,8 +267,19 @@ impl MetaHandle {
         resource: &str,
         content: &Value,
     ) -> Result<i64, MetaError> {
+        self.report(operation, resource, content, Store::enqueue).await
+    }
+
+    /// Writes a report to the outbox with `write` (append, or append superseding).
+    async fn report(
+        &self,
+        operation: Operation,
+        resource: &str,
+        content: &Value,
+        write: fn(&mut Store, Operation, &str, &str) -> Result<i64, StoreError>,
+    ) -> Result<i64, MetaError> {
         let (resource, content) = (resource.to_owned(), content.to_string());
-        self.with_actor(move |a| a.store.enqueue(operation, &resource, &content)).await
+        self.with_actor(move |a| write(&mut a.store, operation, &resource, &content)).await
     }
 
     /// Up to `limit` reports not yet acked by the cloud, oldest first.
