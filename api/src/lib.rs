@@ -7,6 +7,7 @@ pub mod location;
 pub mod mesh;
 pub mod microservice;
 pub mod names;
+pub mod peer;
 pub mod protocol;
 
 pub use edgenode::{EdgeNode, EdgeNodeSpec, EdgeNodeStatus};

@@ -30,6 +30,7 @@ use std::collections::BTreeMap;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::edgenode::NodeRole;
 use crate::microservice::MicroserviceSpec;
 use crate::Location;
 
@@ -262,6 +263,10 @@ pub struct Hello {
     /// Versions of the resources the agent holds, by resource string.
     #[serde(default)]
     pub held: BTreeMap<String, String>,
+    /// `host:port` at which the node's peers reach its supernode service, when it
+    /// advertises one; `None` with only a port (`:10360`) means "the address I connect from".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_address: Option<String>,
 }
 
 fn yes() -> bool {
@@ -366,6 +371,20 @@ pub struct StatusReport {
     pub taken_ms: i64,
     /// Every instance the node runs or tried to run.
     pub instances: Vec<InstanceReport>,
+    /// The node's place in its network cluster, as its own election sees it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterView>,
+}
+
+/// A node's view of its network cluster, carried in its status reports.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterView {
+    /// Whether the node is its cluster's supernode.
+    pub role: NodeRole,
+    /// The supernode the node follows (itself when it is the supernode), if any is elected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supernode: Option<String>,
 }
 
 /// Status of one instance in a [`StatusReport`].
@@ -385,6 +404,9 @@ pub struct InstanceReport {
     /// What went wrong, if anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Ports the instance declares (`spec.ports`), for endpoint discovery.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<i32>,
 }
 
 /// Something that happened to an instance, for `kubectl describe` (content of
@@ -438,6 +460,186 @@ pub fn ca_fingerprint(der: &[u8]) -> String {
 /// CA has that fingerprint, and proves itself with the secret.
 pub fn join_token(ca_der: &[u8], secret: &str) -> String {
     format!("{}.{secret}", ca_fingerprint(ca_der))
+}
+
+/// Resource type of a network's membership (`_/membership/<network>`), which the
+/// cloud sends every node of the network like any other resource.
+pub const MEMBERSHIP: &str = "membership";
+
+/// Who belongs to a network cluster, and the key its members sign peer traffic with
+/// (content of Insert and Update on `_/membership/<network>`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Membership {
+    /// The network.
+    pub network: String,
+    /// Hex HMAC key shared by the members ([`crate::peer::cluster_key`]).
+    pub key: String,
+    /// Every EdgeNode of the network, by name.
+    pub members: Vec<Member>,
+}
+
+/// One node of a [`Membership`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Member {
+    /// EdgeNode name.
+    pub name: String,
+    /// Account of the node.
+    pub account: String,
+    /// `host:port` of its supernode service, once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Where the node is, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<Location>,
+    /// Whether it may be elected supernode.
+    pub supernode_eligible: bool,
+}
+
+impl Membership {
+    /// The resource string of the membership of `network`.
+    pub fn resource(network: &str) -> String {
+        format!("_/{MEMBERSHIP}/{network}")
+    }
+
+    /// A version that changes whenever the content does.
+    pub fn version(&self) -> String {
+        use sha2::Digest;
+        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        sha2::Sha256::digest(&bytes).iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Resource of a supernode's upstream batch of its cluster's reports (operation MetaSync).
+pub const BATCH_RESOURCE: &str = "node/batch";
+
+/// Reports of several nodes of one cluster, sent upstream by their supernode in one
+/// message (content of MetaSync on [`BATCH_RESOURCE`]). The cloud answers with a
+/// Response carrying a [`BatchAck`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportBatch {
+    /// The reports, oldest first per node.
+    pub entries: Vec<RelayedReport>,
+}
+
+/// One outbox entry of a node, relayed by its supernode.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RelayedReport {
+    /// The node that made the report.
+    pub node: String,
+    /// Its seq in that node's outbox: the node deletes it when this is acknowledged.
+    pub seq: i64,
+    /// Operation of the report (MetaSync).
+    pub operation: Operation,
+    /// Resource of the report: [`STATUS_RESOURCE`] or an instance's resource string for events.
+    pub resource: String,
+    /// The report itself ([`StatusReport`] or [`EventReport`]).
+    pub content: serde_json::Value,
+    /// When the node queued it, milliseconds since the epoch.
+    pub created_ms: i64,
+}
+
+impl RelayedReport {
+    /// Which report this is, for acks.
+    pub fn id(&self) -> ReportId {
+        ReportId { node: self.node.clone(), seq: self.seq }
+    }
+}
+
+/// Names one relayed report: node and outbox seq.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportId {
+    /// The node that made the report.
+    pub node: String,
+    /// Its outbox seq.
+    pub seq: i64,
+}
+
+/// The cloud's answer to a [`ReportBatch`] (content of the Response).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchAck {
+    /// Reports taken (or already taken before): their nodes delete them.
+    pub acked: Vec<ReportId>,
+    /// Reports refused for good, with the reason (for example a node of another network);
+    /// their nodes delete them too, since sending them again cannot succeed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<(ReportId, String)>,
+}
+
+/// Resource type of discovery queries for nodes: `_/nodes/account`, `_/nodes/proximity`.
+pub const NODES: &str = "nodes";
+/// Resource type of discovery queries for a microservice's endpoints: `namespace/endpoints/name`.
+pub const ENDPOINTS: &str = "endpoints";
+
+/// A node as discovery describes it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeInfo {
+    /// EdgeNode name.
+    pub name: String,
+    /// Account of the node.
+    pub account: String,
+    /// Network of the node.
+    pub network: String,
+    /// Where the node is, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<Location>,
+    /// Host (IP address or name) at which the node is reachable, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Its role in its network cluster, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<NodeRole>,
+    /// Whether the node is live: connected to the cloud, or heard by its peers.
+    pub live: bool,
+    /// Great-circle distance from the asking node, when both locations are known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distance_km: Option<f64>,
+}
+
+/// One instance of a microservice as endpoint discovery describes it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    /// The node running the instance.
+    pub node: String,
+    /// Its network.
+    pub network: String,
+    /// Host at which the node is reachable, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Ports the microservice declares.
+    #[serde(default)]
+    pub ports: Vec<i32>,
+    /// Whether the instance passes its health check.
+    pub ready: bool,
+    /// Where the node is, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<Location>,
+    /// Great-circle distance from the asking node, when both locations are known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distance_km: Option<f64>,
+}
+
+/// The cloud's answer to a `_/nodes/<type>` query.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NodesAnswer {
+    /// The nodes.
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// The cloud's answer to a `namespace/endpoints/name` query.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointsAnswer {
+    /// The instances.
+    pub endpoints: Vec<Endpoint>,
 }
 
 #[cfg(test)]

@@ -134,6 +134,7 @@ mod tests {
             ready,
             restarts,
             message: (phase == "Backoff").then(|| "exited with code 3".into()),
+            ports: vec![],
         }
     }
 
@@ -175,14 +176,14 @@ mod tests {
     #[test]
     fn the_index_keeps_the_newest_report_per_node() {
         let reports = Reports::default();
-        let first = StatusReport { taken_ms: 10, instances: vec![report("x", "v", "Ready", true, 0)] };
+        let first = StatusReport { taken_ms: 10, instances: vec![report("x", "v", "Ready", true, 0)], cluster: None };
         assert_eq!(reports.update("n1", first), BTreeSet::from(["x".to_string()]));
-        let stale = StatusReport { taken_ms: 5, instances: vec![] };
+        let stale = StatusReport { taken_ms: 5, instances: vec![], cluster: None };
         assert!(reports.update("n1", stale).is_empty());
         let nodes = BTreeSet::from(["n1".to_string(), "n2".to_string()]);
         assert_eq!(reports.about("x", &nodes).len(), 1);
         assert_eq!(reports.node_counts("n1"), (1, 1));
-        let newer = StatusReport { taken_ms: 20, instances: vec![report("y", "v", "Backoff", false, 2)] };
+        let newer = StatusReport { taken_ms: 20, instances: vec![report("y", "v", "Backoff", false, 2)], cluster: None };
         assert_eq!(reports.update("n1", newer), BTreeSet::from(["x".to_string(), "y".to_string()]));
         assert_eq!(reports.node_counts("n1"), (0, 0));
     }

@@ -1,6 +1,7 @@
 //! The agent's configuration file, `edge.yaml` (see `examples/agent/edge.yaml`).
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -22,6 +23,52 @@ pub struct EdgeConfig {
     /// Metamanager settings.
     #[serde(default)]
     pub meta: MetaConfig,
+    /// The node's part in its network cluster: heartbeats, election, relaying reports.
+    #[serde(default)]
+    pub supernode: SupernodeConfig,
+    /// The local HTTP API the node serves its microservices.
+    #[serde(default)]
+    pub local_api: LocalApiConfig,
+}
+
+/// Cluster settings (`supernode`).
+#[derive(Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct SupernodeConfig {
+    /// `host:port` to serve peers on: HTTP over TCP and heartbeats over UDP, same port.
+    pub listen: SocketAddr,
+    /// `host:port` peers should use to reach this node; default: the address the
+    /// cloud sees this node connect from, with the listen port.
+    pub advertise: Option<String>,
+    /// Seconds between heartbeats (at least 1); a peer silent for 2.5 heartbeats is gone.
+    pub heartbeat_seconds: u64,
+    /// LAN discovery: also send heartbeats to the multicast group and accept peers found there.
+    pub multicast: bool,
+}
+
+impl Default for SupernodeConfig {
+    fn default() -> Self {
+        SupernodeConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 10360)),
+            advertise: None,
+            heartbeat_seconds: 2,
+            multicast: false,
+        }
+    }
+}
+
+/// Local API settings (`localApi`).
+#[derive(Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalApiConfig {
+    /// `host:port` of the API; microservices find it in `SUPERMESH_API`. Keep it on loopback.
+    pub listen: SocketAddr,
+}
+
+impl Default for LocalApiConfig {
+    fn default() -> Self {
+        LocalApiConfig { listen: SocketAddr::from(([127, 0, 0, 1], 10380)) }
+    }
 }
 
 /// Identity and placement attributes of this device.
@@ -40,6 +87,9 @@ pub struct NodeConfig {
     /// Whether the device may be elected supernode of its network.
     #[serde(default = "default_supernode_eligible")]
     pub supernode_eligible: bool,
+    /// Whether the device stays put; the election prefers stationary devices to mobile ones.
+    #[serde(default = "default_supernode_eligible")]
+    pub stationary: bool,
 }
 
 /// Connection to the controller's cloudhub.
@@ -166,6 +216,11 @@ fn without_yaml_path<'a>(message: &'a str, key: &str) -> &'a str {
 type Rejection = (&'static str, String);
 
 impl EdgeConfig {
+    /// Time between two heartbeats to the node's peers.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.supernode.heartbeat_seconds)
+    }
+
     /// How often the full status of local instances is reported.
     pub fn podstatus_interval(&self) -> Duration {
         Duration::from_secs(self.meta.sync.podstatus.interval)
@@ -205,6 +260,14 @@ impl EdgeConfig {
             ("cloud.address", message)
         })?;
         self.cloud.address = address.to_owned();
+        check(self.supernode.heartbeat_seconds >= 1, "supernode.heartbeatSeconds", || {
+            "must be at least 1 (seconds), e.g. 2".to_owned()
+        })?;
+        if let Some(advertise) = &self.supernode.advertise {
+            check(host_port(advertise).is_some_and(|a| a == advertise), "supernode.advertise", || {
+                format!("{advertise:?} is not host:port; expected e.g. 192.168.1.20:10360")
+            })?;
+        }
         Ok(self)
     }
 }

@@ -127,6 +127,7 @@ pub fn hello(config: &EdgeConfig, held: std::collections::BTreeMap<String, Strin
         os: std::env::consts::OS.into(),
         arch: std::env::consts::ARCH.into(),
         held,
+        peer_address: None,
     }
 }
 

@@ -28,9 +28,10 @@ pub fn report(statuses: &Statuses, taken_ms: i64) -> StatusReport {
             ready: s.phase == Phase::Ready,
             restarts: s.restarts,
             message: s.message.clone(),
+            ports: Vec::new(),
         })
         .collect();
-    StatusReport { taken_ms, instances }
+    StatusReport { taken_ms, instances, cluster: None }
 }
 
 /// The events between two snapshots of the instances: what `kubectl describe` should tell.
