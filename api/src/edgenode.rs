@@ -105,9 +105,17 @@ pub struct EdgeNodeStatus {
     /// Counts of microservice instances on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instances: Option<InstanceCounts>,
-    /// Addresses the node is reachable at.
+    /// Addresses the node is reachable at: `InternalIP`, the address its agent connects from, and
+    /// `Peer`, the `host:port` at which its cluster peers reach its supernode service.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<NodeAddress>,
+}
+
+impl EdgeNodeStatus {
+    /// The address of type `address_type` (for example [`NodeAddress::PEER`]), if the node has one.
+    pub fn address(&self, address_type: &str) -> Option<&str> {
+        self.addresses.iter().find(|a| a.address_type == address_type).map(|a| a.address.as_str())
+    }
 }
 
 /// Counts of microservice instances on one node.
@@ -128,9 +136,16 @@ pub struct InstanceCounts {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeAddress {
-    /// Kind of address, for example InternalIP or Hostname.
+    /// Kind of address: InternalIP or Peer.
     #[serde(rename = "type")]
     pub address_type: String,
     /// The address.
     pub address: String,
+}
+
+impl NodeAddress {
+    /// Type of the IP address the node's agent connects to the cloud from.
+    pub const INTERNAL_IP: &'static str = "InternalIP";
+    /// Type of the `host:port` at which the node's cluster peers reach its supernode service.
+    pub const PEER: &'static str = "Peer";
 }

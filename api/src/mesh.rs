@@ -55,6 +55,18 @@ pub enum MeshType {
         json_path = ".status.conditions[?(@.type==\"Ready\")].status",
         description = "Whether the mesh spec is valid"
     ),
+    printcolumn(
+        name = "Clusters",
+        type_ = "integer",
+        json_path = ".status.clusterCount",
+        description = "Network clusters of the mesh's nodes"
+    ),
+    printcolumn(
+        name = "Supernodes",
+        type_ = "string",
+        json_path = ".status.clusters[*].supernode",
+        description = "Supernodes of the listed clusters"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -101,6 +113,9 @@ pub struct MeshStatus {
     /// Number of microservices that name this mesh.
     #[serde(default)]
     pub microservice_count: i32,
+    /// Number of per-network clusters of member nodes, all of them (`clusters` lists at most `MAX_CLUSTERS`).
+    #[serde(default)]
+    pub cluster_count: i32,
     /// Per-network clusters of member nodes, at most `MAX_CLUSTERS` entries (largest first).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub clusters: Vec<ClusterStatus>,
@@ -115,7 +130,7 @@ pub struct MeshStatus {
 pub struct ClusterStatus {
     /// The network (LAN) of the cluster.
     pub network: String,
-    /// Name of the cluster's elected supernode, once one is elected.
+    /// Name of the cluster's supernode: the member most of its Ready members follow, once one is elected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supernode: Option<String>,
     /// Number of member nodes on the network.

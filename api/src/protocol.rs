@@ -360,6 +360,8 @@ pub fn version(generation: i64, uid: &str) -> String {
 
 /// Resource of a node's instance status report (operation MetaSync).
 pub const STATUS_RESOURCE: &str = "node/status";
+/// Prefix of the ids of the messages an agent sends from its outbox, followed by the entry's seq.
+pub const OUTBOX_ID_PREFIX: &str = "o-";
 
 /// A node's full instance status (content of MetaSync on [`STATUS_RESOURCE`]).
 /// Sent every `meta.sync.podstatus.interval` seconds and, coalesced, on every

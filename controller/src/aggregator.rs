@@ -2,31 +2,48 @@
 //! each microservice. The index is in memory (reports are re-sent on connect
 //! and every interval); aggregation is a pure function.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
 use supermesh_api::microservice::{MicroserviceStatus, UnhealthyInstance};
-use supermesh_api::protocol::{InstanceReport, StatusReport};
+use supermesh_api::protocol::{ClusterView, InstanceReport, StatusReport};
 
-/// The latest status report of every node.
+/// Event seqs remembered per node to drop events that arrive twice.
+pub const REMEMBERED_EVENTS: usize = 4096;
+
+/// The latest status report of every node, and the events recently taken from each.
 #[derive(Default)]
 pub struct Reports {
     by_node: Mutex<HashMap<String, StatusReport>>,
+    events: Mutex<HashMap<String, RecentSeqs>>,
 }
 
 impl Reports {
-    /// Records `node`'s report and returns the resources whose status it may change.
-    pub fn update(&self, node: &str, report: StatusReport) -> BTreeSet<String> {
+    /// Records `node`'s report and returns the resources whose status it may change,
+    /// or `None` when the report is no newer than the one held (a late or repeated snapshot).
+    pub fn update(&self, node: &str, report: StatusReport) -> Option<BTreeSet<String>> {
         let mut by_node = self.lock();
         let mut touched: BTreeSet<String> = report.instances.iter().map(|i| i.resource.clone()).collect();
         if let Some(old) = by_node.get(node) {
-            if old.taken_ms > report.taken_ms {
-                return BTreeSet::new(); // an older snapshot arriving late changes nothing
+            if old.taken_ms >= report.taken_ms {
+                return None;
             }
             touched.extend(old.instances.iter().map(|i| i.resource.clone()));
         }
         by_node.insert(node.to_owned(), report);
-        touched
+        Some(touched)
+    }
+
+    /// `node`'s place in its network cluster, from its latest status report.
+    pub fn cluster(&self, node: &str) -> Option<ClusterView> {
+        self.lock().get(node).and_then(|r| r.cluster.clone())
+    }
+
+    /// Records that the event with outbox `seq` of `node` was taken; false when it was already
+    /// (it came again, through another path or after a supernode failover).
+    pub fn first_event(&self, node: &str, seq: i64) -> bool {
+        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        events.entry(node.to_owned()).or_insert_with(|| RecentSeqs::new(REMEMBERED_EVENTS)).insert(seq)
     }
 
     /// What `nodes` report about `resource`.
@@ -53,6 +70,35 @@ impl Reports {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, StatusReport>> {
         self.by_node.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The last `capacity` distinct seqs seen, oldest forgotten first.
+#[derive(Debug, Clone)]
+pub struct RecentSeqs {
+    capacity: usize,
+    seen: HashSet<i64>,
+    order: VecDeque<i64>,
+}
+
+impl RecentSeqs {
+    /// An empty set remembering at most `capacity` seqs.
+    pub fn new(capacity: usize) -> RecentSeqs {
+        RecentSeqs { capacity: capacity.max(1), seen: HashSet::new(), order: VecDeque::new() }
+    }
+
+    /// Remembers `seq`; false when it is remembered already.
+    pub fn insert(&mut self, seq: i64) -> bool {
+        if !self.seen.insert(seq) {
+            return false;
+        }
+        self.order.push_back(seq);
+        if self.order.len() > self.capacity {
+            if let Some(oldest) = self.order.pop_front() {
+                self.seen.remove(&oldest);
+            }
+        }
+        true
     }
 }
 
@@ -177,14 +223,42 @@ mod tests {
     fn the_index_keeps_the_newest_report_per_node() {
         let reports = Reports::default();
         let first = StatusReport { taken_ms: 10, instances: vec![report("x", "v", "Ready", true, 0)], cluster: None };
-        assert_eq!(reports.update("n1", first), BTreeSet::from(["x".to_string()]));
+        assert_eq!(reports.update("n1", first.clone()), Some(BTreeSet::from(["x".to_string()])));
+        assert_eq!(reports.update("n1", first), None, "the same snapshot again changes nothing");
         let stale = StatusReport { taken_ms: 5, instances: vec![], cluster: None };
-        assert!(reports.update("n1", stale).is_empty());
+        assert_eq!(reports.update("n1", stale), None);
         let nodes = BTreeSet::from(["n1".to_string(), "n2".to_string()]);
         assert_eq!(reports.about("x", &nodes).len(), 1);
         assert_eq!(reports.node_counts("n1"), (1, 1));
-        let newer = StatusReport { taken_ms: 20, instances: vec![report("y", "v", "Backoff", false, 2)], cluster: None };
-        assert_eq!(reports.update("n1", newer), BTreeSet::from(["x".to_string(), "y".to_string()]));
+        let view = ClusterView { role: supermesh_api::edgenode::NodeRole::Member, supernode: Some("n2".into()) };
+        let newer = StatusReport {
+            taken_ms: 20,
+            instances: vec![report("y", "v", "Backoff", false, 2)],
+            cluster: Some(view.clone()),
+        };
+        assert_eq!(reports.update("n1", newer), Some(BTreeSet::from(["x".to_string(), "y".to_string()])));
         assert_eq!(reports.node_counts("n1"), (0, 0));
+        assert_eq!(reports.cluster("n1"), Some(view));
+        assert_eq!(reports.cluster("n2"), None);
+    }
+
+    #[test]
+    fn events_seen_before_are_recognised_per_node() {
+        let reports = Reports::default();
+        assert!(reports.first_event("n1", 7));
+        assert!(!reports.first_event("n1", 7), "the same event again");
+        assert!(reports.first_event("n2", 7), "another node's seq 7 is another event");
+        assert!(reports.first_event("n1", 8));
+    }
+
+    #[test]
+    fn recent_seqs_forget_the_oldest_beyond_their_capacity() {
+        let mut seen = RecentSeqs::new(3);
+        assert!([1, 2, 3].iter().all(|s| seen.insert(*s)));
+        assert!(!seen.insert(2));
+        assert!(seen.insert(4), "a fourth seq pushes out the first");
+        assert!(seen.insert(1), "1 was forgotten");
+        assert!(!seen.insert(4) && !seen.insert(3));
+        assert_eq!(seen.seen.len(), 3);
     }
 }

@@ -167,6 +167,10 @@ pub struct Context {
     pub hub: Arc<crate::cloudhub::Hub>,
     /// The latest instance status report of every node.
     pub reports: crate::aggregator::Reports,
+    /// The secret of the bootstrap token: the cluster keys of network memberships derive from it.
+    pub token_secret: String,
+    /// What each node last contributed to its network's membership.
+    pub members: crate::membership::Tracker,
     /// Asks the Microservice controller to re-aggregate a microservice's status.
     pub msvc_trigger: UnboundedSender<ObjectRef<Microservice>>,
     /// Consecutive failed reconciles per object, for exponential retry backoff.

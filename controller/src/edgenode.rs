@@ -1,6 +1,8 @@
-//! EdgeNode reconciler: instance counts from placement and the Connected
-//! condition until the node's agent reports its own state.
+//! EdgeNode reconciler: instance counts from placement, the Connected condition
+//! and addresses from the agent's session, the cluster role from its reports, and
+//! the pokes that send a changed network membership to the network's nodes.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +12,7 @@ use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use supermesh_api::edgenode::{EdgeNodeStatus, InstanceCounts, NodeAddress};
 use supermesh_api::names::condition::*;
+use supermesh_api::protocol::ClusterView;
 use supermesh_api::EdgeNode;
 use tracing::{instrument, warn};
 
@@ -22,13 +25,16 @@ use crate::Result;
 /// are coalesced so that keepalives never turn into API writes.
 const HEARTBEAT_WRITE_INTERVAL_SECONDS: i64 = 30;
 
-/// The status of `node` with `desired` instances placed on it and its agent's
-/// session, if connected. Until `grace_over`, a node without a session keeps
-/// its conditions: after a controller restart agents are still reconnecting.
+/// The status of `node` with `desired` instances placed on it, its agent's
+/// session, if connected, and its place in its cluster from its latest report,
+/// if any. Until `grace_over`, a node without a session keeps its conditions:
+/// after a controller restart agents are still reconnecting. A disconnected node
+/// has no role: its cluster has moved on without it.
 pub fn status_for(
     node: &EdgeNode,
     counts: InstanceCounts,
     session: Option<&SessionInfo>,
+    cluster: Option<&ClusterView>,
     grace_over: bool,
 ) -> EdgeNodeStatus {
     let mut status = node.status.clone().unwrap_or_default();
@@ -53,7 +59,7 @@ pub fn status_for(
             status.agent_version = Some(s.agent_version.clone());
             status.os = Some(s.os.clone());
             status.arch = Some(s.arch.clone());
-            status.addresses = vec![NodeAddress { address_type: "InternalIP".into(), address: s.address.clone() }];
+            status.addresses = addresses(s);
             Some(connection("True", AGENT_CONNECTED, format!("supermesh-agent {} connected", s.agent_version)))
         }
         None if was.as_deref() == Some(AGENT_CONNECTED) && !grace_over => None,
@@ -71,7 +77,32 @@ pub fn status_for(
     if let Some(wanted) = wanted {
         status.conditions = conditions::merge(&status.conditions, wanted, None);
     }
+    if conditions::reason(&status.conditions, CONNECTED) == Some(AGENT_DISCONNECTED) {
+        (status.role, status.supernode) = (None, None);
+    } else if let Some(view) = cluster {
+        (status.role, status.supernode) = (Some(view.role), view.supernode.clone());
+    }
     status
+}
+
+/// The addresses of a connected node: where its agent connects from and, if it
+/// advertises one, where its peers reach it.
+fn addresses(session: &SessionInfo) -> Vec<NodeAddress> {
+    let internal = NodeAddress { address_type: NodeAddress::INTERNAL_IP.into(), address: session.address.clone() };
+    let peer =
+        session.peer_address.iter().map(|a| NodeAddress { address_type: NodeAddress::PEER.into(), address: a.clone() });
+    std::iter::once(internal).chain(peer).collect()
+}
+
+/// Pokes the sessions of the nodes on `networks`, whose membership changed.
+fn poke_networks(ctx: &Context, networks: BTreeSet<String>) {
+    if networks.is_empty() {
+        return;
+    }
+    let nodes = ctx.index.nodes.state();
+    let names: Vec<String> =
+        nodes.iter().filter(|n| networks.contains(&n.spec.network)).map(|n| n.name_any()).collect();
+    ctx.hub.poke(&names);
 }
 
 /// Reconciles one EdgeNode.
@@ -88,6 +119,7 @@ pub async fn reconcile(node: Arc<EdgeNode>, ctx: Arc<Context>) -> Result<Action>
             for msvc in c.placements.assigned_to(&n.name_any()) {
                 let _ = c.msvc_trigger.unbounded_send(msvc);
             }
+            poke_networks(&c, c.members.remove(&n.name_any()));
             Ok(Action::await_change())
         },
     )
@@ -103,7 +135,12 @@ async fn apply(api: Api<EdgeNode>, node: Arc<EdgeNode>, ctx: Arc<Context>) -> Re
     let (running, ready) = ctx.reports.node_counts(&name);
     let counts = InstanceCounts { desired: ctx.placements.instances_on(&name) as i32, running, ready };
     let session = ctx.hub.session(&name);
-    ctx.write_status(&api, &node, &status_for(&node, counts, session.as_ref(), ctx.hub.grace_over())).await?;
+    let cluster = ctx.reports.cluster(&name);
+    let status = status_for(&node, counts, session.as_ref(), cluster.as_ref(), ctx.hub.grace_over());
+    ctx.write_status(&api, &node, &status).await?;
+    // The index holds `node` as the sessions see it: a peer address written just now
+    // comes back through the watch and pokes the network on the next pass.
+    poke_networks(&ctx, ctx.members.update(&node));
     Ok(Action::requeue(RESYNC))
 }
 
@@ -111,6 +148,7 @@ async fn apply(api: Api<EdgeNode>, node: Arc<EdgeNode>, ctx: Arc<Context>) -> Re
 mod tests {
     use super::*;
     use serde_json::json;
+    use supermesh_api::edgenode::NodeRole;
 
     fn counts(desired: i32) -> InstanceCounts {
         InstanceCounts { desired, running: 0, ready: 0 }
@@ -125,6 +163,7 @@ mod tests {
             os: "linux".into(),
             arch: "x86_64".into(),
             address: "10.0.0.7".into(),
+            peer_address: None,
         }
     }
 
@@ -136,30 +175,74 @@ mod tests {
     #[test]
     fn new_node_is_unknown_until_its_agent_connects() {
         let n = EdgeNode::new("n1", serde_json::from_value(json!({"account": "a", "network": "n"})).unwrap());
-        let s = status_for(&n, counts(2), None, true);
+        let s = status_for(&n, counts(2), None, None, true);
         assert_eq!(s.instances.as_ref().unwrap().desired, 2);
         assert_eq!(connected(&s), ("Unknown", AGENT_NEVER_CONNECTED));
         let mut again = n.clone();
         again.status = Some(s.clone());
-        assert_eq!(status_for(&again, counts(2), None, true), s, "no change, no write");
+        assert_eq!(status_for(&again, counts(2), None, None, true), s, "no change, no write");
     }
 
     #[test]
     fn connection_follows_the_session_and_heartbeats_are_coalesced() {
         let mut n = EdgeNode::new("n1", serde_json::from_value(json!({"account": "a", "network": "n"})).unwrap());
-        let s = status_for(&n, counts(0), Some(&session(1000)), false);
+        let s = status_for(&n, counts(0), Some(&session(1000)), None, false);
         assert_eq!(connected(&s), ("True", AGENT_CONNECTED));
         assert_eq!(s.last_heartbeat_time.as_ref().unwrap().0.as_second(), 1000);
         assert_eq!(s.arch.as_deref(), Some("x86_64"));
         n.status = Some(s.clone());
-        let soon = status_for(&n, counts(0), Some(&session(1010)), false);
+        let soon = status_for(&n, counts(0), Some(&session(1010)), None, false);
         assert_eq!(soon, s, "a heartbeat 10 s later is not written");
-        let later = status_for(&n, counts(0), Some(&session(1031)), false);
+        let later = status_for(&n, counts(0), Some(&session(1031)), None, false);
         assert_eq!(later.last_heartbeat_time.unwrap().0.as_second(), 1031);
 
         // Right after a controller restart the node keeps Connected until agents had time to reconnect.
-        assert_eq!(status_for(&n, counts(0), None, false), s);
-        let gone = status_for(&n, counts(0), None, true);
+        assert_eq!(status_for(&n, counts(0), None, None, false), s);
+        let gone = status_for(&n, counts(0), None, None, true);
         assert_eq!(connected(&gone), ("False", AGENT_DISCONNECTED));
+    }
+
+    #[test]
+    fn the_peer_address_is_kept_while_the_node_is_offline() {
+        let mut n = EdgeNode::new("n1", serde_json::from_value(json!({"account": "a", "network": "n"})).unwrap());
+        let s = status_for(
+            &n,
+            counts(0),
+            Some(&SessionInfo { peer_address: Some("10.0.0.7:10360".into()), ..session(1000) }),
+            None,
+            true,
+        );
+        assert_eq!(s.address(NodeAddress::INTERNAL_IP), Some("10.0.0.7"));
+        assert_eq!(s.address(NodeAddress::PEER), Some("10.0.0.7:10360"));
+        n.status = Some(s);
+        let offline = status_for(&n, counts(0), None, None, true);
+        assert_eq!(offline.address(NodeAddress::PEER), Some("10.0.0.7:10360"));
+        let without = status_for(&n, counts(0), Some(&session(2000)), None, true);
+        assert_eq!(without.address(NodeAddress::PEER), None, "a reconnect without a peer address drops it");
+    }
+
+    #[test]
+    fn role_and_supernode_follow_reports_and_clear_on_disconnect() {
+        let mut n = EdgeNode::new("n1", serde_json::from_value(json!({"account": "a", "network": "n"})).unwrap());
+        let view = ClusterView { role: NodeRole::Member, supernode: Some("n2".into()) };
+        let s = status_for(&n, counts(0), Some(&session(1000)), Some(&view), true);
+        assert_eq!((s.role, s.supernode.as_deref()), (Some(NodeRole::Member), Some("n2")));
+        n.status = Some(s.clone());
+        assert_eq!(
+            status_for(&n, counts(0), Some(&session(1000)), None, true),
+            s,
+            "no report since a restart keeps them"
+        );
+        let promoted = ClusterView { role: NodeRole::Supernode, supernode: Some("n1".into()) };
+        let s2 = status_for(&n, counts(0), Some(&session(1000)), Some(&promoted), true);
+        assert_eq!((s2.role, s2.supernode.as_deref()), (Some(NodeRole::Supernode), Some("n1")));
+
+        assert_eq!(
+            status_for(&n, counts(0), None, Some(&view), false).role,
+            Some(NodeRole::Member),
+            "within the grace"
+        );
+        let gone = status_for(&n, counts(0), None, Some(&view), true);
+        assert_eq!((gone.role, gone.supernode), (None, None));
     }
 }

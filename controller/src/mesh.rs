@@ -23,42 +23,69 @@ pub fn status_for(mesh: &Mesh, nodes: &[EdgeNode], microservices: &[&Microservic
     let microservice_count = microservices.iter().filter(|m| m.spec.mesh == name).count() as i32;
     let (members, wanted) = match placement::mesh_members(&mesh.spec, nodes) {
         Ok(members) => {
-            let clusters = clusters(&members);
-            let message = format!("{} nodes in {} clusters", members.len(), clusters.len());
-            (Some((members.len() as i32, clusters)), Wanted::new(READY, true, MESH_VALID, message))
+            let (cluster_count, clusters) = clusters(&members);
+            let message = format!("{} nodes in {cluster_count} clusters", members.len());
+            (Some((members.len() as i32, cluster_count, clusters)), Wanted::new(READY, true, MESH_VALID, message))
         }
         Err(e) => (None, Wanted::new(READY, false, INVALID_SPEC, e.0)),
     };
-    let (node_count, clusters) = members.unwrap_or_default();
+    let (node_count, cluster_count, clusters) = members.unwrap_or_default();
     MeshStatus {
         observed_generation: mesh.metadata.generation,
         node_count,
         microservice_count,
+        cluster_count,
         clusters,
         conditions: conditions::merge(&old.conditions, vec![wanted], mesh.metadata.generation),
     }
 }
 
-/// Per-network summary of member nodes, largest clusters first, bounded.
-fn clusters(members: &[&EdgeNode]) -> Vec<ClusterStatus> {
-    let mut by_network: BTreeMap<&str, ClusterStatus> = BTreeMap::new();
+/// Number of per-network clusters of member nodes, and their summaries, largest first, bounded.
+fn clusters(members: &[&EdgeNode]) -> (i32, Vec<ClusterStatus>) {
+    let mut by_network: BTreeMap<&str, Vec<&EdgeNode>> = BTreeMap::new();
     for node in members {
-        let status = node.status.as_ref();
-        let entry = by_network
-            .entry(node.spec.network.as_str())
-            .or_insert_with(|| ClusterStatus { network: node.spec.network.clone(), ..ClusterStatus::default() });
-        entry.members += 1;
-        if status.is_some_and(|s| conditions::is_true(&s.conditions, READY)) {
-            entry.ready += 1;
-        }
-        if status.and_then(|s| s.role) == Some(NodeRole::Supernode) {
-            entry.supernode = Some(node.name_any());
-        }
+        by_network.entry(node.spec.network.as_str()).or_default().push(node);
     }
-    let mut list: Vec<ClusterStatus> = by_network.into_values().collect();
+    let mut list: Vec<ClusterStatus> = by_network
+        .into_iter()
+        .map(|(network, nodes)| ClusterStatus {
+            network: network.to_owned(),
+            supernode: supernode(&nodes),
+            members: nodes.len() as i32,
+            ready: nodes.iter().filter(|n| is_ready(n)).count() as i32,
+        })
+        .collect();
+    let count = list.len() as i32;
     list.sort_by(|a, b| b.members.cmp(&a.members).then_with(|| a.network.cmp(&b.network)));
     list.truncate(MeshStatus::MAX_CLUSTERS);
-    list
+    (count, list)
+}
+
+fn is_ready(node: &EdgeNode) -> bool {
+    node.status.as_ref().is_some_and(|s| conditions::is_true(&s.conditions, READY))
+}
+
+/// The supernode of one cluster's `nodes`: the member its Ready members name most
+/// (ties to the first name), else a Ready member that reports itself supernode.
+fn supernode(nodes: &[&EdgeNode]) -> Option<String> {
+    let ready: Vec<&EdgeNode> = nodes.iter().copied().filter(|n| is_ready(n)).collect();
+    let mut votes: BTreeMap<String, usize> = nodes.iter().map(|n| (n.name_any(), 0)).collect();
+    for named in ready.iter().filter_map(|n| n.status.as_ref()?.supernode.as_ref()) {
+        if let Some(count) = votes.get_mut(named) {
+            *count += 1;
+        }
+    }
+    // `max_by` keeps the last of equal elements: iterate names in reverse so the first name wins ties.
+    let named = votes.into_iter().rev().filter(|(_, v)| *v > 0).max_by(|a, b| a.1.cmp(&b.1)).map(|(name, _)| name);
+    named.or_else(|| {
+        let mut claiming: Vec<String> = ready
+            .iter()
+            .filter(|n| n.status.as_ref().and_then(|s| s.role) == Some(NodeRole::Supernode))
+            .map(|n| n.name_any())
+            .collect();
+        claiming.sort();
+        claiming.into_iter().next()
+    })
 }
 
 /// Reconciles one Mesh.
@@ -98,6 +125,11 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
     use serde_json::json;
 
+    fn following(mut n: EdgeNode, supernode: &str) -> EdgeNode {
+        n.status.as_mut().unwrap().supernode = Some(supernode.into());
+        n
+    }
+
     fn node(name: &str, network: &str, ready: bool, supernode: bool) -> EdgeNode {
         let mut n = EdgeNode::new(name, serde_json::from_value(json!({"account": "a", "network": network})).unwrap());
         let mut status = supermesh_api::EdgeNodeStatus::default();
@@ -125,7 +157,7 @@ mod tests {
         let web = Microservice::new("web", serde_json::from_value(json!({"mesh": "lan", "command": ["x"]})).unwrap());
         let other = Microservice::new("db", serde_json::from_value(json!({"mesh": "x", "command": ["x"]})).unwrap());
         let s = status_for(&mesh, &nodes, &[&web, &other]);
-        assert_eq!((s.node_count, s.microservice_count), (3, 1));
+        assert_eq!((s.node_count, s.microservice_count, s.cluster_count), (3, 1, 2));
         assert_eq!(
             s.clusters,
             vec![
@@ -154,5 +186,43 @@ mod tests {
         let s = status_for(&mesh, &nodes, &[]);
         assert_eq!(s.node_count, 100);
         assert_eq!(s.clusters.len(), MeshStatus::MAX_CLUSTERS);
+        assert_eq!(s.cluster_count, 100, "the count is not bounded");
+    }
+
+    fn chosen(nodes: &[EdgeNode]) -> Option<String> {
+        supernode(&nodes.iter().collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn the_supernode_is_the_one_most_ready_members_follow() {
+        // b claims the role but the Ready majority follows a (a split view during failover).
+        let nodes = [
+            following(node("a", "lan", true, true), "a"),
+            following(node("b", "lan", true, true), "b"),
+            following(node("c", "lan", true, false), "a"),
+            following(node("d", "lan", false, false), "b"),
+            following(node("e", "lan", false, false), "b"),
+        ];
+        assert_eq!(chosen(&nodes).as_deref(), Some("a"), "votes of members that are not Ready do not count");
+    }
+
+    #[test]
+    fn ties_go_to_the_first_name_and_only_members_can_be_chosen() {
+        let nodes = [
+            following(node("b", "lan", true, true), "b"),
+            following(node("a", "lan", true, true), "a"),
+            following(node("c", "lan", true, false), "gone"),
+        ];
+        assert_eq!(chosen(&nodes).as_deref(), Some("a"));
+        let only_outsider = [following(node("c", "lan", true, false), "gone")];
+        assert_eq!(chosen(&only_outsider), None);
+    }
+
+    #[test]
+    fn without_votes_a_ready_node_claiming_the_role_is_the_supernode() {
+        let nodes = [node("z", "lan", true, true), node("y", "lan", false, true), node("x", "lan", true, false)];
+        assert_eq!(chosen(&nodes).as_deref(), Some("z"), "y is not Ready");
+        let nobody = [node("y", "lan", false, true), node("x", "lan", true, false)];
+        assert_eq!(chosen(&nobody), None);
     }
 }

@@ -23,10 +23,38 @@ pub struct FailureLabels {
     pub reason: &'static str,
 }
 
-/// The controller's metrics and the registry that exposes them.
+/// The way reports reached the cloud.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ReportPath {
+    /// Sent by the node's own agent.
+    Direct,
+    /// Relayed by the node's supernode in a batch.
+    Batch,
+}
+
+impl ReportPath {
+    fn label(self) -> &'static str {
+        match self {
+            ReportPath::Direct => "direct",
+            ReportPath::Batch => "batch",
+        }
+    }
+}
+
+/// Labels naming the way reports came.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabels {
+    /// `direct` or `batch`.
+    pub path: &'static str,
+}
+
+/// The controller's metrics and the registries that expose them.
 pub struct Metrics {
-    /// Registry rendered at `/metrics`.
+    /// Registry of the controller's own metrics (`supermesh_controller_*`), rendered at `/metrics`.
     pub registry: Registry,
+    /// Registry of metrics named for the product (`supermesh_*`), which benchmarks compare
+    /// across components; rendered at `/metrics` too.
+    pub product_registry: Registry,
     /// Reconciles started, by kind.
     pub reconciliations: Family<KindLabels, Counter>,
     /// Reconciles that failed, by kind and reason.
@@ -49,6 +77,14 @@ pub struct Metrics {
     pub agents: Gauge,
     /// Instance status reports (MetaSync) received from agents.
     pub status_reports: Counter,
+    /// Messages from agents carrying reports, by path: a direct report or a batch.
+    pub report_messages: Family<PathLabels, Counter>,
+    /// Bytes of the frames of those messages, by path.
+    pub report_bytes: Family<PathLabels, Counter>,
+    /// Reports those messages carried, by path.
+    pub reports: Family<PathLabels, Counter>,
+    /// Reports received again: an event seen before, or a status snapshot no newer than the one held.
+    pub reports_duplicate: Counter,
 }
 
 impl Default for Metrics {
@@ -75,8 +111,21 @@ impl Default for Metrics {
         registry.register("cloudhub_status_reports", "Instance status reports received", status_reports.clone());
         let agents = Gauge::default();
         registry.register("cloudhub_agents", "Agents connected now", agents.clone());
+        let mut product_registry = Registry::with_prefix("supermesh");
+        let [report_messages, report_bytes, reports] =
+            std::array::from_fn(|_| Family::<PathLabels, Counter>::default());
+        product_registry.register("report_messages", "Messages from agents carrying reports", report_messages.clone());
+        product_registry.register(
+            "report_bytes",
+            "Bytes of messages from agents carrying reports",
+            report_bytes.clone(),
+        );
+        product_registry.register("reports", "Reports received from agents", reports.clone());
+        let reports_duplicate = Counter::default();
+        product_registry.register("reports_duplicate", "Reports received again", reports_duplicate.clone());
         Metrics {
             registry,
+            product_registry,
             reconciliations,
             failures,
             duration,
@@ -88,6 +137,10 @@ impl Default for Metrics {
             bad_messages,
             agents,
             status_reports,
+            report_messages,
+            report_bytes,
+            reports,
+            reports_duplicate,
         }
     }
 }
@@ -107,10 +160,22 @@ impl Metrics {
         self.failures.get_or_create(&FailureLabels { kind, reason }).inc();
     }
 
+    /// Counts one message of `bytes` carrying `reports` reports that came by `path`.
+    pub fn reports_received(&self, path: ReportPath, bytes: usize, reports: usize) {
+        let labels = PathLabels { path: path.label() };
+        self.report_messages.get_or_create(&labels).inc();
+        self.report_bytes.get_or_create(&labels).inc_by(bytes as u64);
+        self.reports.get_or_create(&labels).inc_by(reports as u64);
+    }
+
     /// Renders every metric in the Prometheus text format.
     pub fn render(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        encode_registry(&mut out, &self.registry)
+            .and_then(|()| encode_registry(&mut out, &self.product_registry))
+            .and_then(|()| encode_eof(&mut out))
+            .expect("writing to a String cannot fail");
         out
     }
 }
@@ -124,5 +189,33 @@ pub struct ReconcileTimer {
 impl Drop for ReconcileTimer {
     fn drop(&mut self) {
         self.histogram.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_metrics_are_named_for_the_product() {
+        let m = Metrics::default();
+        m.reports_received(ReportPath::Direct, 120, 1);
+        m.reports_received(ReportPath::Batch, 900, 7);
+        m.reports_received(ReportPath::Batch, 100, 3);
+        m.reports_duplicate.inc();
+        let text = m.render();
+        for line in [
+            "supermesh_report_messages_total{path=\"direct\"} 1",
+            "supermesh_report_messages_total{path=\"batch\"} 2",
+            "supermesh_report_bytes_total{path=\"batch\"} 1000",
+            "supermesh_reports_total{path=\"direct\"} 1",
+            "supermesh_reports_total{path=\"batch\"} 10",
+            "supermesh_reports_duplicate_total 1",
+            "supermesh_controller_cloudhub_agents 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+        }
+        assert_eq!(text.matches("# EOF").count(), 1);
+        assert!(text.trim_end().ends_with("# EOF"));
     }
 }

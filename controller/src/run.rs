@@ -79,6 +79,8 @@ pub async fn run(settings: Settings) -> Result<()> {
         node_trigger: node_trigger.clone(),
         hub: Arc::new(cloudhub::Hub::new(settings.max_agents, settings.reconnect_grace, node_trigger)),
         reports: Default::default(),
+        token_secret: pki.token_secret.clone(),
+        members: Default::default(),
         msvc_trigger,
         failures: Default::default(),
     });
@@ -177,13 +179,14 @@ fn placement_hash(node: &EdgeNode) -> Option<u64> {
     Some(h.finish())
 }
 
-/// What mesh status depends on: placement, plus readiness and role of the node.
+/// What mesh status depends on: placement, plus readiness, role and supernode of the node.
 fn membership_hash(node: &EdgeNode) -> Option<u64> {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     placement_hash(node).hash(&mut h);
     let status = node.status.as_ref();
     status.map(|s| crate::conditions::is_true(&s.conditions, supermesh_api::names::condition::READY)).hash(&mut h);
     status.and_then(|s| s.role).map(|r| format!("{r:?}")).hash(&mut h);
+    status.and_then(|s| s.supernode.as_deref()).hash(&mut h);
     Some(h.finish())
 }
 

@@ -4,10 +4,11 @@
 
 pub mod desired;
 pub mod pki;
+pub mod reports;
 mod session;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -52,6 +53,8 @@ pub struct SessionInfo {
     pub arch: String,
     /// Address the agent connected from.
     pub address: String,
+    /// `host:port` at which the node's cluster peers reach its supernode service, if it advertises one.
+    pub peer_address: Option<String>,
 }
 
 struct Registered {
@@ -104,6 +107,11 @@ impl Hub {
     /// The session of `node`, if its agent is connected.
     pub fn session(&self, node: &str) -> Option<SessionInfo> {
         self.lock().get(node).map(|s| s.info.clone())
+    }
+
+    /// Whether the agent of `node` is connected.
+    pub fn is_connected(&self, node: &str) -> bool {
+        self.lock().contains_key(node)
     }
 
     /// Number of connected agents.
@@ -165,7 +173,7 @@ impl Hub {
     }
 
     /// Asks the EdgeNode controller to refresh the node's status.
-    fn recount(&self, node: &str) {
+    pub fn recount(&self, node: &str) {
         let _ = self.node_trigger.unbounded_send(ObjectRef::new(node));
     }
 
@@ -277,7 +285,45 @@ pub fn valid_node_name(name: &str) -> bool {
         && name.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
+/// The `host:port` at which a node's peers reach it, from the `peer_address` of its hello:
+/// `host:port` as given, or `:port` with `from`, the IP address the agent connects from.
+/// `None` when the advertised address is malformed.
+pub fn resolve_peer_address(advertised: &str, from: IpAddr) -> Option<String> {
+    let (host, port) = advertised.rsplit_once(':')?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    if host.is_empty() {
+        return Some(SocketAddr::new(from.to_canonical(), port).to_string());
+    }
+    let bracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+    let valid = match bracketed {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => host.len() <= 253 && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'),
+    };
+    valid.then(|| format!("{host}:{port}"))
+}
+
 /// Binds the agents' listener now, so that a taken port fails the start clearly.
 pub async fn bind(addr: SocketAddr) -> crate::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| crate::Error::Listen(addr.to_string(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_addresses_resolve_a_bare_port_to_the_connecting_ip() {
+        let from: IpAddr = "192.168.1.20".parse().unwrap();
+        assert_eq!(resolve_peer_address(":10360", from).as_deref(), Some("192.168.1.20:10360"));
+        assert_eq!(resolve_peer_address("pi.local:10360", from).as_deref(), Some("pi.local:10360"));
+        assert_eq!(resolve_peer_address("10.0.0.5:7000", from).as_deref(), Some("10.0.0.5:7000"));
+        assert_eq!(resolve_peer_address("[fd00::5]:7000", from).as_deref(), Some("[fd00::5]:7000"));
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(resolve_peer_address(":80", mapped).as_deref(), Some("10.1.2.3:80"));
+        let v6: IpAddr = "fd00::9".parse().unwrap();
+        assert_eq!(resolve_peer_address(":80", v6).as_deref(), Some("[fd00::9]:80"));
+        for bad in ["", "10360", ":", ":0", ":70000", "host:port", "bad host:1", "[nope]:1", "a/b:1"] {
+            assert_eq!(resolve_peer_address(bad, from), None, "{bad:?}");
+        }
+    }
 }

@@ -1,6 +1,7 @@
-//! One agent's session: hello, registration, delta sync with acks, keepalive.
+//! One agent's session: hello, registration, delta sync with acks, keepalive,
+//! reports (direct and relayed in batches) and queries.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,16 +13,20 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use supermesh_api::edgenode::EdgeNodeSpec;
 use supermesh_api::protocol::{
-    decode, encode, Assignment, ErrorCode, ErrorContent, EventReport, Hello, Message, Operation, ResourceRef,
-    StatusReport, Welcome, CONNECTION_RESOURCE, MICROSERVICE, STATUS_RESOURCE,
+    decode, encode, Assignment, BatchAck, EndpointsAnswer, ErrorCode, ErrorContent, EventReport, Hello, Membership,
+    Message, NodesAnswer, Operation, ReportBatch, ResourceRef, StatusReport, Welcome, BATCH_RESOURCE,
+    CONNECTION_RESOURCE, ENDPOINTS, MICROSERVICE, NODES, STATUS_RESOURCE,
 };
-use supermesh_api::EdgeNode;
+use supermesh_api::{EdgeNode, Microservice};
 use tokio_tungstenite::tungstenite::Message as Frame;
 use tracing::{debug, info, warn};
 
-use super::desired::{diff, Change};
-use super::{SessionInfo, Ws, KEEPALIVE_SECONDS};
+use super::desired::{diff, is_kept, Change, Desired};
+use super::reports::{may_report_for, outbox_seq, Report};
+use super::{resolve_peer_address, SessionInfo, Ws, KEEPALIVE_SECONDS};
 use crate::context::Context;
+use crate::discovery::{self, Scope};
+use crate::metrics::ReportPath;
 
 /// Unacked changes are sent again after this long.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -72,6 +77,13 @@ pub(super) async fn run(mut ws: Ws, node: String, peer: SocketAddr, ctx: Arc<Con
         let _ = send_error(&mut ws, None, ErrorCode::Unavailable, "registration failed, retry later").await;
         return;
     }
+    let peer_address = hello.peer_address.as_deref().and_then(|advertised| {
+        let resolved = resolve_peer_address(advertised, peer.ip());
+        if resolved.is_none() {
+            warn!(%node, advertised, "ignoring a malformed peer address; expected host:port or :port");
+        }
+        resolved
+    });
     let now = Timestamp::now();
     let info = SessionInfo {
         connected_at: now,
@@ -80,11 +92,12 @@ pub(super) async fn run(mut ws: Ws, node: String, peer: SocketAddr, ctx: Arc<Con
         os: hello.os.clone(),
         arch: hello.arch.clone(),
         address: peer.ip().to_string(),
+        peer_address,
     };
     let (id, poke, superseded, queries) = ctx.hub.register(&node, info);
     ctx.metrics.agents.set(ctx.hub.connected() as i64);
     info!(%node, %peer, held = hello.held.len(), "agent connected");
-    let acked = hello.held.into_iter().filter(|(r, _)| r.split('/').nth(1) == Some("microservice")).collect();
+    let acked = hello.held.into_iter().filter(|(r, _)| is_kept(r)).collect();
     let mut s = Session {
         node: node.clone(),
         id,
@@ -156,9 +169,21 @@ async fn send_error(ws: &mut Ws, parent: Option<&str>, code: ErrorCode, message:
 }
 
 /// The Microservice a resource string `namespace/microservice/name` names.
-fn microservice_ref(resource: &str) -> Option<ObjectRef<supermesh_api::Microservice>> {
+fn microservice_ref(resource: &str) -> Option<ObjectRef<Microservice>> {
     let r = ResourceRef::parse(resource).ok().filter(|r| r.res_type == MICROSERVICE)?;
     Some(ObjectRef::new(r.id?).within(r.namespace))
+}
+
+/// The resource string of a placed Microservice.
+fn microservice_resource(msvc: &ObjectRef<Microservice>) -> String {
+    ResourceRef::string(msvc.namespace.as_deref().unwrap_or_default(), MICROSERVICE, &msvc.name)
+}
+
+/// What a query is answered with: content and version, or an error code and message.
+type Answer = Result<(serde_json::Value, Option<String>), (ErrorCode, String)>;
+
+fn answer(content: impl serde::Serialize) -> Answer {
+    serde_json::to_value(content).map(|c| (c, None)).map_err(|e| (ErrorCode::Unavailable, e.to_string()))
 }
 
 fn now_ms() -> i64 {
@@ -257,7 +282,30 @@ impl Session {
         Ok(())
     }
 
-    fn desired(&self) -> BTreeMap<String, Assignment> {
+    /// Everything the node should hold: its assignments and its network's membership.
+    fn desired(&self) -> BTreeMap<String, Desired> {
+        let mut desired: BTreeMap<String, Desired> =
+            self.assignments().into_iter().map(|(r, a)| (r, Desired::Assignment(Box::new(a)))).collect();
+        if let Some(membership) = self.membership() {
+            desired.insert(Membership::resource(&membership.network), Desired::Membership(membership));
+        }
+        desired
+    }
+
+    /// The membership of the node's network, once its EdgeNode is known.
+    fn membership(&self) -> Option<Membership> {
+        let me = self.edgenode()?;
+        let nodes = self.ctx.index.nodes.state();
+        Some(crate::membership::build(&me.spec.network, &self.ctx.token_secret, nodes.iter().map(|n| &**n)))
+    }
+
+    /// The node's EdgeNode, from the index.
+    fn edgenode(&self) -> Option<Arc<EdgeNode>> {
+        self.ctx.index.nodes.get(&ObjectRef::new(&self.node))
+    }
+
+    /// The microservices placed on the node, by resource.
+    fn assignments(&self) -> BTreeMap<String, Assignment> {
         let index = &self.ctx.index;
         self.ctx
             .placements
@@ -277,9 +325,9 @@ impl Session {
     }
 
     async fn send_change(&mut self, change: Change) -> Result<(), String> {
-        let Change { operation, resource, version, assignment } = change;
-        let id = match assignment {
-            Some(a) => self.send(operation, &resource, Some(&version), a).await?,
+        let Change { operation, resource, version, content } = change;
+        let id = match content {
+            Some(c) => self.send(operation, &resource, Some(&version), c).await?,
             None => self.send(operation, &resource, Some(&version), ()).await?,
         };
         let version = (operation != Operation::Delete).then_some(version);
@@ -308,6 +356,13 @@ impl Session {
         self.ws.send(Frame::text(text)).await.map_err(|e| e.to_string())?;
         self.last_sent = Instant::now();
         Ok(())
+    }
+
+    /// Answers `msg` with an empty Response: the agent's outbox drops it.
+    async fn ack(&mut self, msg: &Message) -> Result<(), String> {
+        let ack = Message::new(format!("c{}-a{}", self.id, msg.id), now_ms(), Operation::Response, &msg.resource, ())
+            .answering(&msg.id);
+        self.write(&ack).await
     }
 
     async fn receive(&mut self, text: &str) -> Result<(), String> {
@@ -341,60 +396,121 @@ impl Session {
                 self.write(&reply).await
             }
             Operation::Query => self.answer_query(&msg).await,
-            Operation::MetaSync if msg.resource == STATUS_RESOURCE => {
-                match msg.content_as::<StatusReport>() {
-                    Ok(report) => self.status_report(report),
-                    Err(e) => {
-                        warn!(node = %self.node, error = %e, "invalid status report");
-                        return send_error(&mut self.ws, Some(&msg.id), ErrorCode::BadMessage, &e.to_string()).await;
-                    }
-                }
-                let ack =
-                    Message::new(format!("c{}-a{}", self.id, msg.id), now_ms(), Operation::Response, &msg.resource, ())
-                        .answering(&msg.id);
-                self.write(&ack).await
-            }
-            Operation::MetaSync if msg.resource.split('/').nth(1) == Some(MICROSERVICE) => {
-                match msg.content_as::<EventReport>() {
-                    Ok(event) => self.instance_event(&msg.resource, event).await,
-                    Err(e) => warn!(node = %self.node, error = %e, "invalid instance event"),
-                }
-                let ack =
-                    Message::new(format!("c{}-a{}", self.id, msg.id), now_ms(), Operation::Response, &msg.resource, ())
-                        .answering(&msg.id);
-                self.write(&ack).await
+            Operation::MetaSync if msg.resource == BATCH_RESOURCE => self.batch(&msg, text.len()).await,
+            Operation::MetaSync if msg.resource == STATUS_RESOURCE || microservice_ref(&msg.resource).is_some() => {
+                self.direct_report(&msg, text.len()).await
             }
             other => {
                 // Other reports are acknowledged so the agent's outbox drains.
                 debug!(node = %self.node, operation = ?other, resource = %msg.resource, "report from agent");
-                let ack =
-                    Message::new(format!("c{}-a{}", self.id, msg.id), now_ms(), Operation::Response, &msg.resource, ())
-                        .answering(&msg.id);
-                self.write(&ack).await
+                self.ack(&msg).await
             }
         }
     }
 
-    /// Publishes an instance's event as a Kubernetes Event on its Microservice.
-    async fn instance_event(&self, resource: &str, event: EventReport) {
-        let Some(msvc) = microservice_ref(resource).and_then(|r| self.ctx.index.microservices.get(&r)) else { return };
-        let note = format!("{}: {}", self.node, event.message);
-        let node = self.ctx.index.nodes.get(&ObjectRef::new(&self.node)).map(|n| n.object_ref(&()));
-        self.ctx.publish_related(&*msvc, node, event.warning, &event.reason, note).await;
+    /// A report the node sends about itself. An invalid status report is refused; an
+    /// invalid event is dropped (and acknowledged, since sending it again cannot help).
+    async fn direct_report(&mut self, msg: &Message, bytes: usize) -> Result<(), String> {
+        self.ctx.metrics.reports_received(ReportPath::Direct, bytes, 1);
+        match Report::parse(msg.operation, &msg.resource, &msg.content) {
+            Ok(report) => {
+                let node = self.node.clone();
+                self.take(&node, outbox_seq(&msg.id), report).await;
+            }
+            Err(reason) if msg.resource == STATUS_RESOURCE => {
+                warn!(node = %self.node, %reason, "invalid status report");
+                return send_error(&mut self.ws, Some(&msg.id), ErrorCode::BadMessage, &reason).await;
+            }
+            Err(reason) => warn!(node = %self.node, %reason, "invalid instance event"),
+        }
+        self.ack(msg).await
     }
 
-    /// Takes a node's instance status: only what is placed on it counts, then
-    /// the affected microservices and the node itself re-aggregate.
-    fn status_report(&mut self, mut report: StatusReport) {
-        let assigned: std::collections::BTreeSet<String> = self.desired().into_keys().collect();
-        report.instances.retain(|i| assigned.contains(&i.resource) || self.acked.contains_key(&i.resource));
-        for resource in self.ctx.reports.update(&self.node, report) {
+    /// A supernode's batch of its cluster's reports: each is taken as if its node had sent
+    /// it, when the session's node may report for that node; one [`BatchAck`] answers all.
+    async fn batch(&mut self, msg: &Message, bytes: usize) -> Result<(), String> {
+        let batch = match msg.content_as::<ReportBatch>() {
+            Ok(batch) => batch,
+            Err(e) => {
+                warn!(node = %self.node, error = %e, "invalid report batch");
+                self.ctx.metrics.bad_messages.inc();
+                return send_error(&mut self.ws, Some(&msg.id), ErrorCode::BadMessage, &e.to_string()).await;
+            }
+        };
+        self.ctx.metrics.reports_received(ReportPath::Batch, bytes, batch.entries.len());
+        let mut ack = BatchAck::default();
+        for entry in batch.entries {
+            let checked = may_report_for(&self.node, &entry.node, |n| self.network_of(n))
+                .and_then(|()| Report::parse(entry.operation, &entry.resource, &entry.content));
+            match checked {
+                Ok(report) => {
+                    self.take(&entry.node, Some(entry.seq), report).await;
+                    ack.acked.push(entry.id());
+                }
+                Err(reason) => ack.refused.push((entry.id(), reason)),
+            }
+        }
+        if let Some((first, reason)) = ack.refused.first() {
+            warn!(node = %self.node, refused = ack.refused.len(), first = %first.node, %reason, "refused relayed reports");
+        }
+        let reply =
+            Message::new(format!("c{}-a{}", self.id, msg.id), now_ms(), Operation::Response, &msg.resource, ack)
+                .answering(&msg.id);
+        self.write(&reply).await
+    }
+
+    /// The network of EdgeNode `node`, from the index.
+    fn network_of(&self, node: &str) -> Option<String> {
+        self.ctx.index.nodes.get(&ObjectRef::new(node)).map(|n| n.spec.network.clone())
+    }
+
+    /// Takes one report about `node` (this session's node, or a member it relays for).
+    /// An event whose outbox `seq` was taken before is dropped.
+    async fn take(&mut self, node: &str, seq: Option<i64>, report: Report) {
+        match report {
+            Report::Status(status) => self.status_report(node, status),
+            Report::Event { resource, event } => {
+                if seq.is_some_and(|seq| !self.ctx.reports.first_event(node, seq)) {
+                    debug!(%node, ?seq, %resource, "event taken before; not published again");
+                    self.ctx.metrics.reports_duplicate.inc();
+                    return;
+                }
+                self.instance_event(node, &resource, event).await
+            }
+        }
+    }
+
+    /// Publishes an instance's event on `node` as a Kubernetes Event on its Microservice.
+    async fn instance_event(&self, node: &str, resource: &str, event: EventReport) {
+        let Some(msvc) = microservice_ref(resource).and_then(|r| self.ctx.index.microservices.get(&r)) else { return };
+        let note = format!("{node}: {}", event.message);
+        let related = self.ctx.index.nodes.get(&ObjectRef::new(node)).map(|n| n.object_ref(&()));
+        self.ctx.publish_related(&*msvc, related, event.warning, &event.reason, note).await;
+    }
+
+    /// Takes `node`'s instance status: only what is placed on it (or, for this session's
+    /// node, what it still holds) counts; then the affected microservices and the node
+    /// itself re-aggregate. A snapshot no newer than the one held changes nothing.
+    fn status_report(&self, node: &str, mut report: StatusReport) {
+        let placed = self.placed_on(node);
+        let held = (node == self.node).then_some(&self.acked);
+        report.instances.retain(|i| placed.contains(&i.resource) || held.is_some_and(|h| h.contains_key(&i.resource)));
+        self.ctx.metrics.status_reports.inc();
+        let Some(touched) = self.ctx.reports.update(node, report) else {
+            self.ctx.metrics.reports_duplicate.inc();
+            return;
+        };
+        for resource in touched {
             if let Some(msvc) = microservice_ref(&resource) {
                 let _ = self.ctx.msvc_trigger.unbounded_send(msvc);
             }
         }
-        self.ctx.metrics.status_reports.inc();
-        self.ctx.hub.recount(&self.node);
+        self.ctx.hub.recount(node);
+    }
+
+    /// Resource strings of the microservices placed on `node`.
+    fn placed_on(&self, node: &str) -> BTreeSet<String> {
+        self.ctx.placements.assigned_to(node).iter().map(microservice_resource).collect()
     }
 
     /// An ack or nack of a change this session sent.
@@ -413,24 +529,78 @@ impl Session {
         self.ctx.metrics.changes_acked.inc();
     }
 
-    /// Answers an agent's query for a resource it does not hold: only what is assigned to it.
+    /// Answers an agent's query: discovery (`_/nodes/<scope>`, `namespace/endpoints/name`),
+    /// or a resource it does not hold, of which only what is assigned to it.
     async fn answer_query(&mut self, msg: &Message) -> Result<(), String> {
-        let reply = match self.desired().remove(&msg.resource) {
-            Some(a) => {
-                let version = a.version();
-                Message::new(format!("c{}-q{}", self.id, msg.id), now_ms(), Operation::Response, &msg.resource, a)
-                    .with_version(&version)
+        let answer = match ResourceRef::parse(&msg.resource) {
+            Ok(r) if r.namespace == "_" && r.res_type == NODES => self.discover_nodes(r.id.unwrap_or_default()),
+            Ok(r) if r.res_type == ENDPOINTS => self.discover_endpoints(r.namespace, r.id.unwrap_or_default()),
+            _ => self.assignment(&msg.resource),
+        };
+        let id = format!("c{}-q{}", self.id, msg.id);
+        let reply = match answer {
+            Ok((content, version)) => {
+                let reply = Message::new(id, now_ms(), Operation::Response, &msg.resource, content);
+                match version {
+                    Some(v) => reply.with_version(&v),
+                    None => reply,
+                }
             }
-            None => {
-                let content = ErrorContent {
-                    code: ErrorCode::NotFound,
-                    message: format!("{} is not assigned to node {}", msg.resource, self.node),
-                    retry_after_ms: None,
-                };
-                Message::new(format!("c{}-q{}", self.id, msg.id), now_ms(), Operation::Error, &msg.resource, content)
+            Err((code, message)) => {
+                let content = ErrorContent { code, message, retry_after_ms: None };
+                Message::new(id, now_ms(), Operation::Error, &msg.resource, content)
             }
         };
         self.write(&reply.answering(&msg.id)).await
+    }
+
+    /// The assignment `resource`, when it is assigned to the node.
+    fn assignment(&self, resource: &str) -> Answer {
+        let Some(a) = self.assignments().remove(resource) else {
+            return Err((ErrorCode::NotFound, format!("{resource} is not assigned to node {}", self.node)));
+        };
+        let version = a.version();
+        answer(a).map(|(content, _)| (content, Some(version)))
+    }
+
+    /// The nodes of the node's account (`_/nodes/account`), or those with a location (`_/nodes/proximity`).
+    fn discover_nodes(&self, scope: &str) -> Answer {
+        let scope = Scope::parse(scope).ok_or_else(|| {
+            (ErrorCode::NotFound, format!("no node discovery {scope:?}; ask _/nodes/account or _/nodes/proximity"))
+        })?;
+        let me = self.edgenode().ok_or_else(|| self.no_edgenode())?;
+        let all = self.ctx.index.nodes.state();
+        let nodes = discovery::nodes(scope, &me, all.iter().map(|n| &**n), |n| self.ctx.hub.is_connected(n));
+        answer(NodesAnswer { nodes })
+    }
+
+    /// The endpoints of Microservice `namespace/name`, for a node running a microservice of that namespace.
+    fn discover_endpoints(&self, namespace: &str, name: &str) -> Answer {
+        let placed_here = self.placed_on(&self.node);
+        let held = self.acked.keys().chain(&placed_here).map(String::as_str);
+        if !discovery::may_discover(namespace, held) {
+            let message = format!("node {} runs no microservice of namespace {namespace}", self.node);
+            return Err((ErrorCode::Forbidden, message));
+        }
+        let msvc_ref = ObjectRef::<Microservice>::new(name).within(namespace);
+        let msvc = self.ctx.index.microservices.get(&msvc_ref);
+        let msvc =
+            msvc.ok_or_else(|| (ErrorCode::NotFound, format!("microservice {namespace}/{name} does not exist")))?;
+        let me = self.edgenode().ok_or_else(|| self.no_edgenode())?;
+        let placed = self.ctx.placements.get(&msvc_ref).unwrap_or_default();
+        let resource = ResourceRef::string(namespace, MICROSERVICE, name);
+        let ready: HashMap<String, bool> =
+            self.ctx.reports.about(&resource, &placed).into_iter().map(|(n, r)| (n, r.ready)).collect();
+        let nodes: Vec<Arc<EdgeNode>> =
+            placed.iter().filter_map(|n| self.ctx.index.nodes.get(&ObjectRef::new(n))).collect();
+        let ports: Vec<i32> = msvc.spec.ports.iter().map(|p| p.port).collect();
+        let endpoints =
+            discovery::endpoints(&me, nodes.iter().map(|n| &**n), &ports, |n| ready.get(n).copied().unwrap_or(false));
+        answer(EndpointsAnswer { endpoints })
+    }
+
+    fn no_edgenode(&self) -> (ErrorCode, String) {
+        (ErrorCode::NotFound, format!("node {} has no EdgeNode yet", self.node))
     }
 
     fn take_token(&mut self) -> bool {
