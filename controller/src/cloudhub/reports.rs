@@ -3,7 +3,8 @@
 
 use serde::Deserialize;
 use supermesh_api::protocol::{
-    EventReport, Operation, ResourceRef, StatusReport, MICROSERVICE, OUTBOX_ID_PREFIX, STATUS_RESOURCE,
+    BatchAck, EventReport, Operation, ReportBatch, ResourceRef, StatusReport, MICROSERVICE, OUTBOX_ID_PREFIX,
+    STATUS_RESOURCE,
 };
 
 /// One report about a node.
@@ -62,10 +63,46 @@ pub fn may_report_for(relay: &str, node: &str, network_of: impl Fn(&str) -> Opti
     }
 }
 
+/// A report of a batch that may be taken, with the node and outbox seq it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Relayed {
+    /// The node the report is about.
+    pub node: String,
+    /// Its seq in that node's outbox.
+    pub seq: i64,
+    /// The report.
+    pub report: Report,
+}
+
+/// Splits the batch node `relay` sends into the reports to take and the answer: each
+/// report the relay may send ([`may_report_for`]) and that reads well is taken and
+/// acknowledged, every other one is refused with its reason.
+pub fn judge_batch(
+    relay: &str,
+    batch: ReportBatch,
+    network_of: impl Fn(&str) -> Option<String>,
+) -> (Vec<Relayed>, BatchAck) {
+    let mut taken = Vec::with_capacity(batch.entries.len());
+    let mut ack = BatchAck::default();
+    for entry in batch.entries {
+        let checked = may_report_for(relay, &entry.node, &network_of)
+            .and_then(|()| Report::parse(entry.operation, &entry.resource, &entry.content));
+        match checked {
+            Ok(report) => {
+                ack.acked.push(entry.id());
+                taken.push(Relayed { node: entry.node, seq: entry.seq, report });
+            }
+            Err(reason) => ack.refused.push((entry.id(), reason)),
+        }
+    }
+    (taken, ack)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+    use supermesh_api::protocol::RelayedReport;
 
     fn networks(node: &str) -> Option<String> {
         match node {
@@ -85,6 +122,43 @@ mod tests {
         assert!(unknown.contains("ghost has no EdgeNode"), "{unknown}");
         assert_eq!(may_report_for("new", "new", networks), Ok(()), "a node always reports for itself");
         assert!(may_report_for("new", "member", networks).is_err(), "a relay without an EdgeNode reports for nobody");
+    }
+
+    fn entry(node: &str, seq: i64, resource: &str, content: serde_json::Value) -> RelayedReport {
+        RelayedReport {
+            node: node.into(),
+            seq,
+            operation: Operation::MetaSync,
+            resource: resource.into(),
+            content,
+            created_ms: 1,
+        }
+    }
+
+    #[test]
+    fn a_batch_is_taken_for_the_relay_s_network_and_refused_elsewhere() {
+        let status = json!({"takenMs": 5, "instances": []});
+        let event = json!({"warning": false, "reason": "Started", "message": "pid 7"});
+        let batch = ReportBatch {
+            entries: vec![
+                entry("member", 1, STATUS_RESOURCE, status.clone()),
+                entry("stranger", 2, STATUS_RESOURCE, status.clone()),
+                entry("member", 3, "team/microservice/web", event.clone()),
+                entry("ghost", 4, "team/microservice/web", event),
+                entry("super", 9, STATUS_RESOURCE, status),
+                entry("member", 5, STATUS_RESOURCE, json!({"bad": true})),
+            ],
+        };
+        let (taken, ack) = judge_batch("super", batch, networks);
+        let taken: Vec<(&str, i64)> = taken.iter().map(|r| (r.node.as_str(), r.seq)).collect();
+        assert_eq!(taken, [("member", 1), ("member", 3), ("super", 9)]);
+        let acked: Vec<(&str, i64)> = ack.acked.iter().map(|id| (id.node.as_str(), id.seq)).collect();
+        assert_eq!(acked, taken, "what is taken is acknowledged");
+        let refused: Vec<(&str, i64)> = ack.refused.iter().map(|(id, _)| (id.node.as_str(), id.seq)).collect();
+        assert_eq!(refused, [("stranger", 2), ("ghost", 4), ("member", 5)]);
+        assert!(ack.refused[0].1.contains("other-lan"), "{}", ack.refused[0].1);
+        assert!(ack.refused[1].1.contains("no EdgeNode"), "{}", ack.refused[1].1);
+        assert!(ack.refused[2].1.contains("invalid status report"), "{}", ack.refused[2].1);
     }
 
     #[test]

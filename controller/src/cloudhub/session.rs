@@ -13,16 +13,16 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use supermesh_api::edgenode::EdgeNodeSpec;
 use supermesh_api::protocol::{
-    decode, encode, Assignment, BatchAck, EndpointsAnswer, ErrorCode, ErrorContent, EventReport, Hello, Membership,
-    Message, NodesAnswer, Operation, ReportBatch, ResourceRef, StatusReport, Welcome, BATCH_RESOURCE,
-    CONNECTION_RESOURCE, ENDPOINTS, MICROSERVICE, NODES, STATUS_RESOURCE,
+    decode, encode, Assignment, EndpointsAnswer, ErrorCode, ErrorContent, EventReport, Hello, Membership, Message,
+    NodesAnswer, Operation, ReportBatch, ResourceRef, StatusReport, Welcome, BATCH_RESOURCE, CONNECTION_RESOURCE,
+    ENDPOINTS, MICROSERVICE, NODES, STATUS_RESOURCE,
 };
 use supermesh_api::{EdgeNode, Microservice};
 use tokio_tungstenite::tungstenite::Message as Frame;
 use tracing::{debug, info, warn};
 
 use super::desired::{diff, is_kept, Change, Desired};
-use super::reports::{may_report_for, outbox_seq, Report};
+use super::reports::{judge_batch, outbox_seq, Report};
 use super::{resolve_peer_address, SessionInfo, Ws, KEEPALIVE_SECONDS};
 use crate::context::Context;
 use crate::discovery::{self, Scope};
@@ -438,17 +438,9 @@ impl Session {
             }
         };
         self.ctx.metrics.reports_received(ReportPath::Batch, bytes, batch.entries.len());
-        let mut ack = BatchAck::default();
-        for entry in batch.entries {
-            let checked = may_report_for(&self.node, &entry.node, |n| self.network_of(n))
-                .and_then(|()| Report::parse(entry.operation, &entry.resource, &entry.content));
-            match checked {
-                Ok(report) => {
-                    self.take(&entry.node, Some(entry.seq), report).await;
-                    ack.acked.push(entry.id());
-                }
-                Err(reason) => ack.refused.push((entry.id(), reason)),
-            }
+        let (taken, ack) = judge_batch(&self.node, batch, |n| self.network_of(n));
+        for relayed in taken {
+            self.take(&relayed.node, Some(relayed.seq), relayed.report).await;
         }
         if let Some((first, reason)) = ack.refused.first() {
             warn!(node = %self.node, refused = ack.refused.len(), first = %first.node, %reason, "refused relayed reports");
