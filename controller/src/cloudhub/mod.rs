@@ -173,7 +173,7 @@ impl Hub {
     }
 
     /// Asks the EdgeNode controller to refresh the node's status.
-    pub fn recount(&self, node: &str) {
+    fn recount(&self, node: &str) {
         let _ = self.node_trigger.unbounded_send(ObjectRef::new(node));
     }
 
