@@ -28,7 +28,7 @@ pub fn report(statuses: &Statuses, taken_ms: i64) -> StatusReport {
             ready: s.phase == Phase::Ready,
             restarts: s.restarts,
             message: s.message.clone(),
-            ports: Vec::new(),
+            ports: s.ports.clone(),
         })
         .collect();
     StatusReport { taken_ms, instances, cluster: None }
@@ -117,6 +117,7 @@ mod tests {
             exit_code,
             message: message.map(str::to_owned),
             since_ms: 0,
+            ports: Vec::new(),
         };
         Statuses::from([(s.key.clone(), s)])
     }
@@ -153,6 +154,7 @@ mod tests {
             exit_code: Some(3),
             message: Some("exited with code 3".into()),
             since_ms: 0,
+            ports: Vec::new(),
         };
         let statuses = Statuses::from([
             ("a".to_string(), status("a", Phase::Ready, 0)),

@@ -33,11 +33,7 @@ impl Runtime for FakeRuntime {
             if statuses.get(&spec.key).is_some_and(|status| status.version == spec.version) {
                 return false;
             }
-            let status = InstanceStatus {
-                phase: Phase::Ready,
-                since_ms: now_ms(),
-                ..InstanceStatus::pending(&spec.key, &spec.version)
-            };
+            let status = InstanceStatus { phase: Phase::Ready, since_ms: now_ms(), ..InstanceStatus::of(&spec) };
             statuses.insert(spec.key, status);
             true
         });
@@ -60,7 +56,7 @@ impl Runtime for FakeRuntime {
 mod tests {
     use std::collections::BTreeMap;
 
-    use supermesh_api::microservice::{MicroserviceSpec, RestartPolicy};
+    use supermesh_api::microservice::{MicroserviceSpec, Port, Protocol, RestartPolicy};
 
     use super::*;
 
@@ -78,7 +74,7 @@ mod tests {
                 artifact: None,
                 replicas: None,
                 node_selector: BTreeMap::new(),
-                ports: vec![],
+                ports: vec![Port { name: Some("http".into()), port: 8080, protocol: Protocol::TCP }],
                 health_check: None,
                 restart_policy: RestartPolicy::Always,
             },
@@ -94,6 +90,7 @@ mod tests {
         assert!(statuses.has_changed().unwrap());
         let status = statuses.borrow_and_update()["team/microservice/web"].clone();
         assert_eq!((status.phase, status.version.as_str(), status.pid), (Phase::Ready, "1", None));
+        assert_eq!(status.ports, [8080], "declared ports are in the status, for endpoint discovery");
 
         runtime.ensure(spec("1")).await;
         assert!(!statuses.has_changed().unwrap(), "the same version is no change");

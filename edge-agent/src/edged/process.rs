@@ -344,7 +344,7 @@ impl Runtime for ProcessRuntime {
             });
             return;
         }
-        let status = InstanceStatus::pending(&spec.key, &spec.version);
+        let status = InstanceStatus::of(&spec);
         self.shared.statuses.send_modify(|all| {
             all.insert(spec.key.clone(), status);
         });

@@ -126,6 +126,9 @@ pub struct InstanceStatus {
     pub message: Option<String>,
     /// Milliseconds since the Unix epoch when the phase last changed.
     pub since_ms: i64,
+    /// Ports the instance's spec declares (`spec.ports[].port`), for endpoint discovery.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<i32>,
 }
 
 impl InstanceStatus {
@@ -140,6 +143,15 @@ impl InstanceStatus {
             exit_code: None,
             message: None,
             since_ms: now_ms(),
+            ports: Vec::new(),
+        }
+    }
+
+    /// The status of a new instance of `spec`: `Pending`, with the ports it declares.
+    pub fn of(spec: &InstanceSpec) -> InstanceStatus {
+        InstanceStatus {
+            ports: spec.spec.ports.iter().map(|p| p.port).collect(),
+            ..InstanceStatus::pending(&spec.key, &spec.version)
         }
     }
 }

@@ -20,7 +20,7 @@ use supermesh_api::protocol::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
-use store::{Change, OutboxEntry, Outcome, Store, StoreError};
+use store::{Change, KvPut, OutboxEntry, Outcome, Store, StoreError};
 
 /// Capacity of the command queue; senders wait while it is full.
 pub const QUEUE_CAPACITY: usize = 1024;
@@ -291,6 +291,36 @@ impl MetaHandle {
     pub async fn outbox_acked(&self, seqs: &[i64]) -> Result<usize, MetaError> {
         let seqs = seqs.to_vec();
         self.with_actor(move |a| a.store.remove(&seqs)).await
+    }
+
+    /// The keys microservice `microservice` (its resource string) stored through the local API.
+    pub async fn kv_keys(&self, microservice: &str) -> Result<Vec<String>, MetaError> {
+        let microservice = microservice.to_owned();
+        self.with_actor(move |a| a.store.kv_keys(&microservice)).await
+    }
+
+    /// The value microservice `microservice` stored under `key`, if any.
+    pub async fn kv_get(&self, microservice: &str, key: &str) -> Result<Option<Vec<u8>>, MetaError> {
+        let (microservice, key) = (microservice.to_owned(), key.to_owned());
+        self.with_actor(move |a| a.store.kv_get(&microservice, &key)).await
+    }
+
+    /// Stores `value` under `key` for `microservice` unless that would make it hold more than `max_keys` keys.
+    pub async fn kv_put(
+        &self,
+        microservice: &str,
+        key: &str,
+        value: Vec<u8>,
+        max_keys: usize,
+    ) -> Result<KvPut, MetaError> {
+        let (microservice, key) = (microservice.to_owned(), key.to_owned());
+        self.with_actor(move |a| a.store.kv_put(&microservice, &key, &value, max_keys)).await
+    }
+
+    /// Removes `key` of `microservice`; returns whether it was there.
+    pub async fn kv_delete(&self, microservice: &str, key: &str) -> Result<bool, MetaError> {
+        let (microservice, key) = (microservice.to_owned(), key.to_owned());
+        self.with_actor(move |a| a.store.kv_delete(&microservice, &key)).await
     }
 
     /// Counters since the task started.

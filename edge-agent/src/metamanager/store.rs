@@ -160,6 +160,17 @@ pub struct OutboxEntry {
     pub created_ms: i64,
 }
 
+/// What [`Store::kv_put`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvPut {
+    /// The key was new and is now stored.
+    Created,
+    /// The key existed and its value was replaced.
+    Replaced,
+    /// The key was new and the microservice already holds the most keys allowed; nothing was written.
+    Full,
+}
+
 /// Write counters, so tests and metrics can see what reached the disk.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreStats {
@@ -371,6 +382,65 @@ impl Store {
         Ok(removed)
     }
 
+    /// The keys microservice `microservice` stored, in byte order.
+    pub fn kv_keys(&self, microservice: &str) -> Result<Vec<String>, StoreError> {
+        self.conn
+            .prepare_cached("SELECT key FROM kv WHERE microservice = ?1 ORDER BY key")
+            .and_then(|mut s| s.query_map([microservice], |r| r.get(0))?.collect())
+            .map_err(sql_err(&self.path))
+    }
+
+    /// The value microservice `microservice` stored under `key`, if any.
+    pub fn kv_get(&self, microservice: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.conn
+            .prepare_cached("SELECT value FROM kv WHERE microservice = ?1 AND key = ?2")
+            .and_then(|mut s| s.query_row([microservice, key], |r| r.get(0)).optional())
+            .map_err(sql_err(&self.path))
+    }
+
+    /// Stores `value` under `key` for `microservice`, unless the key is new and the
+    /// microservice already holds `max_keys` keys. One transaction: all or nothing.
+    pub fn kv_put(
+        &mut self,
+        microservice: &str,
+        key: &str,
+        value: &[u8],
+        max_keys: usize,
+    ) -> Result<KvPut, StoreError> {
+        let err = sql_err(&self.path);
+        let tx = self.conn.transaction().map_err(&err)?;
+        let exists = tx
+            .prepare_cached("SELECT 1 FROM kv WHERE microservice = ?1 AND key = ?2")
+            .and_then(|mut s| s.exists([microservice, key]))
+            .map_err(&err)?;
+        if !exists {
+            let held: i64 = tx
+                .prepare_cached("SELECT COUNT(*) FROM kv WHERE microservice = ?1")
+                .and_then(|mut s| s.query_row([microservice], |r| r.get(0)))
+                .map_err(&err)?;
+            if usize::try_from(held).unwrap_or(usize::MAX) >= max_keys {
+                return Ok(KvPut::Full);
+            }
+        }
+        tx.prepare_cached(
+            "INSERT INTO kv (microservice, key, value) VALUES (?1, ?2, ?3)
+             ON CONFLICT (microservice, key) DO UPDATE SET value = excluded.value",
+        )
+        .and_then(|mut s| s.execute((microservice, key, value)))
+        .map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        Ok(if exists { KvPut::Replaced } else { KvPut::Created })
+    }
+
+    /// Removes `key` of `microservice`; returns whether it was there.
+    pub fn kv_delete(&mut self, microservice: &str, key: &str) -> Result<bool, StoreError> {
+        self.conn
+            .prepare_cached("DELETE FROM kv WHERE microservice = ?1 AND key = ?2")
+            .and_then(|mut s| s.execute([microservice, key]))
+            .map(|n| n > 0)
+            .map_err(sql_err(&self.path))
+    }
+
     /// Stops the file from growing, so tests can make a write fail like a full disk does.
     #[cfg(test)]
     pub(crate) fn fill_disk(&self) {
@@ -439,6 +509,45 @@ mod tests {
         assert_eq!(store.held_versions().unwrap(), BTreeMap::from([("team/microservice/web".into(), "2".into())]));
         assert!(store.list("edgenode").unwrap().is_empty());
         integrity_check(&path).unwrap();
+    }
+
+    #[test]
+    fn kv_keeps_values_per_microservice_within_the_key_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let mut store = Store::open(&path).unwrap();
+        let (web, db) = ("team/microservice/web", "team/microservice/db");
+        assert_eq!(store.kv_put(web, "a", b"1", 2).unwrap(), KvPut::Created);
+        assert_eq!(store.kv_put(web, "a", b"\x00\xff", 2).unwrap(), KvPut::Replaced);
+        assert_eq!(store.kv_put(web, "b", b"", 2).unwrap(), KvPut::Created);
+        assert_eq!(store.kv_put(web, "c", b"3", 2).unwrap(), KvPut::Full, "a third key is refused");
+        assert_eq!(store.kv_put(web, "b", b"2", 2).unwrap(), KvPut::Replaced, "a held key may change when full");
+        assert_eq!(store.kv_put(db, "a", b"other", 2).unwrap(), KvPut::Created, "limits are per microservice");
+        assert_eq!(store.kv_get(web, "c").unwrap(), None);
+        assert_eq!(store.kv_keys(web).unwrap(), ["a", "b"]);
+        assert!(store.kv_delete(web, "a").unwrap());
+        assert!(!store.kv_delete(web, "a").unwrap());
+        drop(store);
+
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.kv_keys(web).unwrap(), ["b"]);
+        assert_eq!(store.kv_get(web, "b").unwrap().as_deref(), Some(&b"2"[..]));
+        assert_eq!(store.kv_get(db, "a").unwrap().as_deref(), Some(&b"other"[..]));
+        assert_eq!(store.kv_get(db, "b").unwrap(), None);
+    }
+
+    #[test]
+    fn a_kv_write_on_a_full_disk_fails_and_leaves_the_old_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path().join("agent.db")).unwrap();
+        let web = "team/microservice/web";
+        store.kv_put(web, "a", b"old", 10).unwrap();
+        store.fill_disk();
+        let err = store.kv_put(web, "a", &vec![7; 256 * 1024], 10).unwrap_err();
+        assert!(err.to_string().contains("full"), "{err}");
+        assert!(store.kv_put(web, "new", &vec![7; 256 * 1024], 10).is_err());
+        assert_eq!(store.kv_get(web, "a").unwrap().as_deref(), Some(&b"old"[..]));
+        assert_eq!(store.kv_keys(web).unwrap(), ["a"]);
     }
 
     #[test]

@@ -342,7 +342,7 @@ impl Supervisor {
             self.terminate().await;
         }
         self.version = Some(spec.version.clone());
-        self.status = InstanceStatus::pending(&spec.key, &spec.version);
+        self.status = InstanceStatus::of(spec);
         self.backoff.reset();
         let finished = self.finished.take().filter(|(version, _)| *version == spec.version);
         self.state = if let Some(live) = &self.live {
