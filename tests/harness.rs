@@ -14,6 +14,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::de::DeserializeOwned;
 
+pub mod lan;
+
 /// Namespace the controllers under test keep their Secrets in.
 pub const CONTROLLER_NAMESPACE: &str = "supermesh";
 
@@ -160,8 +162,13 @@ impl Controller {
 
     /// Starts the controller, optionally as `user`, with extra command-line arguments.
     pub fn launch(name: &str, user: Option<&str>, extra: &[&str]) -> Controller {
+        Controller::launch_at(name, user, &format!("127.0.0.1:{}", free_port()), extra)
+    }
+
+    /// Starts the controller with its cloudhub on `cloudhub_addr` (for example `0.0.0.0:<port>`).
+    pub fn launch_at(name: &str, user: Option<&str>, cloudhub_addr: &str, extra: &[&str]) -> Controller {
         let metrics_addr = format!("127.0.0.1:{}", free_port());
-        let cloudhub_addr = format!("127.0.0.1:{}", free_port());
+        let cloudhub_addr = cloudhub_addr.to_owned();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let (child, log) = spawn_controller(name, user, &extra, &metrics_addr, &cloudhub_addr);
         Controller { child, name: name.into(), user: user.map(str::to_owned), extra, metrics_addr, cloudhub_addr, log }
@@ -250,15 +257,7 @@ impl Controller {
 
     /// GETs `path` from the controller's HTTP endpoint; `None` until it answers.
     pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(&self.metrics_addr).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let code = response.split_whitespace().nth(1)?.parse().ok()?;
-        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-        Some((code, body))
+        http(&self.metrics_addr, "GET", path, &[], b"")
     }
 
     /// Waits until `/readyz` answers 200.
@@ -317,6 +316,41 @@ impl Controller {
 }
 
 /// A free TCP port on the loopback interface.
+/// One HTTP/1.1 request to `addr`; `None` if it gets no answer within 5 s.
+pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = addr.parse().ok()?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (name, value) in headers {
+        request += &format!("{name}: {value}\r\n");
+    }
+    request += "\r\n";
+    stream.write_all(request.as_bytes()).ok()?;
+    stream.write_all(body).ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).ok()?;
+    let response = String::from_utf8_lossy(&response);
+    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Some((code, body))
+}
+
+/// The cluster registry of the agent whose peer service is at `addr`, asked as `node`
+/// of its cluster with the cluster key derived from the join token's secret.
+pub fn peer_registry(addr: &str, node: &str, network: &str, token: &str) -> Option<supermesh_api::peer::Registry> {
+    use supermesh_api::peer;
+    let secret = token.split_once('.').map(|(_, s)| s).unwrap_or(token);
+    let key = peer::cluster_key(secret, network);
+    let body = serde_json::to_vec(&serde_json::json!({"from": node})).ok()?;
+    let signature = peer::sign(&key, &body);
+    let headers = [(peer::NODE_HEADER, node), (peer::SIGNATURE_HEADER, signature.as_str())];
+    let (code, answer) = http(addr, "POST", peer::REGISTRY_PATH, &headers, &body)?;
+    (code == 200).then(|| serde_json::from_str(&answer).ok()).flatten()
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
 }
@@ -373,9 +407,14 @@ pub struct Agent {
     pub name: String,
     /// The agent's dataDir.
     pub data_dir: PathBuf,
+    /// `host:port` of its peer (supernode) service.
+    pub peer_addr: String,
+    /// Its network.
+    pub network: String,
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    netns: Option<String>,
 }
 
 impl Agent {
@@ -386,19 +425,79 @@ impl Agent {
 
     /// Like `start`, with `extra` appended to edge.yaml (for example a `meta:` block).
     pub fn start_with(name: &str, network: &str, account: &str, cloudhub: &str, token: &str, extra: &str) -> Agent {
+        Agent::launch(None, name, network, account, cloudhub, token, extra)
+    }
+
+    /// Starts an agent inside `host`'s network namespace, its peer service on the
+    /// host's address and its local API on the namespace's loopback (default ports).
+    pub fn start_in(
+        host: &lan::Host,
+        name: &str,
+        network: &str,
+        account: &str,
+        cloudhub: &str,
+        token: &str,
+        extra: &str,
+    ) -> Agent {
+        Agent::launch(Some(host), name, network, account, cloudhub, token, extra)
+    }
+
+    fn launch(
+        host: Option<&lan::Host>,
+        name: &str,
+        network: &str,
+        account: &str,
+        cloudhub: &str,
+        token: &str,
+        extra: &str,
+    ) -> Agent {
         let dir = target_dir().join("e2e/agents").join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("agent dir");
         let config = dir.join("edge.yaml");
         let data_dir = dir.join("data");
-        let yaml = format!(
-            "node: {{name: {name}, account: {account}, network: {network}}}\ncloud: {{address: \"{cloudhub}\", token: \"{token}\"}}\ndataDir: {}\n{extra}",
+        let mut yaml = format!(
+            "node: {{name: {name}, account: {account}, network: {network}}}\ncloud: {{address: \"{cloudhub}\", token: \"{token}\"}}\ndataDir: {}\n{extra}\n",
             data_dir.display()
         );
+        // Agents sharing the host's network namespace need ports of their own.
+        let peer_addr = match host {
+            Some(h) => format!("{}:10360", h.ip),
+            None => format!("127.0.0.1:{}", free_port()),
+        };
+        if !extra.contains("supernode:") {
+            let listen = if host.is_some() { "0.0.0.0:10360".to_owned() } else { peer_addr.clone() };
+            yaml += &format!("supernode: {{listen: \"{listen}\", heartbeatSeconds: 1}}\n");
+        }
+        if !extra.contains("localApi:") && host.is_none() {
+            yaml += &format!("localApi: {{listen: \"127.0.0.1:{}\"}}\n", free_port());
+        }
         std::fs::write(&config, yaml).expect("write edge.yaml");
-        let mut agent = Agent { name: name.into(), data_dir, config, log: dir.join("agent.log"), child: None };
+        let mut agent = Agent {
+            name: name.into(),
+            data_dir,
+            peer_addr,
+            network: network.into(),
+            config,
+            log: dir.join("agent.log"),
+            child: None,
+            netns: host.map(|h| h.netns.clone()),
+        };
         agent.restart();
         agent
+    }
+
+    /// The agent's cluster registry, asked over its peer service (from the host namespace).
+    pub fn registry(&self, token: &str) -> Option<supermesh_api::peer::Registry> {
+        peer_registry(&self.peer_addr, &self.name, &self.network, token)
+    }
+
+    /// Like `registry`, asked from inside the agent's own namespace (works while its network is cut off).
+    pub fn registry_inside(&self, token: &str) -> Option<supermesh_api::peer::Registry> {
+        let Some(netns) = self.netns.clone() else { return self.registry(token) };
+        let (addr, name, network, token) =
+            (self.peer_addr.clone(), self.name.clone(), self.network.clone(), token.to_owned());
+        lan::in_netns(&netns, move || peer_registry(&addr, &name, &network, &token))
     }
 
     /// Starts the agent process again (after `stop` or `kill`), appending to its log.
@@ -406,7 +505,16 @@ impl Agent {
         let binary = binary("supermesh-agent");
         assert!(binary.exists(), "{} is missing: run `cargo build --bins`", binary.display());
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("agent log");
-        let child = Command::new(binary)
+        // `ip netns exec` execs the agent in place, so the child's pid is the agent's.
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", netns]).arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
+        let child = command
             .arg("--config")
             .arg(&self.config)
             .args(["--log-level", "info,supermesh_agent=debug"])

@@ -64,7 +64,7 @@ pub enum MeshType {
     printcolumn(
         name = "Supernodes",
         type_ = "string",
-        json_path = ".status.clusters[*].supernode",
+        json_path = ".status.supernodes",
         description = "Supernodes of the listed clusters"
     ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
@@ -116,6 +116,10 @@ pub struct MeshStatus {
     /// Number of per-network clusters of member nodes, all of them (`clusters` lists at most `MAX_CLUSTERS`).
     #[serde(default)]
     pub cluster_count: i32,
+    /// The supernodes of the listed clusters, comma-separated (a printer column can show only one
+    /// value of a list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supernodes: Option<String>,
     /// Per-network clusters of member nodes, at most `MAX_CLUSTERS` entries (largest first).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub clusters: Vec<ClusterStatus>,

@@ -65,10 +65,13 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 || text.len() > 128 {
+    if text.len() > 128 {
         return None;
     }
-    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
+    text.as_bytes()
+        .chunks(2)
+        .map(|pair| std::str::from_utf8(pair).ok().filter(|p| p.len() == 2).and_then(|p| u8::from_str_radix(p, 16).ok()))
+        .collect()
 }
 
 /// What a node tells its peers every heartbeat interval.
@@ -179,6 +182,12 @@ pub struct Registry {
     pub supernode: Option<String>,
     /// Every member the answering node knows of.
     pub members: Vec<RegistryEntry>,
+    /// Heartbeats the answering node has sent since it started.
+    #[serde(default)]
+    pub heartbeats: u64,
+    /// The answering node's heartbeat count when it last changed its supernode.
+    #[serde(default)]
+    pub elected_at: u64,
 }
 
 /// One member in a [`Registry`].

@@ -34,6 +34,9 @@ struct Args {
     /// Seconds after a start during which nodes keep their Connected condition while their agents reconnect.
     #[arg(long, default_value_t = supermesh_controller::cloudhub::RECONNECT_GRACE.as_secs())]
     reconnect_grace_seconds: u64,
+    /// Seconds between keepalives on idle agent streams; a stream silent for three is dead.
+    #[arg(long, default_value_t = supermesh_controller::cloudhub::KEEPALIVE_SECONDS)]
+    keepalive_seconds: u64,
     /// Log filter, for example `info` or `supermesh_controller=debug,kube=info`.
     #[arg(long, env = "SUPERMESH_LOG", default_value = "info")]
     log_level: String,
@@ -74,6 +77,7 @@ async fn main() -> ExitCode {
         namespace: args.namespace,
         max_agents: args.max_agents,
         reconnect_grace: std::time::Duration::from_secs(args.reconnect_grace_seconds),
+        keepalive: std::time::Duration::from_secs(args.keepalive_seconds),
     };
     match run(settings).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -30,7 +30,9 @@ pub fn status_for(mesh: &Mesh, nodes: &[EdgeNode], microservices: &[&Microservic
         Err(e) => (None, Wanted::new(READY, false, INVALID_SPEC, e.0)),
     };
     let (node_count, cluster_count, clusters) = members.unwrap_or_default();
+    let elected: Vec<&str> = clusters.iter().filter_map(|c| c.supernode.as_deref()).collect();
     MeshStatus {
+        supernodes: (!elected.is_empty()).then(|| elected.join(",")),
         observed_generation: mesh.metadata.generation,
         node_count,
         microservice_count,
@@ -158,6 +160,7 @@ mod tests {
         let other = Microservice::new("db", serde_json::from_value(json!({"mesh": "x", "command": ["x"]})).unwrap());
         let s = status_for(&mesh, &nodes, &[&web, &other]);
         assert_eq!((s.node_count, s.microservice_count, s.cluster_count), (3, 1, 2));
+        assert_eq!(s.supernodes.as_deref(), Some("a1"));
         assert_eq!(
             s.clusters,
             vec![

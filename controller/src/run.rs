@@ -38,6 +38,8 @@ pub struct Settings {
     pub max_agents: usize,
     /// Time after a start during which nodes without a session keep their Connected condition.
     pub reconnect_grace: std::time::Duration,
+    /// Time between keepalives on idle agent streams.
+    pub keepalive: std::time::Duration,
 }
 
 /// Runs the controller until SIGINT or SIGTERM.
@@ -77,7 +79,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         index: index.clone(),
         placements: Placements::default(),
         node_trigger: node_trigger.clone(),
-        hub: Arc::new(cloudhub::Hub::new(settings.max_agents, settings.reconnect_grace, node_trigger)),
+        hub: Arc::new(cloudhub::Hub::new(settings.max_agents, settings.reconnect_grace, node_trigger).with_keepalive(settings.keepalive)),
         reports: Default::default(),
         token_secret: pki.token_secret.clone(),
         members: Default::default(),

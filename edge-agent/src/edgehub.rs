@@ -29,6 +29,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::EdgeConfig;
 use crate::metamanager::MetaHandle;
+use crate::supernode::Cluster;
 
 /// First reconnect delay; doubles up to [`MAX_BACKOFF`], each with ±50 % jitter.
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
@@ -68,7 +69,13 @@ pub struct Signals {
 }
 
 /// Keeps the agent connected until the process ends.
-pub async fn run(config: Arc<EdgeConfig>, meta: MetaHandle, mut outbound: mpsc::Receiver<Message>, signals: Signals) {
+pub async fn run(
+    config: Arc<EdgeConfig>,
+    meta: MetaHandle,
+    mut outbound: mpsc::Receiver<Message>,
+    signals: Signals,
+    cluster: Arc<Cluster>,
+) {
     let connector = match connector(&config.cloud.token.ca_hash) {
         Ok(c) => c,
         Err(e) => {
@@ -82,8 +89,10 @@ pub async fn run(config: Arc<EdgeConfig>, meta: MetaHandle, mut outbound: mpsc::
             Ok(ws) => {
                 failures = 0;
                 meta.set_connection(ConnectionState::CloudConnected);
-                let ended = Session::new(ws, &config, &meta, &signals).run(&mut outbound).await;
+                cluster.set_cloud_connected(true);
+                let ended = Session::new(ws, &config, &meta, &signals, &cluster).run(&mut outbound).await;
                 meta.set_connection(ConnectionState::CloudDisconnected);
+                cluster.set_cloud_connected(false);
                 warn!(reason = %ended, "disconnected from the cloud; instances keep running");
                 backoff(0)
             }
@@ -127,7 +136,9 @@ pub fn hello(config: &EdgeConfig, held: std::collections::BTreeMap<String, Strin
         os: std::env::consts::OS.into(),
         arch: std::env::consts::ARCH.into(),
         held,
-        peer_address: None,
+        peer_address: Some(
+            config.supernode.advertise.clone().unwrap_or_else(|| format!(":{}", config.supernode.listen.port())),
+        ),
     }
 }
 
@@ -218,6 +229,8 @@ async fn connect(config: &EdgeConfig, connector: &TlsConnector) -> Result<Ws, Li
 const OUTBOX_WINDOW: usize = 64;
 /// Prefix of the ids of outbox messages, followed by the entry's seq.
 const OUTBOX_ID: &str = "o-";
+/// Prefix of the ids of a supernode's report batches.
+const BATCH_ID: &str = "b-";
 
 /// One connected session.
 struct Session<'a> {
@@ -225,6 +238,7 @@ struct Session<'a> {
     config: &'a EdgeConfig,
     meta: &'a MetaHandle,
     signals: &'a Signals,
+    cluster: &'a Cluster,
     /// Outbox entries sent and not yet acknowledged, by seq.
     unacked: BTreeSet<i64>,
     keepalive: Duration,
@@ -235,12 +249,13 @@ struct Session<'a> {
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 impl<'a> Session<'a> {
-    fn new(ws: Ws, config: &'a EdgeConfig, meta: &'a MetaHandle, signals: &'a Signals) -> Self {
+    fn new(ws: Ws, config: &'a EdgeConfig, meta: &'a MetaHandle, signals: &'a Signals, cluster: &'a Cluster) -> Self {
         Session {
             ws,
             config,
             meta,
             signals,
+            cluster,
             unacked: BTreeSet::new(),
             keepalive: Duration::from_secs(15),
             last_heard: Instant::now(),
@@ -321,6 +336,10 @@ impl<'a> Session<'a> {
         if let Some(seq) = msg.parent_id.as_deref().and_then(|p| p.strip_prefix(OUTBOX_ID)?.parse::<i64>().ok()) {
             return self.outbox_answered(seq, &msg).await;
         }
+        if msg.parent_id.as_deref().is_some_and(|p| p.starts_with(BATCH_ID)) {
+            self.cluster.batch_answered(msg);
+            return Ok(());
+        }
         if msg.operation == Operation::Query && ResourceRef::parse(&msg.resource).is_ok_and(|r| r.res_type == LOG) {
             let reply = answer_log_query(&self.config.data_dir, &msg);
             return self.send(&reply).await;
@@ -338,7 +357,8 @@ impl<'a> Session<'a> {
 
     /// Sends outbox entries not yet in flight, oldest first, up to the window.
     async fn flush_outbox(&mut self) -> Result<(), LinkError> {
-        if self.unacked.len() >= OUTBOX_WINDOW {
+        // Through a supernode, or as one, reports go in batches instead (see `supernode`).
+        if self.unacked.len() >= OUTBOX_WINDOW || !self.cluster.reports_directly() {
             return Ok(());
         }
         let metamanager = |e: crate::metamanager::MetaError| LinkError::Lost(format!("metamanager: {e}"));

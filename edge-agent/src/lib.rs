@@ -7,3 +7,4 @@ pub mod localapi;
 pub mod metamanager;
 pub mod metasync;
 pub mod run;
+pub mod supernode;

@@ -4,6 +4,7 @@
 //! Reports leave through the SQLite outbox and are deleted only when the cloud
 //! acknowledges them; a newer snapshot supersedes an unsent older one.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use supermesh_api::protocol::{EventReport, InstanceReport, Operation, StatusReport, STATUS_RESOURCE};
@@ -13,6 +14,7 @@ use tracing::{debug, warn};
 use crate::edged::runtime::{now_ms, Phase, Statuses};
 use crate::edgehub::Signals;
 use crate::metamanager::MetaHandle;
+use crate::supernode::Cluster;
 
 /// Phase changes arriving within this window go out in one report.
 pub const COALESCE: Duration = Duration::from_millis(300);
@@ -68,7 +70,13 @@ pub fn events(before: &Statuses, after: &Statuses) -> Vec<(String, EventReport)>
 }
 
 /// Queues status reports and instance events until the runtime's status channel closes.
-pub async fn run(mut statuses: watch::Receiver<Statuses>, meta: MetaHandle, interval: Duration, signals: Signals) {
+pub async fn run(
+    mut statuses: watch::Receiver<Statuses>,
+    meta: MetaHandle,
+    interval: Duration,
+    signals: Signals,
+    cluster: Arc<Cluster>,
+) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     let mut last = Statuses::new();
     loop {
@@ -81,6 +89,7 @@ pub async fn run(mut statuses: watch::Receiver<Statuses>, meta: MetaHandle, inte
             }
             _ = tick.tick() => {}
             _ = signals.connected.notified() => {}
+            _ = cluster.view_changed.notified() => {}
         }
         let current = statuses.borrow_and_update().clone();
         for (key, event) in events(&last, &current) {
@@ -89,7 +98,9 @@ pub async fn run(mut statuses: watch::Receiver<Statuses>, meta: MetaHandle, inte
                 warn!(error = %e, %key, reason = %event.reason, "cannot queue an instance event");
             }
         }
-        let snapshot = report(&current, now_ms());
+        let mut snapshot = report(&current, now_ms());
+        snapshot.cluster = cluster.view();
+        cluster.own_status(&snapshot);
         last = current;
         let content = serde_json::to_value(&snapshot).unwrap_or_default();
         match meta.replace_report(Operation::MetaSync, STATUS_RESOURCE, &content).await {

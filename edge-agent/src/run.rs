@@ -4,30 +4,74 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, watch};
-use tracing::info;
+use tokio::sync::{mpsc, watch, Notify};
+use tracing::{info, warn};
 
 use crate::config::EdgeConfig;
 use crate::edged::process::ProcessRuntime;
 use crate::edged::runtime::Runtime;
 use crate::edged::Desired;
 use crate::edgehub::Signals;
+use crate::localapi::{self, LocalApi};
 use crate::metamanager::store::{self, Store};
-use crate::metamanager::{self, MetaError};
+use crate::metamanager::{self, EdgedEvent, MetaError};
+use crate::supernode::{self, Cluster};
 use crate::{edged, edgehub, metasync};
-use supermesh_api::protocol::MICROSERVICE;
+use supermesh_api::protocol::{Membership, MEMBERSHIP, MICROSERVICE};
 
 /// File name of the agent's database inside its data dir.
 pub const DATABASE: &str = "meta.db";
 
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store or metamanager failed.
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    /// A listener could not be opened.
+    #[error("cannot listen on {addr} for {what}: {source}; set {key} in edge.yaml to a free address")]
+    Listen {
+        /// What the listener serves.
+        what: &'static str,
+        /// The address from the config.
+        addr: std::net::SocketAddr,
+        /// The config key to change.
+        key: &'static str,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The local API's secret could not be read or created.
+    #[error("cannot read or create the local API key in {0}: {1}")]
+    Secret(String, std::io::Error),
+}
+
 /// Runs the agent until SIGINT or SIGTERM.
-pub async fn run(config: EdgeConfig) -> Result<(), MetaError> {
+pub async fn run(config: EdgeConfig) -> Result<(), StartError> {
     let config = Arc::new(config);
-    let store = Store::open(config.data_dir.join(DATABASE))?;
+    let store = Store::open(config.data_dir.join(DATABASE)).map_err(MetaError::from)?;
     info!(node = %config.node.name, data = %config.data_dir.display(), cloud = %config.cloud.address, "supermesh-agent starting");
+    let (peer_tcp, peer_udp) = supernode::bind(&config).await.map_err(|source| StartError::Listen {
+        what: "peers (supernode service, TCP and UDP)",
+        addr: config.supernode.listen,
+        key: "supernode.listen",
+        source,
+    })?;
+    let api_listener = tokio::net::TcpListener::bind(config.local_api.listen).await.map_err(|source| {
+        StartError::Listen { what: "the local API", addr: config.local_api.listen, key: "localApi.listen", source }
+    })?;
+    let secret = localapi::load_or_create_secret(&config.data_dir)
+        .map_err(|e| StartError::Secret(config.data_dir.display().to_string(), e))?;
+
     let (to_cloud, outbound) = mpsc::channel(1024);
-    let (to_edged, edged_events) = mpsc::channel(1024);
-    let meta = metamanager::spawn(store, to_cloud, to_edged);
+    let (to_router, from_meta) = mpsc::channel(1024);
+    let meta = metamanager::spawn(store, to_cloud.clone(), to_router);
+    let cluster = Cluster::new(config.clone(), meta.clone(), to_cloud);
+    for row in meta.list(MEMBERSHIP).await? {
+        match serde_json::from_str::<Membership>(&row.value) {
+            Ok(m) => cluster.set_membership(m),
+            Err(e) => warn!(key = %row.key, error = %e, "stored membership is unreadable"),
+        }
+    }
     // Offline autonomy: edged starts from what SQLite holds, whether the cloud answers or not.
     let held: BTreeMap<String, Desired> = meta
         .list(MICROSERVICE)
@@ -37,17 +81,73 @@ pub async fn run(config: EdgeConfig) -> Result<(), MetaError> {
         .collect();
     info!(instances = held.len(), "starting the instances recorded in the store");
     let (desired, wanted) = watch::channel(held);
+    let (to_edged, edged_events) = mpsc::channel(1024);
+    tokio::spawn(route_changes(from_meta, to_edged, cluster.clone()));
     tokio::spawn(edged::run(edged_events, desired));
+
+    // Reports are queued by MetaSync and the local API; edgehub and the cluster's relay both send them.
+    let queued = Arc::new(Notify::new());
+    let producers = Signals { outbox: queued.clone(), connected: Arc::new(Notify::new()) };
+    let hub_signals = Signals { outbox: Arc::new(Notify::new()), connected: producers.connected.clone() };
+    tokio::spawn(fan_out(queued, hub_signals.outbox.clone(), cluster.clone()));
+
     let runtime = Arc::new(ProcessRuntime::new(config.data_dir.clone(), config.node.name.clone()));
-    let signals = Signals::default();
-    tokio::spawn(metasync::run(runtime.statuses(), meta.clone(), config.podstatus_interval(), signals.clone()));
-    let (edged_runtime, node) = (runtime.clone(), config.node.name.clone());
-    tokio::spawn(async move { edged::reconcile(&*edged_runtime, wanted, &node).await });
-    tokio::spawn(edgehub::run(config, meta, outbound, signals));
+    tokio::spawn(metasync::run(
+        runtime.statuses(),
+        meta.clone(),
+        config.podstatus_interval(),
+        producers.clone(),
+        cluster.clone(),
+    ));
+    let api = LocalApi::new(
+        config.clone(),
+        meta.clone(),
+        producers.outbox.clone(),
+        wanted.clone(),
+        cluster.clone(),
+        secret.clone(),
+    );
+    tokio::spawn(localapi::serve(api_listener, Arc::new(api)));
+    let context = edged::Context::new(&config, secret);
+    let edged_runtime = runtime.clone();
+    tokio::spawn(async move { edged::reconcile(&*edged_runtime, wanted, &context).await });
+    supernode::spawn(cluster.clone(), peer_tcp, peer_udp);
+    tokio::spawn(edgehub::run(config, meta, outbound, hub_signals, cluster));
     shutdown_signal().await;
     // Dropping the runtime leaves instances running: the next agent adopts them.
     info!("supermesh-agent stopping; instances are left running");
     Ok(())
+}
+
+/// Passes the metamanager's changes on: memberships to the cluster, the rest to edged.
+async fn route_changes(
+    mut from_meta: mpsc::Receiver<EdgedEvent>,
+    to_edged: mpsc::Sender<EdgedEvent>,
+    cluster: Arc<Cluster>,
+) {
+    while let Some(event) = from_meta.recv().await {
+        if let EdgedEvent::Upserted { res_type, value, key, .. } = &event {
+            if res_type == MEMBERSHIP {
+                match serde_json::from_str::<Membership>(value) {
+                    Ok(m) => cluster.set_membership(m),
+                    Err(e) => warn!(%key, error = %e, "membership from the cloud is unreadable"),
+                }
+                continue;
+            }
+        }
+        if to_edged.send(event).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Wakes every sender of reports when one was queued.
+async fn fan_out(queued: Arc<Notify>, edgehub: Arc<Notify>, cluster: Arc<Cluster>) {
+    loop {
+        queued.notified().await;
+        edgehub.notify_one();
+        cluster.outbox_changed();
+    }
 }
 
 async fn shutdown_signal() {

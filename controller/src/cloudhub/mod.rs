@@ -77,6 +77,7 @@ pub struct Hub {
     next_id: AtomicU64,
     started: Instant,
     grace: Duration,
+    keepalive: Duration,
     max_agents: usize,
     node_trigger: UnboundedSender<ObjectRef<EdgeNode>>,
 }
@@ -89,6 +90,7 @@ impl Hub {
             next_id: AtomicU64::new(1),
             started: Instant::now(),
             grace,
+            keepalive: Duration::from_secs(KEEPALIVE_SECONDS),
             max_agents,
             node_trigger,
         }
@@ -117,6 +119,19 @@ impl Hub {
     /// Number of connected agents.
     pub fn connected(&self) -> usize {
         self.lock().len()
+    }
+
+    /// Whether agents have had time to reconnect since this controller started.
+    /// Time between keepalives on an idle stream.
+    pub fn keepalive(&self) -> Duration {
+        self.keepalive
+    }
+
+    /// The same hub with keepalives every `keepalive` on idle streams (a stream silent
+    /// for three keepalives is dead, so this also bounds how fast a lost agent is noticed).
+    pub fn with_keepalive(mut self, keepalive: Duration) -> Hub {
+        self.keepalive = keepalive.max(Duration::from_secs(1));
+        self
     }
 
     /// Whether agents have had time to reconnect since this controller started.

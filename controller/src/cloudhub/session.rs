@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use super::desired::{diff, is_kept, Change, Desired};
 use super::reports::{judge_batch, outbox_seq, Report};
-use super::{resolve_peer_address, SessionInfo, Ws, KEEPALIVE_SECONDS};
+use super::{resolve_peer_address, SessionInfo, Ws};
 use crate::context::Context;
 use crate::discovery::{self, Scope};
 use crate::metrics::ReportPath;
@@ -31,7 +31,6 @@ use crate::metrics::ReportPath;
 /// Unacked changes are sent again after this long.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// A stream silent this long is dead.
-const SILENCE_LIMIT: Duration = Duration::from_secs(3 * KEEPALIVE_SECONDS);
 /// How often the session checks timers, and refreshes the node's heartbeat in its status.
 const TICK: Duration = Duration::from_secs(5);
 const HEARTBEAT_REFRESH: Duration = Duration::from_secs(60);
@@ -197,14 +196,15 @@ impl Session {
         superseded: Arc<tokio::sync::Notify>,
         mut queries: tokio::sync::mpsc::Receiver<(Message, tokio::sync::oneshot::Sender<Message>)>,
     ) -> &'static str {
-        let welcome = Welcome { keepalive_seconds: KEEPALIVE_SECONDS, pending: 0 };
+        let keepalive = self.ctx.hub.keepalive();
+        let welcome = Welcome { keepalive_seconds: keepalive.as_secs(), pending: 0 };
         if self.send(Operation::NodeConnection, CONNECTION_RESOURCE, None, welcome).await.is_err() {
             return "send failed";
         }
         if self.sync().await.is_err() {
             return "send failed";
         }
-        let mut tick = tokio::time::interval(TICK);
+        let mut tick = tokio::time::interval(TICK.min(keepalive));
         let mut heartbeat = Instant::now();
         loop {
             tokio::select! {
@@ -220,10 +220,10 @@ impl Session {
                     if self.write(&query).await.is_err() { return "send failed"; }
                 }
                 _ = tick.tick() => {
-                    if self.last_heard.elapsed() > SILENCE_LIMIT { return "silent for too long"; }
+                    if self.last_heard.elapsed() > 3 * keepalive { return "silent for too long"; }
                     self.inflight.retain(|_, f| f.sent.elapsed() < ACK_TIMEOUT);
                     if self.sync().await.is_err() { return "send failed"; }
-                    if self.last_sent.elapsed() >= Duration::from_secs(KEEPALIVE_SECONDS)
+                    if self.last_sent.elapsed() >= keepalive
                         && self.send(Operation::Keepalive, CONNECTION_RESOURCE, None, ()).await.is_err() {
                         return "send failed";
                     }
