@@ -128,6 +128,24 @@ async fn ticks_at_cloud(events: &Api<Event>) -> BTreeMap<String, BTreeSet<u64>> 
     seen
 }
 
+/// Waits until every tick `1..=upto` of each `(node, upto)` reached the cloud; returns what it saw.
+async fn all_ticks_arrive(events: &Api<Event>, what: &str, want: &[(String, u64)]) -> BTreeMap<String, BTreeSet<u64>> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let seen = ticks_at_cloud(events).await;
+        let gaps: Vec<(&String, Vec<u64>)> = want
+            .iter()
+            .map(|(node, upto)| (node, missing(seen.get(node), *upto)))
+            .filter(|(_, m)| !m.is_empty())
+            .collect();
+        if gaps.is_empty() {
+            return seen;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; missing ticks: {gaps:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Numbers in `1..=upto` missing from `seen`.
 fn missing(seen: Option<&BTreeSet<u64>>, upto: u64) -> Vec<u64> {
     (1..=upto).filter(|n| !seen.is_some_and(|s| s.contains(n))).collect()
@@ -214,8 +232,12 @@ async fn supernodes_relay_reports_fail_over_and_keep_discovery_working_offline()
             clusters.len() == 2 && of(&a.lan.network) == Some(sa.clone()) && of(&b.lan.network) == Some(sb.clone())
         })
         .await;
-    let printed = kubectl(&["get", "mesh", "lan", "-n", &ns]);
-    assert!(printed.contains(&sa) && printed.contains(&sb), "kubectl get mesh shows the supernodes:\n{printed}");
+    let printed = eventually("kubectl get mesh to show both supernodes", Duration::from_secs(30), || {
+        let printed = kubectl(&["get", "mesh", "lan", "-n", &ns]);
+        (printed.contains(&sa) && printed.contains(&sb)).then_some(printed)
+    })
+    .await;
+    eprintln!("{printed}");
     let msvcs: Api<Microservice> = Api::namespaced(cluster.client.clone(), &ns);
     controller
         .wait_for(&msvcs, "probe", "6 ready instances", |m| m.status.as_ref().is_some_and(|s| s.ready_instances == 6))
@@ -262,14 +284,10 @@ async fn supernodes_relay_reports_fail_over_and_keep_discovery_working_offline()
         survivors.iter().zip(&goal).all(|(s, g)| ticks(s, &key) >= *g).then_some(())
     })
     .await;
-    let handed: Vec<u64> = survivors.iter().map(|s| ticks(s, &key)).collect();
-    let seen = eventually("every tick of the survivors at the cloud", Duration::from_secs(60), || {
-        let seen = futures::executor::block_on(ticks_at_cloud(&events));
-        survivors.iter().zip(&handed).all(|(s, n)| missing(seen.get(&s.name), *n).is_empty()).then_some(seen)
-    })
-    .await;
-    for (s, n) in survivors.iter().zip(&handed) {
-        eprintln!("{}: ticks 1..={n} all arrived ({} seen)", s.name, seen[&s.name].len());
+    let handed: Vec<(String, u64)> = survivors.iter().map(|s| (s.name.clone(), ticks(s, &key))).collect();
+    let seen = all_ticks_arrive(&events, "every tick of the survivors at the cloud", &handed).await;
+    for (node, n) in &handed {
+        eprintln!("{node}: ticks 1..={n} all arrived ({} seen)", seen[node].len());
     }
 
     // 4. Network B loses the cloud: discovery and services keep working there, then status catches up.
@@ -309,11 +327,9 @@ async fn supernodes_relay_reports_fail_over_and_keep_discovery_working_offline()
     let stalled = b.agents.iter().zip(&handed_offline).any(|(s, n)| !missing(at_cloud.get(&s.name), *n).is_empty());
     assert!(stalled, "ticks posted while the network is cut off cannot have reached the cloud yet");
     b.lan.restore_cloud();
-    eventually("network B's ticks of the outage to reach the cloud", Duration::from_secs(90), || {
-        let seen = futures::executor::block_on(ticks_at_cloud(&events));
-        b.agents.iter().zip(&handed_offline).all(|(s, n)| missing(seen.get(&s.name), *n).is_empty()).then_some(())
-    })
-    .await;
+    let want: Vec<(String, u64)> =
+        b.agents.iter().map(|a| a.name.clone()).zip(handed_offline.iter().copied()).collect();
+    all_ticks_arrive(&events, "network B's ticks of the outage to reach the cloud", &want).await;
     for agent in &b.agents {
         controller
             .wait_for(&nodes, &agent.name, "Connected again, role reported", |n| {

@@ -70,7 +70,9 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
     }
     text.as_bytes()
         .chunks(2)
-        .map(|pair| std::str::from_utf8(pair).ok().filter(|p| p.len() == 2).and_then(|p| u8::from_str_radix(p, 16).ok()))
+        .map(|pair| {
+            std::str::from_utf8(pair).ok().filter(|p| p.len() == 2).and_then(|p| u8::from_str_radix(p, 16).ok())
+        })
         .collect()
 }
 

@@ -79,7 +79,10 @@ pub async fn run(settings: Settings) -> Result<()> {
         index: index.clone(),
         placements: Placements::default(),
         node_trigger: node_trigger.clone(),
-        hub: Arc::new(cloudhub::Hub::new(settings.max_agents, settings.reconnect_grace, node_trigger).with_keepalive(settings.keepalive)),
+        hub: Arc::new(
+            cloudhub::Hub::new(settings.max_agents, settings.reconnect_grace, node_trigger)
+                .with_keepalive(settings.keepalive),
+        ),
         reports: Default::default(),
         token_secret: pki.token_secret.clone(),
         members: Default::default(),

@@ -96,6 +96,13 @@ pub(super) async fn run(mut ws: Ws, node: String, peer: SocketAddr, ctx: Arc<Con
     let (id, poke, superseded, queries) = ctx.hub.register(&node, info);
     ctx.metrics.agents.set(ctx.hub.connected() as i64);
     info!(%node, %peer, held = hello.held.len(), "agent connected");
+    // The node's peers learn its address from their membership now, not after a status write.
+    if let Some(me) = ctx.index.nodes.get(&ObjectRef::new(&node)) {
+        let nodes = ctx.index.nodes.state();
+        let peers: Vec<String> =
+            nodes.iter().filter(|n| n.spec.network == me.spec.network).map(|n| n.name_any()).collect();
+        ctx.hub.poke(&peers);
+    }
     let acked = hello.held.into_iter().filter(|(r, _)| is_kept(r)).collect();
     let mut s = Session {
         node: node.clone(),
@@ -296,7 +303,15 @@ impl Session {
     fn membership(&self) -> Option<Membership> {
         let me = self.edgenode()?;
         let nodes = self.ctx.index.nodes.state();
-        Some(crate::membership::build(&me.spec.network, &self.ctx.token_secret, nodes.iter().map(|n| &**n)))
+        let mut membership =
+            crate::membership::build(&me.spec.network, &self.ctx.token_secret, nodes.iter().map(|n| &**n));
+        // A connected agent's own word on its address is fresher than its EdgeNode status.
+        for member in &mut membership.members {
+            if let Some(address) = self.ctx.hub.session(&member.name).and_then(|s| s.peer_address) {
+                member.address = Some(address);
+            }
+        }
+        Some(membership)
     }
 
     /// The node's EdgeNode, from the index.

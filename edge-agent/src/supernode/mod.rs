@@ -31,6 +31,8 @@ pub use peer::serve;
 
 /// A peer is gone when it has not been heard for this many heartbeat intervals.
 pub const SILENT_HEARTBEATS: f64 = 2.5;
+/// Heartbeat intervals a node listens before its first election.
+const WARM_UP_HEARTBEATS: f64 = 1.5;
 /// Reports queued at a supernode, at most.
 const QUEUE_LIMIT: usize = 20_000;
 
@@ -60,6 +62,8 @@ struct Peer {
 
 struct State {
     membership: Option<Membership>,
+    /// When the membership first arrived: the first election waits to hear the peers.
+    listening_since: Option<Instant>,
     peers: BTreeMap<String, Peer>,
     supernode: Option<String>,
     heartbeats: u64,
@@ -109,6 +113,7 @@ impl Cluster {
             score,
             state: Mutex::new(State {
                 membership: None,
+                listening_since: None,
                 peers: BTreeMap::new(),
                 supernode: None,
                 heartbeats: 0,
@@ -141,6 +146,7 @@ impl Cluster {
         if state.membership.as_ref() != Some(&membership) {
             info!(network = %membership.network, members = membership.members.len(), "cluster membership");
             state.membership = Some(membership);
+            state.listening_since.get_or_insert_with(Instant::now);
         }
     }
 
@@ -224,13 +230,17 @@ impl Cluster {
             .unwrap_or_else(|| format!(":{}", self.config.supernode.listen.port()))
     }
 
-    /// One heartbeat: forgets silent peers, elects, and returns the heartbeat to send and
-    /// the addresses to send it to (nothing without a membership).
-    fn beat(&self) -> Option<(Heartbeat, Vec<String>)> {
+    /// Forgets silent peers and elects the supernode among the live ones (itself included).
+    /// Run several times per heartbeat, so a supernode that left is replaced within
+    /// [`SILENT_HEARTBEATS`] heartbeats plus a fraction of one.
+    fn elect(&self) {
         let silent = self.config.heartbeat().mul_f64(SILENT_HEARTBEATS);
         let mut state = self.state();
-        let membership = state.membership.clone()?;
-        state.heartbeats += 1;
+        // Before electing, listen long enough to hear every live peer once; else each
+        // node would first elect itself and the cluster would start with a flap.
+        if state.listening_since.is_none_or(|t| t.elapsed() < self.config.heartbeat().mul_f64(WARM_UP_HEARTBEATS)) {
+            return;
+        }
         state.peers.retain(|_, p| p.heard.elapsed() <= silent);
         let me = self.name().to_owned();
         let mut live = vec![election::Candidate { name: &me, score: self.score }];
@@ -251,6 +261,15 @@ impl Cluster {
             self.view_changed.notify_one();
             self.outbox.notify_waiters();
         }
+    }
+
+    /// One heartbeat: the heartbeat to send and the addresses to send it to (nothing
+    /// without a membership).
+    fn beat(&self) -> Option<(Heartbeat, Vec<String>)> {
+        let mut state = self.state();
+        let membership = state.membership.clone()?;
+        state.heartbeats += 1;
+        let me = self.name().to_owned();
         let heartbeat = Heartbeat {
             version: PEER_VERSION,
             node: me.clone(),

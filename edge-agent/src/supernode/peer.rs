@@ -25,7 +25,6 @@ use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 
 use super::{Cluster, Route};
-use crate::metasync::COALESCE;
 
 /// Reports sent to the supernode in one request, and upstream in one batch, at most.
 const MAX_ENTRIES: usize = 512;
@@ -36,18 +35,30 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the cloud has to answer a batch.
 const BATCH_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Changes arriving at a supernode within this window go upstream in one batch.
+const COALESCE: Duration = Duration::from_secs(1);
+/// How often per heartbeat interval silent peers are looked for.
+const CHECKS_PER_HEARTBEAT: u32 = 4;
+
 static NEXT_BATCH: AtomicU64 = AtomicU64::new(1);
 
 /// Sends a heartbeat every interval until the process ends.
 pub(super) async fn heartbeats(cluster: Arc<Cluster>, udp: Arc<UdpSocket>) {
-    let mut tick = tokio::time::interval(cluster.heartbeat());
+    // Liveness is checked four times per heartbeat, so a silent peer is noticed promptly.
+    let mut tick = tokio::time::interval(cluster.heartbeat() / CHECKS_PER_HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut checks = 0u32;
     let multicast = cluster.config.supernode.multicast.then(|| {
         let group: std::net::Ipv4Addr = MULTICAST_GROUP.parse().expect("a valid group");
         SocketAddr::from((group, cluster.config.supernode.listen.port()))
     });
     loop {
         tick.tick().await;
+        cluster.elect();
+        checks += 1;
+        if checks % CHECKS_PER_HEARTBEAT != 1 {
+            continue;
+        }
         let (Some((heartbeat, targets)), Some(key)) = (cluster.beat(), cluster.key()) else { continue };
         let datagram = SignedHeartbeat::encode(&heartbeat, &key);
         let mut addresses: Vec<SocketAddr> = multicast.into_iter().collect();
