@@ -6,11 +6,19 @@ use anyhow::{bail, Result};
 use crate::shell::{self, cargo};
 
 /// Known benchmarks: name (also the bench target of the `supermesh-tests` crate) and what it measures.
-const BENCHES: &[(&str, &str)] = &[(
-    "sync",
-    "metamanager upserts/s (one transaction per message vs batched), change-to-ack latency and \
-     controller memory with 1, 100 and 1000 simulated agents",
-)];
+const BENCHES: &[(&str, &str)] = &[
+    (
+        "sync",
+        "metamanager upserts/s (one transaction per message vs batched), change-to-ack latency and \
+         controller memory with 1, 100 and 1000 simulated agents",
+    ),
+    (
+        "supernode",
+        "upstream report load at the cloud (messages, bytes, reports per second, controller CPU and memory) \
+         for 1000 simulated nodes in networks of 10, without and with supernodes batching their networks' \
+         reports; supernode failover time with 10 real agents",
+    ),
+];
 
 /// Builds what benchmark `what` needs, then runs it against a cluster and prints its report.
 pub fn run(what: &str, extra: &[String]) -> Result<()> {
@@ -18,9 +26,8 @@ pub fn run(what: &str, extra: &[String]) -> Result<()> {
         let known: Vec<String> = BENCHES.iter().map(|(name, about)| format!("  {name}: {about}")).collect();
         bail!("unknown benchmark {what:?}; known benchmarks:\n{}", known.join("\n"));
     }
-    // The bench drives the debug controller binary, like the end-to-end tests.
-    step("building the binaries");
     // The controller and agents are measured as they ship: release builds.
+    step("building the binaries");
     shell::run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
     step(&format!("building benchmark {what} (release)"));
     shell::run(cargo().args(["bench", "-p", "supermesh-tests", "--bench", what, "--no-run"]))?;

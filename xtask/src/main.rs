@@ -38,11 +38,13 @@ enum Command {
     },
     /// Bring up a control plane and the controller, apply examples/, show the result.
     Demo,
-    /// Run a benchmark against a real API server and print its figures (`sync`).
+    /// Run a benchmark against a real API server and print its figures (`sync`, `supernode`).
     Bench {
-        /// Which benchmark: `sync`.
+        /// Which benchmark: `sync` or `supernode`.
         what: String,
-        /// Extra arguments for the benchmark (sync: `--agents 1,100`).
+        /// Extra arguments for the benchmark, after `--` (sync: `-- --agents 1,100`; supernode:
+        /// `-- --nodes 1000 --cluster-size 10 --interval 10 --window 60 --warmup 20 --failover-agents 10
+        /// --rounds 3 --only load|failover`, times in seconds).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
