@@ -230,7 +230,7 @@ async fn bad_messages_get_an_error_reply_and_lose_nothing() {
         let msg = protocol::decode(&frame.into_text().unwrap()).unwrap();
         match msg.operation {
             Operation::Error => errors.push(msg.content_as::<ErrorContent>().unwrap()),
-            Operation::Insert => assignment = Some(msg),
+            Operation::Insert if msg.resource.contains("/microservice/") => assignment = Some(msg),
             _ => {}
         }
     }

@@ -596,7 +596,7 @@ impl Agent {
         }
     }
 
-    /// The resources in the agent's SQLite store with their versions.
+    /// The microservices in the agent's SQLite store with their versions (memberships left out).
     pub fn held(&self) -> std::collections::BTreeMap<String, String> {
         let report = self.inspect().unwrap_or_else(|e| panic!("inspect {}: {e}", self.name));
         report
@@ -605,6 +605,7 @@ impl Agent {
             .take_while(|l| !l.trim().is_empty())
             .filter_map(|l| {
                 let cols: Vec<&str> = l.split_whitespace().collect();
+                (cols.get(1) == Some(&"microservice")).then_some(())?;
                 Some((cols.first()?.to_string(), cols.get(2)?.to_string()))
             })
             .collect()

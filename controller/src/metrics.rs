@@ -65,12 +65,14 @@ pub struct Metrics {
     pub status_writes: Family<KindLabels, Counter>,
     /// Microservice instances currently placed on edge nodes.
     pub placed_instances: Gauge,
-    /// Changes (Insert, Update, Delete) sent to agents.
+    /// Microservice changes (Insert, Update, Delete) sent to agents.
     pub changes_sent: Counter,
-    /// Changes agents acknowledged after committing them.
+    /// Microservice changes agents acknowledged after committing them.
     pub changes_acked: Counter,
-    /// Changes agents refused.
+    /// Microservice changes agents refused.
     pub changes_nacked: Counter,
+    /// Network memberships (Insert, Update, Delete) sent to agents.
+    pub memberships_sent: Counter,
     /// Invalid messages received from agents.
     pub bad_messages: Counter,
     /// Agents connected now.
@@ -102,10 +104,12 @@ impl Default for Metrics {
         registry.register("reconcile_duration_seconds", "Reconcile duration", duration.clone());
         registry.register("status_writes", "Status writes to the API server", status_writes.clone());
         registry.register("placed_instances", "Microservice instances placed on edge nodes", placed_instances.clone());
-        let [changes_sent, changes_acked, changes_nacked, bad_messages] = std::array::from_fn(|_| Counter::default());
-        registry.register("cloudhub_changes_sent", "Changes sent to agents", changes_sent.clone());
-        registry.register("cloudhub_changes_acked", "Changes agents acknowledged", changes_acked.clone());
-        registry.register("cloudhub_changes_nacked", "Changes agents refused", changes_nacked.clone());
+        let [changes_sent, changes_acked, changes_nacked, bad_messages, memberships_sent] =
+            std::array::from_fn(|_| Counter::default());
+        registry.register("cloudhub_changes_sent", "Microservice changes sent to agents", changes_sent.clone());
+        registry.register("cloudhub_changes_acked", "Microservice changes agents acknowledged", changes_acked.clone());
+        registry.register("cloudhub_changes_nacked", "Microservice changes agents refused", changes_nacked.clone());
+        registry.register("cloudhub_memberships_sent", "Network memberships sent to agents", memberships_sent.clone());
         registry.register("cloudhub_bad_messages", "Invalid messages received from agents", bad_messages.clone());
         let status_reports = Counter::default();
         registry.register("cloudhub_status_reports", "Instance status reports received", status_reports.clone());
@@ -134,6 +138,7 @@ impl Default for Metrics {
             changes_sent,
             changes_acked,
             changes_nacked,
+            memberships_sent,
             bad_messages,
             agents,
             status_reports,

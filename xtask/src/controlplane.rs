@@ -268,7 +268,8 @@ fn cache_dir() -> PathBuf {
         .join("supermesh")
 }
 
-fn free_port() -> Result<u16> {
+/// A free TCP port on loopback.
+pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

@@ -102,8 +102,10 @@ fn start_agents(plane: &ControlPlane, cloudhub: &str, dir: &Path, pids: &mut Vec
         let _ = fs::remove_dir_all(&home);
         fs::create_dir_all(&home)?;
         let config = home.join("edge.yaml");
+        // The three "devices" share this machine, so each gets its own peer and local API ports.
+        let (peer, api) = (crate::controlplane::free_port()?, crate::controlplane::free_port()?);
         let yaml = format!(
-            "node: {{name: {name}, account: acme, network: home}}\ncloud: {{address: \"{cloudhub}\", token: \"{token}\"}}\ndataDir: {}\nmeta:\n  sync:\n    podstatus:\n      interval: 60\n",
+            "node: {{name: {name}, account: acme, network: home}}\ncloud: {{address: \"{cloudhub}\", token: \"{token}\"}}\ndataDir: {}\nmeta:\n  sync:\n    podstatus:\n      interval: 60\nsupernode: {{listen: \"127.0.0.1:{peer}\", heartbeatSeconds: 1}}\nlocalApi: {{listen: \"127.0.0.1:{api}\"}}\n",
             home.join("data").display()
         );
         fs::write(&config, yaml)?;

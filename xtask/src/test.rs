@@ -13,6 +13,9 @@ pub fn run(extra: &[String]) -> Result<()> {
     shell::run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     step("generated CRDs match the Rust types");
     crate::crdgen::run(true)?;
+    // The end-to-end tests put agents in network namespaces (`ip`) and run Python microservices.
+    shell::ensure_program("ip", "iproute2")?;
+    shell::ensure_program("python3", "python3")?;
     step("building the binaries");
     shell::run(cargo().args(["build", "--workspace", "--bins"]))?;
 

@@ -15,7 +15,7 @@ use supermesh_api::edgenode::EdgeNodeSpec;
 use supermesh_api::protocol::{
     decode, encode, Assignment, EndpointsAnswer, ErrorCode, ErrorContent, EventReport, Hello, Membership, Message,
     NodesAnswer, Operation, ReportBatch, ResourceRef, StatusReport, Welcome, BATCH_RESOURCE, CONNECTION_RESOURCE,
-    ENDPOINTS, MICROSERVICE, NODES, STATUS_RESOURCE,
+    ENDPOINTS, MEMBERSHIP, MICROSERVICE, NODES, STATUS_RESOURCE,
 };
 use supermesh_api::{EdgeNode, Microservice};
 use tokio_tungstenite::tungstenite::Message as Frame;
@@ -192,6 +192,11 @@ fn answer(content: impl serde::Serialize) -> Answer {
     serde_json::to_value(content).map(|c| (c, None)).map_err(|e| (ErrorCode::Unavailable, e.to_string()))
 }
 
+/// Whether `resource` is a network membership (counted apart from microservice changes).
+fn is_membership(resource: &str) -> bool {
+    ResourceRef::parse(resource).is_ok_and(|r| r.res_type == MEMBERSHIP)
+}
+
 fn now_ms() -> i64 {
     Timestamp::now().as_millisecond()
 }
@@ -346,8 +351,13 @@ impl Session {
             None => self.send(operation, &resource, Some(&version), ()).await?,
         };
         let version = (operation != Operation::Delete).then_some(version);
+        let metrics = &self.ctx.metrics;
+        if is_membership(&resource) {
+            metrics.memberships_sent.inc()
+        } else {
+            metrics.changes_sent.inc()
+        };
         self.inflight.insert(id, Inflight { resource, version, sent: Instant::now() });
-        self.ctx.metrics.changes_sent.inc();
         Ok(())
     }
 
@@ -526,14 +536,18 @@ impl Session {
         if msg.operation == Operation::Error {
             let reason = msg.content_as::<ErrorContent>().map(|c| c.message).unwrap_or_default();
             warn!(node = %self.node, resource = %f.resource, %reason, "agent refused a change; it is sent again later");
-            self.ctx.metrics.changes_nacked.inc();
+            if !is_membership(&f.resource) {
+                self.ctx.metrics.changes_nacked.inc();
+            }
             return;
+        }
+        if !is_membership(&f.resource) {
+            self.ctx.metrics.changes_acked.inc();
         }
         match f.version {
             Some(v) => self.acked.insert(f.resource, v),
             None => self.acked.remove(&f.resource),
         };
-        self.ctx.metrics.changes_acked.inc();
     }
 
     /// Answers an agent's query: discovery (`_/nodes/<scope>`, `namespace/endpoints/name`),
