@@ -28,8 +28,8 @@ use supermesh_agent::supernode::relay::Queue;
 use supermesh_api::edgenode::NodeRole;
 use supermesh_api::peer::Registry;
 use supermesh_api::protocol::{
-    self, BatchAck, ClusterView, ErrorContent, InstanceReport, Message, Operation, RelayedReport, StatusReport,
-    Welcome, BATCH_RESOURCE, CONNECTION_RESOURCE, OUTBOX_ID_PREFIX, STATUS_RESOURCE,
+    self, BatchAck, ClusterView, ErrorContent, InstanceReport, Membership, Message, Operation, RelayedReport,
+    StatusReport, Welcome, BATCH_RESOURCE, CONNECTION_RESOURCE, OUTBOX_ID_PREFIX, STATUS_RESOURCE,
 };
 use supermesh_api::EdgeNode;
 use supermesh_tests::{delete_all, join_token, unique, Agent, Cluster, Controller};
@@ -66,8 +66,9 @@ const MIN_WARMUP: Duration = Duration::from_secs(20);
 const PROGRESS: Duration = Duration::from_secs(10);
 /// How long the answers to the last reports may take after the window.
 const DRAIN_LIMIT: Duration = Duration::from_secs(15);
-/// How long deleting the benchmark's EdgeNodes (finalizers removed by the controller) may take.
-const CLEANUP_LIMIT: Duration = Duration::from_secs(120);
+/// Deleting the benchmark's EdgeNodes (finalizers removed by the controller) goes on while
+/// their number falls at least once in this long.
+const CLEANUP_STALL: Duration = Duration::from_secs(60);
 /// Largest batch, in entries and bytes, as the agent's supernode sends them.
 const MAX_BATCH_ENTRIES: usize = 512;
 const MAX_BATCH_BYTES: usize = 512 * 1024;
@@ -416,6 +417,8 @@ struct Stats {
     refusals: Mutex<Vec<String>>,
     keepalives: AtomicU64,
     changes_acked: AtomicU64,
+    /// Nodes whose membership from the cloud lists every node of their network.
+    complete_memberships: AtomicUsize,
     cloud_errors: Mutex<Vec<String>>,
     closed: Mutex<Vec<String>>,
     /// Report message sent -> its answer read, in ms.
@@ -667,6 +670,9 @@ async fn load_run(
     let started = Instant::now();
     let mut sessions = JoinSet::new();
     let networks = fleet.networks.len() as f64;
+    let members: Vec<Arc<BTreeSet<String>>> = (0..fleet.networks.len())
+        .map(|k| Arc::new(fleet.members(k).map(|j| fleet.names[j].clone()).collect()))
+        .collect();
     for (i, name) in fleet.names.iter().enumerate() {
         let k = fleet.network_of(i);
         let yaml = format!(
@@ -693,6 +699,8 @@ async fn load_run(
             pending: HashMap::new(),
             queue: Queue::new(QUEUE_LIMIT),
             counter: 0,
+            network: members[k].clone(),
+            membership_complete: false,
         };
         sessions.spawn(node.run(permits.clone(), started + CONNECT_LIMIT));
     }
@@ -756,9 +764,30 @@ async fn measure(
     if registered < n {
         return Err(format!("all {n} nodes are connected but only {registered} have an EdgeNode"));
     }
+    // The cloud authorizes a relayed report from its index of EdgeNodes; the memberships it
+    // sends are built from that index, so once every node's lists its whole network, the
+    // index knows every node.
+    let waited = Instant::now();
+    let listed = |s: &Stats| s.complete_memberships.load(Ordering::Relaxed);
+    while listed(stats) < n && waited.elapsed() < SETTLE_LIMIT {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if listed(stats) < n {
+        notes.push(format!(
+            "{label}: only {} of {n} nodes got a membership listing their whole network within {} s; reports may be refused",
+            listed(stats),
+            SETTLE_LIMIT.as_secs()
+        ));
+    }
+    let memberships = waited.elapsed().as_secs_f64();
     let settled = settle(controller).await;
-    eprintln!("    {n} nodes connected in {:.1} s, all with an EdgeNode; {settled}", connect.as_secs_f64());
-    notes.push(format!("{label}: {n} nodes connected in {:.1} s; {settled}", connect.as_secs_f64()));
+    let connected = format!(
+        "{n} nodes connected in {:.1} s, all with an EdgeNode, their networks' memberships complete {memberships:.1} s \
+         later; {settled}",
+        connect.as_secs_f64()
+    );
+    eprintln!("    {connected}");
+    notes.push(format!("{label}: {connected}"));
 
     // Reports start; the window starts after the warm-up (at least one whole interval), when
     // every node (or supernode) has reported and the status changes of the first reports are written.
@@ -987,19 +1016,24 @@ async fn remove_nodes(cluster: &Cluster, names: &[String]) -> Vec<String> {
     let nodes: Api<EdgeNode> = Api::all(cluster.client.clone());
     delete_all(&nodes, names).await;
     let ours: BTreeSet<&str> = names.iter().map(String::as_str).collect();
-    let deadline = Instant::now() + CLEANUP_LIMIT;
+    let started = Instant::now();
+    let (mut fewest, mut progress) = (names.len(), Instant::now());
     loop {
         let left = match nodes.list(&ListParams::default()).await {
             Ok(list) => list.items.iter().filter(|n| ours.contains(n.name_any().as_str())).count(),
-            Err(_) => names.len(),
+            Err(_) => fewest,
         };
         if left == 0 {
             return Vec::new();
         }
-        if Instant::now() > deadline {
+        if left < fewest {
+            (fewest, progress) = (left, Instant::now());
+        }
+        if progress.elapsed() > CLEANUP_STALL {
             return vec![format!(
-                "cleanup: {left} EdgeNodes of the benchmark remain after {} s",
-                CLEANUP_LIMIT.as_secs()
+                "cleanup: {left} EdgeNodes of the benchmark remain after {:.0} s, none removed in the last {} s",
+                started.elapsed().as_secs_f64(),
+                CLEANUP_STALL.as_secs()
             )];
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1021,6 +1055,9 @@ struct SimNode {
     /// A supernode's relay queue, as the agent's.
     queue: Queue,
     counter: u64,
+    /// Every node of this node's network, and whether the cloud's membership listed them all yet.
+    network: Arc<BTreeSet<String>>,
+    membership_complete: bool,
 }
 
 impl SimNode {
@@ -1162,6 +1199,16 @@ impl SimNode {
     /// to a report is counted.
     async fn received(&mut self, ws: &mut Ws, msg: Message) -> Result<(), String> {
         if msg.operation.is_change() {
+            if !self.membership_complete && msg.resource == Membership::resource(&self.config.node.network) {
+                let listed: BTreeSet<String> = msg
+                    .content_as::<Membership>()
+                    .map(|m| m.members.into_iter().map(|m| m.name).collect())
+                    .unwrap_or_default();
+                if self.network.is_subset(&listed) {
+                    self.membership_complete = true;
+                    self.stats.complete_memberships.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             let id = self.next_id("a-");
             let mut ack = Message::new(id, now_ms(), Operation::Response, &msg.resource, ()).answering(&msg.id);
             ack.resource_version = msg.resource_version.clone();
