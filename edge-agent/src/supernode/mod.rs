@@ -47,6 +47,8 @@ pub enum Route {
         supernode: String,
         /// `host:port` of its peer service.
         address: String,
+        /// When its agent started: a restarted supernode forgot what it was handed.
+        incarnation: i64,
     },
     /// This node is the supernode: its reports and its members' go upstream in batches.
     Upstream,
@@ -191,7 +193,7 @@ impl Cluster {
         if state.cloud_connected && !peer.heartbeat.cloud_connected {
             return Route::Direct;
         }
-        Route::Relay { supernode, address: peer.address.clone() }
+        Route::Relay { supernode, address: peer.address.clone(), incarnation: peer.heartbeat.score.started_ms }
     }
 
     /// The supernode could not take reports: report directly for a few heartbeats.
@@ -402,7 +404,7 @@ impl Cluster {
     /// answers, else this node's own.
     pub async fn registry(&self) -> Result<Registry, String> {
         let own = self.own_registry().ok_or("this node is in no cluster yet: the cloud has not sent its membership")?;
-        if let Route::Relay { address, supernode } = self.route() {
+        if let Route::Relay { address, supernode, .. } = self.route() {
             match peer::fetch_registry(self, &address).await {
                 Ok(registry) => return Ok(registry),
                 Err(e) => {
@@ -452,4 +454,143 @@ pub async fn bind(config: &EdgeConfig) -> std::io::Result<(tokio::net::TcpListen
         udp.set_multicast_loop_v4(true)?;
     }
     Ok((tcp, udp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use supermesh_api::protocol::{InstanceReport, Member};
+
+    const KEY: &str = "cluster-key";
+
+    fn config(name: &str) -> Arc<EdgeConfig> {
+        let yaml = format!(
+            "node: {{name: {name}, account: acme, network: lan}}\ncloud: {{address: \"127.0.0.1:1\", token: \"{}.s3cret-s3cret-s3cret\"}}\nsupernode: {{heartbeatSeconds: 1}}\n",
+            "0".repeat(64)
+        );
+        Arc::new(crate::config::parse(&yaml, "edge.yaml").unwrap())
+    }
+
+    fn membership(names: &[&str]) -> Membership {
+        let members = names
+            .iter()
+            .map(|n| Member {
+                name: n.to_string(),
+                account: "acme".into(),
+                address: Some(format!("10.0.0.{}:10360", n.len())),
+                location: None,
+                supernode_eligible: true,
+            })
+            .collect();
+        Membership { network: "lan".into(), key: KEY.into(), members }
+    }
+
+    /// A cluster of node `name` with a real metamanager on a temporary SQLite file.
+    fn cluster(name: &str, dir: &tempfile::TempDir) -> Arc<Cluster> {
+        let store = crate::metamanager::store::Store::open(dir.path().join(format!("{name}.db"))).unwrap();
+        let (to_cloud, _) = mpsc::channel(8);
+        let (to_edged, _) = mpsc::channel(8);
+        let meta = crate::metamanager::spawn(store, to_cloud.clone(), to_edged);
+        let cluster = Cluster::new(config(name), meta, to_cloud);
+        cluster.set_membership(membership(&["a", "b", "c"]));
+        // As if the warm-up had passed: the peers' first heartbeats were heard.
+        cluster.state().listening_since = Some(Instant::now() - Duration::from_secs(10));
+        cluster
+    }
+
+    fn heartbeat(node: &str, started_ms: i64, cloud_connected: bool) -> Heartbeat {
+        Heartbeat {
+            version: PEER_VERSION,
+            node: node.into(),
+            network: "lan".into(),
+            account: "acme".into(),
+            address: ":10360".into(),
+            location: None,
+            score: Score { eligible: true, stationary: true, capacity: election::local_capacity(), started_ms },
+            cloud_connected,
+            supernode: None,
+            seq: 1,
+        }
+    }
+
+    fn from() -> SocketAddr {
+        "10.0.0.9:5000".parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn members_follow_the_elected_supernode_and_take_over_when_it_goes_silent() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = cluster("b", &dir);
+        b.set_cloud_connected(true);
+        assert_eq!(b.view(), None, "no election before the first check");
+        b.heard(heartbeat("a", 1, true), from(), true);
+        b.elect();
+        assert_eq!(b.view(), Some(ClusterView { role: NodeRole::Member, supernode: Some("a".into()) }));
+        let Route::Relay { supernode, address, incarnation } = b.route() else { panic!("{:?}", b.route()) };
+        assert_eq!((supernode.as_str(), address.as_str(), incarnation), ("a", "10.0.0.9:10360", 1));
+
+        // A connected member does not hand its reports to a supernode that lost the cloud.
+        b.heard(heartbeat("a", 1, false), from(), true);
+        assert_eq!(b.route(), Route::Direct);
+        b.set_cloud_connected(false);
+        assert!(matches!(b.route(), Route::Relay { .. }), "with no cloud at all, the supernode keeps the reports");
+
+        // The supernode goes silent: the member elects the next best, here itself.
+        b.state().peers.get_mut("a").unwrap().heard = Instant::now() - Duration::from_secs(3);
+        let before = b.state().heartbeats;
+        b.elect();
+        assert_eq!(b.view().unwrap().role, NodeRole::Supernode);
+        assert_eq!(b.route(), Route::Upstream);
+        assert_eq!(b.own_registry().unwrap().elected_at, before);
+    }
+
+    #[tokio::test]
+    async fn heartbeats_of_strangers_and_other_networks_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = cluster("a", &dir);
+        let mut other = heartbeat("c", 0, true);
+        other.network = "elsewhere".into();
+        a.heard(other, from(), true);
+        a.heard(heartbeat("stranger", 0, true), from(), true);
+        a.heard(heartbeat("a", 0, true), from(), true);
+        assert!(a.state().peers.is_empty());
+        // With LAN discovery on, a node the membership does not list yet is accepted
+        // (its heartbeat was signed with the cluster key, checked before this).
+        a.heard(heartbeat("stranger", 0, true), from(), false);
+        assert!(a.knows("stranger"));
+    }
+
+    #[tokio::test]
+    async fn the_registry_lists_members_liveness_roles_and_reported_instances() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = cluster("a", &dir);
+        a.heard(heartbeat("b", i64::MAX, true), from(), true);
+        a.elect();
+        let instance = InstanceReport {
+            resource: "ns/microservice/web".into(),
+            version: "1-u".into(),
+            phase: "Ready".into(),
+            ready: true,
+            restarts: 0,
+            message: None,
+            ports: vec![8080],
+        };
+        let report = StatusReport { taken_ms: 1, instances: vec![instance.clone()], cluster: None };
+        let relayed = supermesh_api::protocol::RelayedReport {
+            node: "b".into(),
+            seq: 1,
+            operation: supermesh_api::protocol::Operation::MetaSync,
+            resource: supermesh_api::protocol::STATUS_RESOURCE.into(),
+            content: serde_json::to_value(&report).unwrap(),
+            created_ms: 1,
+        };
+        assert_eq!(a.queue(vec![relayed]), Ok(1));
+        let registry = a.own_registry().unwrap();
+        let entry = |n: &str| registry.members.iter().find(|m| m.node == n).unwrap().clone();
+        assert_eq!(registry.supernode.as_deref(), Some("a"), "a started before b");
+        assert_eq!((entry("a").live, entry("a").role), (true, Some(NodeRole::Supernode)));
+        assert_eq!((entry("b").live, entry("b").role), (true, Some(NodeRole::Member)));
+        assert_eq!(entry("b").instances, vec![instance]);
+        assert_eq!((entry("c").live, entry("c").role), (false, None));
+    }
 }

@@ -230,7 +230,7 @@ pub(super) async fn fetch_registry(cluster: &Cluster, address: &str) -> Result<R
 impl Cluster {
     /// Queues reports at this supernode; returns how many were new. Status reports also
     /// feed the registry.
-    fn queue(&self, entries: Vec<RelayedReport>) -> Result<usize, super::relay::Full> {
+    pub(super) fn queue(&self, entries: Vec<RelayedReport>) -> Result<usize, super::relay::Full> {
         let mut urgent = false;
         let mut taken = 0;
         {
@@ -287,7 +287,7 @@ pub(super) async fn relay_as_member(cluster: Arc<Cluster>) {
             sent.clear();
             last_route = route.clone();
         }
-        let Route::Relay { supernode, address } = route else { continue };
+        let Route::Relay { supernode, address, .. } = route else { continue };
         sent.retain(|_, at| at.elapsed() < resend_after);
         let pending = match cluster.meta.outbox_pending(MAX_ENTRIES).await {
             Ok(p) => p,
