@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::{SinkExt, StreamExt};
-use kube::api::{Api, ListParams};
+use kube::api::{Api, DeleteParams, ListParams};
 use kube::ResourceExt;
 use supermesh_agent::config::EdgeConfig;
 use supermesh_agent::edgehub::{self, Ws};
@@ -32,7 +32,7 @@ use supermesh_api::protocol::{
     StatusReport, Welcome, BATCH_RESOURCE, CONNECTION_RESOURCE, OUTBOX_ID_PREFIX, STATUS_RESOURCE,
 };
 use supermesh_api::EdgeNode;
-use supermesh_tests::{delete_all, join_token, unique, Agent, Cluster, Controller};
+use supermesh_tests::{join_token, unique, Agent, Cluster, Controller};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -67,8 +67,9 @@ const PROGRESS: Duration = Duration::from_secs(10);
 /// How long the answers to the last reports may take after the window.
 const DRAIN_LIMIT: Duration = Duration::from_secs(15);
 /// Deleting the benchmark's EdgeNodes (finalizers removed by the controller) goes on while
-/// their number falls at least once in this long.
-const CLEANUP_STALL: Duration = Duration::from_secs(60);
+/// their number falls at least once in this long; after the first such stall the
+/// controller is restarted (a fresh one finalizes every deleted node at start).
+const CLEANUP_STALL: Duration = Duration::from_secs(30);
 /// Largest batch, in entries and bytes, as the agent's supernode sends them.
 const MAX_BATCH_ENTRIES: usize = 512;
 const MAX_BATCH_BYTES: usize = 512 * 1024;
@@ -638,7 +639,7 @@ async fn load_bench(cluster: &Cluster, plan: &Plan) -> LoadReport {
         // Both runs start alike: a fresh controller, and nodes it registers from their hellos.
         let fleet = Fleet::new(plan);
         eprintln!("==> report load {}: {} simulated nodes", mode.label(), plan.nodes);
-        let controller = Controller::start(&format!("bench-supernode-{}", mode.path()));
+        let mut controller = Controller::start(&format!("bench-supernode-{}", mode.path()));
         controller.wait_ready().await;
         let run = load_run(cluster, &controller, mode, plan, &fleet, &mut notes).await;
         if let Err(e) = &run {
@@ -648,7 +649,8 @@ async fn load_bench(cluster: &Cluster, plan: &Plan) -> LoadReport {
         runs.push((mode, run));
         // Only a running controller removes the EdgeNodes' finalizers.
         eprintln!("    removing the {} EdgeNodes", fleet.names.len());
-        notes.extend(remove_nodes(cluster, &fleet.names).await);
+        let removed = remove_nodes(cluster, &mut controller, &fleet.names).await;
+        notes.extend(removed.into_iter().map(|note| format!("{}: {note}", mode.label())));
         controller.stop();
     }
     LoadReport { runs, notes }
@@ -1010,31 +1012,75 @@ fn load_average() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-/// Deletes the benchmark's EdgeNodes while a controller runs to remove their finalizers;
-/// returns a note if some are left.
-async fn remove_nodes(cluster: &Cluster, names: &[String]) -> Vec<String> {
+/// Deletes the benchmark's EdgeNodes while `controller` runs to remove their finalizers;
+/// returns notes on what was slow or is left.
+async fn remove_nodes(cluster: &Cluster, controller: &mut Controller, names: &[String]) -> Vec<String> {
     let nodes: Api<EdgeNode> = Api::all(cluster.client.clone());
-    delete_all(&nodes, names).await;
     let ours: BTreeSet<&str> = names.iter().map(String::as_str).collect();
     let started = Instant::now();
     let (mut fewest, mut progress) = (names.len(), Instant::now());
+    let mut failure = None;
+    let mut shown = 0;
+    let mut notes = Vec::new();
+    let mut restarted = false;
     loop {
-        let left = match nodes.list(&ListParams::default()).await {
-            Ok(list) => list.items.iter().filter(|n| ours.contains(n.name_any().as_str())).count(),
-            Err(_) => fewest,
+        // Deleted again while they remain: a delete the API server failed is retried.
+        let left: Vec<(String, bool)> = match nodes.list(&ListParams::default()).await {
+            Ok(list) => list
+                .items
+                .iter()
+                .filter(|n| ours.contains(n.name_any().as_str()))
+                .map(|n| (n.name_any(), n.metadata.deletion_timestamp.is_some()))
+                .collect(),
+            Err(e) => {
+                failure = Some(format!("cannot list EdgeNodes: {e}"));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
         };
-        if left == 0 {
-            return Vec::new();
+        if left.is_empty() {
+            if restarted {
+                notes.push(format!(
+                    "cleanup: all {} EdgeNodes were gone {:.0} s later",
+                    names.len(),
+                    started.elapsed().as_secs_f64()
+                ));
+            }
+            return notes;
         }
-        if left < fewest {
-            (fewest, progress) = (left, Instant::now());
+        if left.len() < fewest {
+            (fewest, progress) = (left.len(), Instant::now());
+        }
+        if started.elapsed().as_secs() / 10 != shown {
+            shown = started.elapsed().as_secs() / 10;
+            eprintln!("    {} left after {:.0} s", left.len(), started.elapsed().as_secs_f64());
         }
         if progress.elapsed() > CLEANUP_STALL {
-            return vec![format!(
-                "cleanup: {left} EdgeNodes of the benchmark remain after {:.0} s, none removed in the last {} s",
+            let deleting = left.iter().filter(|(_, d)| *d).count();
+            let stalled = format!(
+                "cleanup: {} EdgeNodes of the benchmark remained ({deleting} of them deleted, waiting for their \
+                 finalizers) {:.0} s after the deletes began, none removed in the last {} s{}",
+                left.len(),
                 started.elapsed().as_secs_f64(),
-                CLEANUP_STALL.as_secs()
-            )];
+                CLEANUP_STALL.as_secs(),
+                failure.take().map(|f| format!("; last error: {f}")).unwrap_or_default()
+            );
+            if restarted {
+                notes.push(stalled);
+                return notes;
+            }
+            eprintln!("    {stalled}; restarting the controller");
+            notes.push(format!("{stalled}; the controller was restarted to finalize them"));
+            controller.restart();
+            controller.wait_ready().await;
+            (restarted, progress) = (true, Instant::now());
+        }
+        for (name, _) in left.iter().filter(|(_, deleting)| !deleting) {
+            match nodes.delete(name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => failure = Some(format!("delete {name}: {e}")),
+            }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -1426,7 +1472,7 @@ impl FailoverReport {
 async fn failover_bench(cluster: &Cluster, plan: &Plan) -> FailoverReport {
     eprintln!("==> failover: {} agents, {} rounds", plan.failover_agents, plan.rounds);
     let mut notes = Vec::new();
-    let controller = Controller::start("bench-supernode-failover");
+    let mut controller = Controller::start("bench-supernode-failover");
     controller.wait_ready().await;
     let token = join_token(&cluster.client).await;
     let id = unique();
@@ -1458,7 +1504,7 @@ async fn failover_bench(cluster: &Cluster, plan: &Plan) -> FailoverReport {
     let dirs: Vec<std::path::PathBuf> =
         agents.iter().filter_map(|a| a.data_dir.parent().map(std::path::Path::to_path_buf)).collect();
     drop(agents);
-    notes.extend(remove_nodes(cluster, &names).await);
+    notes.extend(remove_nodes(cluster, &mut controller, &names).await);
     controller.stop();
     for dir in dirs {
         let _ = std::fs::remove_dir_all(dir);
