@@ -175,7 +175,16 @@ async fn supernodes_relay_reports_fail_over_and_keep_discovery_working_offline()
     let id = unique();
     let (lan_a, lan_b) = (Lan::create(&format!("lan-a-{id}"), 1, 3), Lan::create(&format!("lan-b-{id}"), 2, 3));
     let port = free_port();
-    let names = ["--cloudhub-name", &lan_a.gateway(), "--cloudhub-name", &lan_b.gateway(), "--keepalive-seconds", "2"];
+    let names = [
+        "--cloudhub-name",
+        &lan_a.gateway(),
+        "--cloudhub-name",
+        &lan_b.gateway(),
+        "--keepalive-seconds",
+        "2",
+        "--reconnect-grace-seconds",
+        "5",
+    ];
     let controller = Controller::launch_at("supernode", None, &format!("0.0.0.0:{port}"), &names);
     let token = join_token(&cluster.client).await;
     let mesh = format!(

@@ -141,6 +141,10 @@ async fn apply(api: Api<EdgeNode>, node: Arc<EdgeNode>, ctx: Arc<Context>) -> Re
     // The index holds `node` as the sessions see it: a peer address written just now
     // comes back through the watch and pokes the network on the next pass.
     poke_networks(&ctx, ctx.members.update(&node));
+    // A node left Connected during the grace must be looked at again when it ends.
+    if session.is_none() && !ctx.hub.grace_over() {
+        return Ok(Action::requeue(ctx.hub.grace_left() + Duration::from_millis(100)));
+    }
     Ok(Action::requeue(RESYNC))
 }
 

@@ -139,6 +139,11 @@ impl Hub {
         self.started.elapsed() >= self.grace
     }
 
+    /// Time left of the reconnect grace (zero once it is over).
+    pub fn grace_left(&self) -> Duration {
+        self.grace.saturating_sub(self.started.elapsed())
+    }
+
     /// Registers a session for `node`, closing any older one of the same node.
     fn register(&self, node: &str, info: SessionInfo) -> (u64, Arc<Notify>, Arc<Notify>, mpsc::Receiver<Query>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
