@@ -62,6 +62,10 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(45);
 /// Shortest warm-up between the first reports and the window: the controller writes the
 /// EdgeNode changes the first reports cause (roles, with supernodes) before it is measured.
 const MIN_WARMUP: Duration = Duration::from_secs(20);
+/// Lines of the controller's log shown when a run fails.
+const LOG_LINES: usize = 6;
+/// How long the cloud may take to send every node a membership listing its whole network.
+const MEMBERSHIP_LIMIT: Duration = Duration::from_secs(90);
 /// How often the window's progress is shown.
 const PROGRESS: Duration = Duration::from_secs(10);
 /// How long the answers to the last reports may take after the window.
@@ -84,6 +88,8 @@ const POLL: Duration = Duration::from_millis(50);
 const ELECTION_LIMIT: Duration = Duration::from_secs(90);
 const FAILOVER_LIMIT: Duration = Duration::from_secs(60);
 
+/// Requests for /metrics tried before a reading fails.
+const METRICS_TRIES: usize = 6;
 const STATUS_WRITES_METRIC: &str = "supermesh_controller_status_writes_total";
 const RECONCILES_METRIC: &str = "supermesh_controller_reconciliations_total";
 const AGENTS_METRIC: &str = "supermesh_controller_cloudhub_agents";
@@ -359,8 +365,16 @@ impl Counters {
 
     /// Reads them from `/metrics`; a label set not counted yet is 0.
     fn read(controller: &Controller) -> Result<Counters, String> {
-        let (code, body) =
-            controller.http_get("/metrics").ok_or("the controller's /metrics did not answer within 5 s")?;
+        // A busy controller may miss one request's 5 s limit; a few are tried.
+        let mut answer = None;
+        for _ in 0..METRICS_TRIES {
+            answer = controller.http_get("/metrics");
+            if answer.is_some() {
+                break;
+            }
+        }
+        let (code, body) = answer
+            .ok_or(format!("the controller's /metrics did not answer {METRICS_TRIES} requests of 5 s each in a row"))?;
         if code != 200 {
             return Err(format!("the controller's /metrics answered {code}"));
         }
@@ -643,7 +657,7 @@ async fn load_bench(cluster: &Cluster, plan: &Plan) -> LoadReport {
         controller.wait_ready().await;
         let run = load_run(cluster, &controller, mode, plan, &fleet, &mut notes).await;
         if let Err(e) = &run {
-            notes.push(format!("{}: the controller's log ends with:\n{}", mode.label(), controller.log_tail()));
+            notes.push(format!("{}: the controller's log ends with:\n{}", mode.label(), log_end(&controller)));
             eprintln!("    failed: {e}");
         }
         runs.push((mode, run));
@@ -771,14 +785,14 @@ async fn measure(
     // index knows every node.
     let waited = Instant::now();
     let listed = |s: &Stats| s.complete_memberships.load(Ordering::Relaxed);
-    while listed(stats) < n && waited.elapsed() < SETTLE_LIMIT {
+    while listed(stats) < n && waited.elapsed() < MEMBERSHIP_LIMIT {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     if listed(stats) < n {
         notes.push(format!(
             "{label}: only {} of {n} nodes got a membership listing their whole network within {} s; reports may be refused",
             listed(stats),
-            SETTLE_LIMIT.as_secs()
+            MEMBERSHIP_LIMIT.as_secs()
         ));
     }
     let memberships = waited.elapsed().as_secs_f64();
@@ -1002,6 +1016,17 @@ fn other_controllers(own: u32) -> Vec<u32> {
             std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "supermesh-contr")
         })
         .collect()
+}
+
+/// The last lines of the controller's log, shortened, for a note.
+fn log_end(controller: &Controller) -> String {
+    let tail = controller.log_tail();
+    let lines: Vec<&str> = tail.lines().collect();
+    lines[lines.len().saturating_sub(LOG_LINES)..]
+        .iter()
+        .map(|l| if l.len() > 240 { format!("{}...", &l[..l.floor_char_boundary(240)]) } else { (*l).to_owned() })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The 1-minute load average, from /proc/loadavg.
@@ -1498,7 +1523,7 @@ async fn failover_bench(cluster: &Cluster, plan: &Plan) -> FailoverReport {
         ));
     }
     if rounds.is_err() {
-        notes.push(format!("the controller's log ends with:\n{}", controller.log_tail()));
+        notes.push(format!("the controller's log ends with:\n{}", log_end(&controller)));
     }
 
     let dirs: Vec<std::path::PathBuf> =
