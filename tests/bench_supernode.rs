@@ -58,14 +58,14 @@ const CONNECT_LIMIT: Duration = Duration::from_secs(180);
 /// How long the controller must write no status before the reports start.
 const QUIET: Duration = Duration::from_secs(2);
 /// How long to wait for that quiet.
-const SETTLE_LIMIT: Duration = Duration::from_secs(45);
+const SETTLE_LIMIT: Duration = Duration::from_secs(30);
 /// Shortest warm-up between the first reports and the window: the controller writes the
 /// EdgeNode changes the first reports cause (roles, with supernodes) before it is measured.
 const MIN_WARMUP: Duration = Duration::from_secs(20);
 /// Lines of the controller's log shown when a run fails.
 const LOG_LINES: usize = 6;
 /// How long the cloud may take to send every node a membership listing its whole network.
-const MEMBERSHIP_LIMIT: Duration = Duration::from_secs(90);
+const MEMBERSHIP_LIMIT: Duration = Duration::from_secs(60);
 /// How often the window's progress is shown.
 const PROGRESS: Duration = Duration::from_secs(10);
 /// How long the answers to the last reports may take after the window.
