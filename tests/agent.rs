@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use futures::{SinkExt, StreamExt};
 use kube::api::Api;
-use supermesh_api::protocol::{self, ErrorCode, ErrorContent, Hello, Message, Operation};
 use supermesh_api::{EdgeNode, Microservice};
+use supermesh_protocol::{self as protocol, ErrorCode, Hello, Message, Operation};
 use supermesh_tests::{kubectl, microservice, Agent, Site, AGENTS};
 use tokio_tungstenite::tungstenite::Message as Frame;
 
@@ -228,9 +228,9 @@ async fn bad_messages_get_an_error_reply_and_lose_nothing() {
         let frame =
             tokio::time::timeout_at(deadline, ws.next()).await.expect("replies in time").expect("open").unwrap();
         let msg = protocol::decode(&frame.into_text().unwrap()).unwrap();
-        match msg.operation {
-            Operation::Error => errors.push(msg.content_as::<ErrorContent>().unwrap()),
-            Operation::Insert if msg.resource.contains("/microservice/") => assignment = Some(msg),
+        match msg.body().unwrap() {
+            protocol::Body::Error(refusal) => errors.push(refusal),
+            protocol::Body::Insert(protocol::Change::Assignment(_)) => assignment = Some(msg),
             _ => {}
         }
     }

@@ -25,13 +25,13 @@ use kube::ResourceExt;
 use supermesh_agent::config::EdgeConfig;
 use supermesh_agent::edgehub::{self, Ws};
 use supermesh_agent::supernode::relay::Queue;
-use supermesh_api::edgenode::NodeRole;
-use supermesh_api::peer::Registry;
-use supermesh_api::protocol::{
-    self, BatchAck, ClusterView, ErrorContent, InstanceReport, Membership, Message, Operation, RelayedReport,
-    StatusReport, Welcome, BATCH_RESOURCE, CONNECTION_RESOURCE, OUTBOX_ID_PREFIX, STATUS_RESOURCE,
-};
 use supermesh_api::EdgeNode;
+use supermesh_protocol::peer::Registry;
+use supermesh_protocol::{self as protocol, Answer, Body, Change, NodeRole};
+use supermesh_protocol::{
+    self, ClusterView, InstanceReport, Membership, Message, Operation, RelayedReport, StatusReport, BATCH_RESOURCE,
+    CONNECTION_RESOURCE, OUTBOX_ID_PREFIX, STATUS_RESOURCE,
+};
 use supermesh_tests::{join_token, unique, Agent, Cluster, Controller};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -1181,8 +1181,8 @@ impl SimNode {
             .map_err(|e| e.to_string())?;
         let msg = protocol::decode(&frame.into_text().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
         match msg.operation {
-            Operation::NodeConnection => msg.content_as::<Welcome>().map(|_| ws).map_err(|e| e.to_string()),
-            Operation::Error => Err(msg.content_as::<ErrorContent>().map(|c| c.message).unwrap_or_default()),
+            Operation::NodeConnection => Ok(ws),
+            Operation::Error => Err(error_message(&msg)),
             other => Err(format!("expected a welcome, got {other:?}")),
         }
     }
@@ -1271,10 +1271,12 @@ impl SimNode {
     async fn received(&mut self, ws: &mut Ws, msg: Message) -> Result<(), String> {
         if msg.operation.is_change() {
             if !self.membership_complete && msg.resource == Membership::resource(&self.config.node.network) {
-                let listed: BTreeSet<String> = msg
-                    .content_as::<Membership>()
-                    .map(|m| m.members.into_iter().map(|m| m.name).collect())
-                    .unwrap_or_default();
+                let listed: BTreeSet<String> = match msg.body() {
+                    Ok(Body::Insert(Change::Membership(m)) | Body::Update(Change::Membership(m))) => {
+                        m.members.into_iter().map(|m| m.name).collect()
+                    }
+                    _ => BTreeSet::new(),
+                };
                 if self.network.is_subset(&listed) {
                     self.membership_complete = true;
                     self.stats.complete_memberships.fetch_add(1, Ordering::Relaxed);
@@ -1293,7 +1295,10 @@ impl SimNode {
                 self.stats.answered.fetch_add(1, Ordering::Relaxed);
                 lock(&self.stats.ack_ms).push(sent.elapsed().as_secs_f64() * 1000.0);
                 if msg.resource == BATCH_RESOURCE {
-                    let ack = msg.content_as::<BatchAck>().map_err(|e| format!("invalid batch ack: {e}"))?;
+                    let ack = match msg.body() {
+                        Ok(Body::Response(Answer::Batch(ack))) => ack,
+                        other => return Err(format!("invalid batch ack: {other:?}")),
+                    };
                     self.stats.acked.fetch_add(ack.acked.len() as u64, Ordering::Relaxed);
                     self.stats.refused.fetch_add(ack.refused.len() as u64, Ordering::Relaxed);
                     for (report, reason) in ack.refused.iter().take(1) {
@@ -1317,11 +1322,11 @@ impl SimNode {
                 if msg.resource == BATCH_RESOURCE {
                     self.queue.failed(&id);
                 }
-                let reason = msg.content_as::<ErrorContent>().map(|c| c.message).unwrap_or_default();
+                let reason = error_message(&msg);
                 Stats::note(&self.stats.cloud_errors, format!("{}: report {id} refused: {reason}", self.name()));
             }
             (Operation::Error, None) => {
-                let reason = msg.content_as::<ErrorContent>().map(|c| c.message).unwrap_or_default();
+                let reason = error_message(&msg);
                 Stats::note(&self.stats.cloud_errors, format!("{}: {reason}", self.name()));
             }
             _ => {}
@@ -1388,14 +1393,10 @@ impl SimNode {
 /// A node's status with [`INSTANCES`] ready instances, as a real agent reports it.
 fn status(cluster: Option<ClusterView>) -> StatusReport {
     let instances = (0..INSTANCES)
-        .map(|j| InstanceReport {
-            resource: format!("bench/microservice/service-{j}"),
-            version: format!("1-3f9c1d2e-8a47-4b6e-9c0d-{j:012x}"),
-            phase: "Ready".into(),
-            ready: true,
-            restarts: 0,
-            message: None,
-            ports: vec![8080],
+        .map(|j| {
+            let resource = format!("bench/microservice/service-{j}");
+            let version = format!("1-3f9c1d2e-8a47-4b6e-9c0d-{j:012x}");
+            InstanceReport { ports: vec![8080], ..InstanceReport::new(&resource, &version, protocol::Phase::Ready) }
         })
         .collect();
     StatusReport { taken_ms: now_ms(), instances, cluster }
@@ -1719,5 +1720,13 @@ async fn wait_roles(nodes: &Api<EdgeNode>, live: &[&str], supernode: &str, limit
             ));
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The message of an Error from the cloud.
+fn error_message(msg: &Message) -> String {
+    match msg.body() {
+        Ok(Body::Error(refusal)) => refusal.message,
+        other => format!("{other:?}"),
     }
 }

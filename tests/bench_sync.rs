@@ -20,8 +20,8 @@ use supermesh_agent::config::EdgeConfig;
 use supermesh_agent::edgehub::{self, Ws};
 use supermesh_agent::metamanager::store::{Change, Store};
 use supermesh_agent::metamanager::MAX_BATCH;
-use supermesh_api::protocol::{self, Assignment, ErrorContent, Message, Operation, Welcome, CONNECTION_RESOURCE};
 use supermesh_api::{EdgeNode, Mesh, Microservice};
+use supermesh_protocol::{self as protocol, Assignment, Message, Operation, CONNECTION_RESOURCE};
 use supermesh_tests::{apply_yaml, delete_all, join_token, microservice, unique, Cluster, Controller};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
@@ -742,8 +742,14 @@ impl SimulatedAgent {
             .map_err(|e| e.to_string())?;
         let msg = protocol::decode(&frame.into_text().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
         match msg.operation {
-            Operation::NodeConnection => msg.content_as::<Welcome>().map(|_| ws).map_err(|e| e.to_string()),
-            Operation::Error => Err(msg.content_as::<ErrorContent>().map(|c| c.message).unwrap_or_default()),
+            Operation::NodeConnection => match msg.body() {
+                Ok(protocol::Body::NodeConnection(protocol::Connection::Welcome(_))) => Ok(ws),
+                other => Err(format!("not a welcome: {other:?}")),
+            },
+            Operation::Error => match msg.body() {
+                Ok(protocol::Body::Error(refusal)) => Err(refusal.message),
+                other => Err(format!("{other:?}")),
+            },
             other => Err(format!("expected a welcome, got {other:?}")),
         }
     }
@@ -770,7 +776,10 @@ impl SimulatedAgent {
                         }
                     };
                     if msg.operation == Operation::Error {
-                        let reason = msg.content_as::<ErrorContent>().map(|c| c.message).unwrap_or_default();
+                        let reason = match msg.body() {
+                            Ok(protocol::Body::Error(refusal)) => refusal.message,
+                            other => format!("{other:?}"),
+                        };
                         let _ = self.events.send(Event::CloudError(self.index, reason));
                     }
                     if !msg.operation.is_change() {

@@ -340,8 +340,8 @@ pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body
 
 /// The cluster registry of the agent whose peer service is at `addr`, asked as `node`
 /// of its cluster with the cluster key derived from the join token's secret.
-pub fn peer_registry(addr: &str, node: &str, network: &str, token: &str) -> Option<supermesh_api::peer::Registry> {
-    use supermesh_api::peer;
+pub fn peer_registry(addr: &str, node: &str, network: &str, token: &str) -> Option<supermesh_protocol::peer::Registry> {
+    use supermesh_protocol::peer;
     let secret = token.split_once('.').map(|(_, s)| s).unwrap_or(token);
     let key = peer::cluster_key(secret, network);
     let body = serde_json::to_vec(&serde_json::json!({"from": node})).ok()?;
@@ -488,12 +488,12 @@ impl Agent {
     }
 
     /// The agent's cluster registry, asked over its peer service (from the host namespace).
-    pub fn registry(&self, token: &str) -> Option<supermesh_api::peer::Registry> {
+    pub fn registry(&self, token: &str) -> Option<supermesh_protocol::peer::Registry> {
         peer_registry(&self.peer_addr, &self.name, &self.network, token)
     }
 
     /// Like `registry`, asked from inside the agent's own namespace (works while its network is cut off).
-    pub fn registry_inside(&self, token: &str) -> Option<supermesh_api::peer::Registry> {
+    pub fn registry_inside(&self, token: &str) -> Option<supermesh_protocol::peer::Registry> {
         let Some(netns) = self.netns.clone() else { return self.registry(token) };
         let (addr, name, network, token) =
             (self.peer_addr.clone(), self.name.clone(), self.network.clone(), token.to_owned());

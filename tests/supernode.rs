@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
-use supermesh_api::edgenode::NodeRole;
-use supermesh_api::peer::Registry;
 use supermesh_api::{EdgeNode, Mesh, Microservice};
+use supermesh_protocol::peer::Registry;
+use supermesh_protocol::NodeRole;
 use supermesh_tests::lan::Lan;
 use supermesh_tests::*;
 

@@ -7,7 +7,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::location::Location;
+use supermesh_protocol::Location;
 
 fn default_true() -> bool {
     true
@@ -65,14 +65,7 @@ pub struct EdgeNodeSpec {
     pub unschedulable: bool,
 }
 
-/// Role of a node in its network cluster.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-pub enum NodeRole {
-    /// The elected supernode of the cluster.
-    Supernode,
-    /// A member reporting through the supernode.
-    Member,
-}
+pub use supermesh_protocol::NodeRole;
 
 /// Observed state of an edge device.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -34,6 +34,12 @@ pub mod condition {
     pub const MESH_VALID: &str = "Valid";
     /// No instance is failing.
     pub const AS_EXPECTED: &str = "AsExpected";
+    /// Degraded: an instance failed for good.
+    pub const INSTANCE_FAILED: &str = "InstanceFailed";
+    /// Degraded: an instance keeps exiting and is restarted with backoff.
+    pub const CRASH_LOOP: &str = "CrashLoop";
+    /// Degraded: an instance fails its health check.
+    pub const UNHEALTHY: &str = "Unhealthy";
     /// An EdgeNode whose agent has not connected to the cloud yet.
     pub const AGENT_NEVER_CONNECTED: &str = "AgentNeverConnected";
     /// An EdgeNode whose agent holds a session with the cloudhub.

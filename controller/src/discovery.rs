@@ -1,45 +1,19 @@
 //! Discovery answers for agents' local APIs: the nodes of the asking node's account
 //! (nearest first), the nodes near it, and the endpoints of a microservice. Pure
-//! functions over the index; the session reads the index and sends the answer.
+//! functions over the index's node views; the index reads itself and calls them.
 
 use std::cmp::Ordering;
 
-use kube::ResourceExt;
-use supermesh_api::edgenode::NodeAddress;
-use supermesh_api::protocol::{Endpoint, NodeInfo, ResourceRef, MICROSERVICE};
-use supermesh_api::{EdgeNode, Location};
+use supermesh_protocol::{Endpoint, Location, NodeInfo, ResourceRef, Scope, MICROSERVICE};
+
+use crate::index::{NodeStatusView, NodeView};
 
 /// Most nodes or endpoints one answer carries.
 pub const MAX_ANSWER: usize = 1000;
 
-/// Which nodes a `_/nodes/<scope>` query asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    /// The nodes of the asking node's account, itself included.
-    Account,
-    /// Those of them with a known location.
-    Proximity,
-}
-
-impl Scope {
-    /// The scope named by the last segment of a `_/nodes/<scope>` resource.
-    pub fn parse(name: &str) -> Option<Scope> {
-        match name {
-            "account" => Some(Scope::Account),
-            "proximity" => Some(Scope::Proximity),
-            _ => None,
-        }
-    }
-}
-
-/// The host at which `node` is reachable: that of its Peer address, else its InternalIP.
-pub fn address(node: &EdgeNode) -> Option<String> {
-    let status = node.status.as_ref()?;
-    status
-        .address(NodeAddress::PEER)
-        .and_then(host_of)
-        .or_else(|| status.address(NodeAddress::INTERNAL_IP))
-        .map(str::to_owned)
+/// The host at which a node is reachable: that of its Peer address, else its InternalIP.
+pub fn address(status: &NodeStatusView) -> Option<String> {
+    status.peer_address.as_deref().and_then(host_of).or(status.internal_ip.as_deref()).map(str::to_owned)
 }
 
 /// The host of `host:port` (`[v6]:port` gives `v6`).
@@ -63,63 +37,63 @@ fn nearest_first(a: Option<f64>, b: Option<f64>) -> Ordering {
     }
 }
 
-/// `node` as discovery describes it to a node at `from`.
-pub fn node_info(node: &EdgeNode, from: Option<&Location>, live: bool) -> NodeInfo {
+/// A node as discovery describes it to a node at `from`.
+pub fn node_info(node: &NodeView, status: &NodeStatusView, from: Option<&Location>, live: bool) -> NodeInfo {
     NodeInfo {
-        name: node.name_any(),
-        account: node.spec.account.clone(),
-        network: node.spec.network.clone(),
-        location: node.spec.location,
-        address: address(node),
-        role: node.status.as_ref().and_then(|s| s.role),
+        name: node.name.clone(),
+        account: node.account.clone(),
+        network: node.network.clone(),
+        location: node.location,
+        address: address(status),
+        role: status.role,
         live,
-        distance_km: distance(from, node.spec.location.as_ref()),
+        distance_km: distance(from, node.location.as_ref()),
     }
 }
 
 /// The nodes of `asking`'s account within `scope`, nearest first (unknown distances
-/// last), then by name; at most [`MAX_ANSWER`]. `live` tells whether a node's agent is connected.
+/// last), then by name; at most [`MAX_ANSWER`]. Each node of `all` comes with its
+/// status and whether its agent is connected.
 pub fn nodes<'a>(
     scope: Scope,
-    asking: &EdgeNode,
-    all: impl IntoIterator<Item = &'a EdgeNode>,
-    live: impl Fn(&str) -> bool,
+    asking: &NodeView,
+    all: impl IntoIterator<Item = (&'a NodeView, &'a NodeStatusView, bool)>,
 ) -> Vec<NodeInfo> {
-    let from = asking.spec.location.as_ref();
+    let from = asking.location.as_ref();
     let mut found: Vec<NodeInfo> = all
         .into_iter()
-        .filter(|n| n.spec.account == asking.spec.account)
-        .filter(|n| scope == Scope::Account || n.spec.location.is_some())
-        .map(|n| node_info(n, from, live(&n.name_any())))
+        .filter(|(n, _, _)| n.account == asking.account)
+        .filter(|(n, _, _)| scope == Scope::Account || n.location.is_some())
+        .map(|(n, status, live)| node_info(n, status, from, live))
         .collect();
     found.sort_by(|a, b| nearest_first(a.distance_km, b.distance_km).then_with(|| a.name.cmp(&b.name)));
     found.truncate(MAX_ANSWER);
     found
 }
 
-/// The endpoints of a microservice declaring `ports`, one per node of `placed`, for `asking`:
-/// nodes of its own network first, then nearest first (unknown distances last), then by name;
-/// at most [`MAX_ANSWER`]. `ready` tells whether a node reports its instance ready.
+/// The endpoints of a microservice declaring `ports`, one per node of `placed` (each
+/// with its status and whether it reports its instance ready), for `asking`: nodes of
+/// its own network first, then nearest first (unknown distances last), then by name;
+/// at most [`MAX_ANSWER`].
 pub fn endpoints<'a>(
-    asking: &EdgeNode,
-    placed: impl IntoIterator<Item = &'a EdgeNode>,
+    asking: &NodeView,
+    placed: impl IntoIterator<Item = (&'a NodeView, &'a NodeStatusView, bool)>,
     ports: &[i32],
-    ready: impl Fn(&str) -> bool,
 ) -> Vec<Endpoint> {
-    let from = asking.spec.location.as_ref();
+    let from = asking.location.as_ref();
     let mut found: Vec<Endpoint> = placed
         .into_iter()
-        .map(|n| Endpoint {
-            node: n.name_any(),
-            network: n.spec.network.clone(),
-            address: address(n),
+        .map(|(n, status, ready)| Endpoint {
+            node: n.name.clone(),
+            network: n.network.clone(),
+            address: address(status),
             ports: ports.to_vec(),
-            ready: ready(&n.name_any()),
-            location: n.spec.location,
-            distance_km: distance(from, n.spec.location.as_ref()),
+            ready,
+            location: n.location,
+            distance_km: distance(from, n.location.as_ref()),
         })
         .collect();
-    let elsewhere = |e: &Endpoint| e.network != asking.spec.network;
+    let elsewhere = |e: &Endpoint| e.network != asking.network;
     found.sort_by(|a, b| {
         elsewhere(a)
             .cmp(&elsewhere(b))
@@ -142,8 +116,23 @@ pub fn may_discover<'a>(namespace: &str, held: impl IntoIterator<Item = &'a str>
 mod tests {
     use super::*;
     use serde_json::json;
-    use supermesh_api::edgenode::NodeRole;
-    use supermesh_api::EdgeNodeStatus;
+    use supermesh_api::edgenode::NodeAddress;
+    use supermesh_api::{EdgeNode, EdgeNodeStatus};
+    use supermesh_protocol::NodeRole;
+
+    fn nodes_of(scope: Scope, me: &EdgeNode, all: &[EdgeNode], live: impl Fn(&str) -> bool) -> Vec<NodeInfo> {
+        let all: Vec<(NodeView, NodeStatusView)> = all.iter().map(|n| (n.into(), n.into())).collect();
+        nodes(scope, &me.into(), all.iter().map(|(v, s)| (v, s, live(&v.name))))
+    }
+
+    fn endpoints_of(me: &EdgeNode, placed: &[EdgeNode], ports: &[i32], ready: impl Fn(&str) -> bool) -> Vec<Endpoint> {
+        let placed: Vec<(NodeView, NodeStatusView)> = placed.iter().map(|n| (n.into(), n.into())).collect();
+        endpoints(&me.into(), placed.iter().map(|(v, s)| (v, s, ready(&v.name))), ports)
+    }
+
+    fn address_of(n: &EdgeNode) -> Option<String> {
+        address(&n.into())
+    }
 
     fn node(name: &str, account: &str, network: &str, at: Option<(f64, f64)>) -> EdgeNode {
         let mut spec = json!({"account": account, "network": network});
@@ -174,12 +163,12 @@ mod tests {
     #[test]
     fn the_address_is_the_peer_host_else_the_internal_ip() {
         let n = with_addresses(node("a", "acme", "lan", None), "10.0.0.7", Some("192.168.1.7:10360"));
-        assert_eq!(address(&n).as_deref(), Some("192.168.1.7"));
+        assert_eq!(address_of(&n).as_deref(), Some("192.168.1.7"));
         let v6 = with_addresses(node("a", "acme", "lan", None), "10.0.0.7", Some("[fd00::7]:10360"));
-        assert_eq!(address(&v6).as_deref(), Some("fd00::7"));
+        assert_eq!(address_of(&v6).as_deref(), Some("fd00::7"));
         let internal = with_addresses(node("a", "acme", "lan", None), "10.0.0.7", None);
-        assert_eq!(address(&internal).as_deref(), Some("10.0.0.7"));
-        assert_eq!(address(&node("a", "acme", "lan", None)), None);
+        assert_eq!(address_of(&internal).as_deref(), Some("10.0.0.7"));
+        assert_eq!(address_of(&node("a", "acme", "lan", None)), None);
     }
 
     #[test]
@@ -193,7 +182,7 @@ mod tests {
             node("london", "acme", "l", Some(LONDON)),
             node("stranger", "other", "lan", Some(PARIS)),
         ];
-        let found = nodes(Scope::Account, &me, &all, |n| n == "london");
+        let found = nodes_of(Scope::Account, &me, &all, |n| n == "london");
         assert_eq!(names(&found), ["me", "london", "berlin", "nowhere-a", "nowhere-b"]);
         assert_eq!(found[0].distance_km, Some(0.0));
         assert_eq!(found[0].address.as_deref(), Some("10.0.0.1"));
@@ -202,7 +191,7 @@ mod tests {
         assert!(found[1].live && !found[0].live);
         assert_eq!(found[3].distance_km, None);
 
-        let near = nodes(Scope::Proximity, &me, &all, |_| true);
+        let near = nodes_of(Scope::Proximity, &me, &all, |_| true);
         assert_eq!(names(&near), ["me", "london", "berlin"], "only located nodes");
     }
 
@@ -210,7 +199,7 @@ mod tests {
     fn without_a_location_of_its_own_a_node_gets_nodes_by_name() {
         let me = node("me", "acme", "lan", None);
         let all = [node("b", "acme", "x", Some(BERLIN)), node("a", "acme", "x", Some(LONDON)), me.clone()];
-        let found = nodes(Scope::Proximity, &me, &all, |_| false);
+        let found = nodes_of(Scope::Proximity, &me, &all, |_| false);
         assert_eq!(names(&found), ["a", "b"]);
         assert!(found.iter().all(|n| n.distance_km.is_none()));
     }
@@ -219,8 +208,8 @@ mod tests {
     fn answers_are_bounded() {
         let me = node("me", "acme", "lan", None);
         let all: Vec<EdgeNode> = (0..MAX_ANSWER + 5).map(|i| node(&format!("n{i:05}"), "acme", "lan", None)).collect();
-        assert_eq!(nodes(Scope::Account, &me, &all, |_| false).len(), MAX_ANSWER);
-        assert_eq!(endpoints(&me, &all, &[], |_| false).len(), MAX_ANSWER);
+        assert_eq!(nodes_of(Scope::Account, &me, &all, |_| false).len(), MAX_ANSWER);
+        assert_eq!(endpoints_of(&me, &all, &[], |_| false).len(), MAX_ANSWER);
     }
 
     #[test]
@@ -233,7 +222,7 @@ mod tests {
             node("near-lan", "acme", "lan", Some(PARIS)),
             node("berlin-wan", "acme", "wan", Some(BERLIN)),
         ];
-        let found = endpoints(&me, &placed, &[8080, 9090], |n| n.ends_with("lan"));
+        let found = endpoints_of(&me, &placed, &[8080, 9090], |n| n.ends_with("lan"));
         let order: Vec<&str> = found.iter().map(|e| e.node.as_str()).collect();
         assert_eq!(order, ["near-lan", "far-lan", "near-wan", "berlin-wan", "unlocated-wan"]);
         assert_eq!(found[2].address.as_deref(), Some("203.0.113.5"));

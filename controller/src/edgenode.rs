@@ -1,8 +1,7 @@
-//! EdgeNode reconciler: instance counts from placement, the Connected condition
-//! and addresses from the agent's session, the cluster role from its reports, and
-//! the pokes that send a changed network membership to the network's nodes.
+//! EdgeNode reconciler: instance counts from placement and reports, the Connected
+//! condition and addresses from the agent's session, the cluster role from its
+//! reports; all read from the fleet index.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,18 +11,19 @@ use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use supermesh_api::edgenode::{EdgeNodeStatus, InstanceCounts, NodeAddress};
 use supermesh_api::names::condition::*;
-use supermesh_api::protocol::ClusterView;
 use supermesh_api::EdgeNode;
-use tracing::{instrument, warn};
+use supermesh_protocol::ClusterView;
+use tracing::instrument;
 
-use crate::cloudhub::SessionInfo;
 use crate::conditions::{self, Wanted};
 use crate::context::{reconcile_in_finalizer, Context, RESYNC};
+use crate::index::SessionInfo;
 use crate::Result;
 
-/// How stale `lastHeartbeatTime` may get before it is rewritten: heartbeats
-/// are coalesced so that keepalives never turn into API writes.
-const HEARTBEAT_WRITE_INTERVAL_SECONDS: i64 = 30;
+/// How stale `lastHeartbeatTime` may get before it is rewritten while the agent stays
+/// connected, as often as a kubelet reports its node status: the session itself is the
+/// liveness signal, so keepalives never turn into API writes.
+const HEARTBEAT_WRITE_INTERVAL_SECONDS: i64 = 300;
 
 /// The status of `node` with `desired` instances placed on it, its agent's
 /// session, if connected, and its place in its cluster from its latest report,
@@ -94,65 +94,37 @@ fn addresses(session: &SessionInfo) -> Vec<NodeAddress> {
     std::iter::once(internal).chain(peer).collect()
 }
 
-/// Pokes the sessions of the nodes on `networks`, whose membership changed.
-fn poke_networks(ctx: &Context, networks: BTreeSet<String>) {
-    if networks.is_empty() {
-        return;
-    }
-    let nodes = ctx.index.nodes.state();
-    let names: Vec<String> =
-        nodes.iter().filter(|n| networks.contains(&n.spec.network)).map(|n| n.name_any()).collect();
-    ctx.hub.poke(&names);
-}
-
 /// Reconciles one EdgeNode.
 #[instrument(skip_all, fields(name = %node.name_any()))]
 pub async fn reconcile(node: Arc<EdgeNode>, ctx: Arc<Context>) -> Result<Action> {
     let api: Api<EdgeNode> = Api::all(ctx.client.clone());
-    reconcile_in_finalizer(
-        api.clone(),
-        node,
-        ctx,
-        |n, c| apply(api, n, c),
-        |n, c| async move {
-            // Microservices placed on the node are placed again, without it.
-            for msvc in c.placements.assigned_to(&n.name_any()) {
-                let _ = c.msvc_trigger.unbounded_send(msvc);
-            }
-            poke_networks(&c, c.members.remove(&n.name_any()));
-            Ok(Action::await_change())
-        },
-    )
-    .await
+    // Nothing to clean up: the index stopped placing anything on the node when its deletion began.
+    reconcile_in_finalizer(api.clone(), node, ctx, |n, c| apply(api, n, c), |_, _| async { Ok(Action::await_change()) })
+        .await
 }
 
 async fn apply(api: Api<EdgeNode>, node: Arc<EdgeNode>, ctx: Arc<Context>) -> Result<Action> {
-    // Right after a start, counts are only right once every microservice was placed.
-    if !ctx.placements.wait_complete(&ctx.index.microservices, Duration::from_secs(30)).await {
-        warn!("placements still incomplete after 30 s; instance counts may be low until the next pass");
-    }
-    let name = node.name_any();
-    let (running, ready) = ctx.reports.node_counts(&name);
-    let counts = InstanceCounts { desired: ctx.placements.instances_on(&name) as i32, running, ready };
-    let session = ctx.hub.session(&name);
-    let cluster = ctx.reports.cluster(&name);
-    let status = status_for(&node, counts, session.as_ref(), cluster.as_ref(), ctx.hub.grace_over());
+    let inputs = ctx.index.node(&node.name_any());
+    let grace_over = ctx.index.grace_over();
+    let status = status_for(&node, inputs.counts, inputs.session.as_ref(), inputs.cluster.as_ref(), grace_over);
     ctx.write_status(&api, &node, &status).await?;
-    // The index holds `node` as the sessions see it: a peer address written just now
-    // comes back through the watch and pokes the network on the next pass.
-    poke_networks(&ctx, ctx.members.update(&node));
-    // A node left Connected during the grace must be looked at again when it ends.
-    if session.is_none() && !ctx.hub.grace_over() {
-        return Ok(Action::requeue(ctx.hub.grace_left() + Duration::from_millis(100)));
-    }
-    Ok(Action::requeue(RESYNC))
+    Ok(match inputs.session {
+        // A node left Connected during the grace must be looked at again when it ends.
+        None if !grace_over => Action::requeue(ctx.index.grace_left() + Duration::from_millis(100)),
+        None => Action::requeue(RESYNC),
+        // Refresh the heartbeat when it is due, spread so that nodes that connected together do not write together.
+        Some(_) => {
+            let spread = rand::random::<f64>() * 30.0;
+            Action::requeue(Duration::from_secs_f64(HEARTBEAT_WRITE_INTERVAL_SECONDS as f64 + 30.0 + spread))
+        }
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
-    use supermesh_api::edgenode::NodeRole;
+    use supermesh_protocol::NodeRole;
 
     fn counts(desired: i32) -> InstanceCounts {
         InstanceCounts { desired, running: 0, ready: 0 }
@@ -195,10 +167,10 @@ mod tests {
         assert_eq!(s.last_heartbeat_time.as_ref().unwrap().0.as_second(), 1000);
         assert_eq!(s.arch.as_deref(), Some("x86_64"));
         n.status = Some(s.clone());
-        let soon = status_for(&n, counts(0), Some(&session(1010)), None, false);
-        assert_eq!(soon, s, "a heartbeat 10 s later is not written");
-        let later = status_for(&n, counts(0), Some(&session(1031)), None, false);
-        assert_eq!(later.last_heartbeat_time.unwrap().0.as_second(), 1031);
+        let soon = status_for(&n, counts(0), Some(&session(1100)), None, false);
+        assert_eq!(soon, s, "a heartbeat 100 s later is not written");
+        let later = status_for(&n, counts(0), Some(&session(1301)), None, false);
+        assert_eq!(later.last_heartbeat_time.unwrap().0.as_second(), 1301);
 
         // Right after a controller restart the node keeps Connected until agents had time to reconnect.
         assert_eq!(status_for(&n, counts(0), None, None, false), s);

@@ -34,6 +34,13 @@ pub enum Error {
     #[error("cloudhub PKI: {0}")]
     Pki(String),
 
+    /// The namespace for the controller's Secrets does not exist.
+    #[error(
+        "namespace {0:?} does not exist: create it (kubectl create namespace {0}), install the Helm chart \
+         (helm install supermesh charts/supermesh -n {0} --create-namespace), or pass --namespace NAME"
+    )]
+    NamespaceMissing(String),
+
     /// The cloudhub listener could not start.
     #[error("cannot listen for agents on {0}: {1}")]
     Listen(String, #[source] std::io::Error),
@@ -90,7 +97,7 @@ impl Error {
             Error::CrdMissing(_) | Error::CrdNotEstablished(..) => "crd",
             Error::Config(_) => "config",
             Error::Http(..) | Error::Listen(..) => "http",
-            Error::Pki(_) => "pki",
+            Error::Pki(_) | Error::NamespaceMissing(_) => "pki",
             Error::ControllerStopped(..) => "controller",
         }
     }

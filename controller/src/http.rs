@@ -8,11 +8,11 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use kube::runtime::reflector::ObjectRef;
-use supermesh_api::protocol::{ErrorContent, LogChunk, LogQuery, Operation, ResourceRef, LOG};
-use supermesh_api::Microservice;
+use supermesh_protocol::{Answer, Body, LogQuery, ResourceRef, LOG};
 use tokio::net::TcpListener;
 
+use crate::cloudhub::Hub;
+use crate::index::{Index, Key};
 use crate::metrics::Metrics;
 use crate::{Error, Result};
 
@@ -21,8 +21,10 @@ use crate::{Error, Result};
 pub struct State {
     /// Metrics rendered at `/metrics`.
     pub metrics: Arc<Metrics>,
-    /// Caches, placements and agent sessions: readiness and instance logs.
-    pub ctx: Arc<crate::context::Context>,
+    /// The fleet index: readiness and where microservices run.
+    pub index: Arc<Index>,
+    /// Agent sessions, which answer log queries.
+    pub hub: Arc<Hub>,
 }
 
 /// Binds the listener now, so that a taken port fails the start with a clear error.
@@ -62,32 +64,27 @@ async fn logs(
     Query(params): Query<LogParams>,
 ) -> axum::response::Response {
     let fail = |code: StatusCode, message: String| (code, message + "\n").into_response();
-    let placed =
-        state.ctx.placements.get(&ObjectRef::<Microservice>::new(&name).within(&namespace)).unwrap_or_default();
+    let placed = state.index.placed(&Key::new(&namespace, &name));
     let node = match params.node.or_else(|| placed.first().cloned()) {
         Some(node) => node,
         None => return fail(StatusCode::NOT_FOUND, format!("{namespace}/{name} runs on no node")),
     };
     let resource = ResourceRef::string(&namespace, LOG, &name);
     let query = LogQuery { tail: params.tail, offset: params.offset };
-    match state.ctx.hub.query(&node, Operation::Query, &resource, query).await {
-        Ok(answer) if answer.operation == Operation::Response => match answer.content_as::<LogChunk>() {
-            Ok(chunk) => {
-                let headers = [("x-supermesh-offset", chunk.offset.to_string()), ("x-supermesh-node", node)];
-                (headers, chunk.text).into_response()
-            }
-            Err(e) => fail(StatusCode::BAD_GATEWAY, format!("node {node} answered badly: {e}")),
-        },
-        Ok(answer) => {
-            let reason = answer.content_as::<ErrorContent>().map(|c| c.message).unwrap_or_default();
-            fail(StatusCode::NOT_FOUND, reason)
+    match state.hub.query(&node, &resource, supermesh_protocol::Query::Log(query)).await.map(|answer| answer.body()) {
+        Ok(Ok(Body::Response(Answer::Log(chunk)))) => {
+            let headers = [("x-supermesh-offset", chunk.offset.to_string()), ("x-supermesh-node", node)];
+            (headers, chunk.text).into_response()
         }
+        Ok(Ok(Body::Error(refusal))) => fail(StatusCode::NOT_FOUND, refusal.message),
+        Ok(Ok(other)) => fail(StatusCode::BAD_GATEWAY, format!("node {node} answered a {:?}", other.operation())),
+        Ok(Err(e)) => fail(StatusCode::BAD_GATEWAY, format!("node {node} answered badly: {e}")),
         Err(reason) => fail(StatusCode::SERVICE_UNAVAILABLE, reason),
     }
 }
 
 async fn readyz(AxumState(state): AxumState<State>) -> impl IntoResponse {
-    if state.ctx.index.is_ready() {
+    if state.index.is_synced() {
         (StatusCode::OK, "ok")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "caches are not synced yet")

@@ -3,6 +3,7 @@
 
 pub mod aggregator;
 pub mod cloudhub;
+pub mod coalesce;
 pub mod conditions;
 pub mod context;
 pub mod crds;
@@ -10,11 +11,13 @@ pub mod discovery;
 pub mod edgenode;
 pub mod error;
 pub mod http;
+pub mod index;
 pub mod membership;
 pub mod mesh;
 pub mod metrics;
 pub mod microservice;
 pub mod placement;
 pub mod run;
+pub mod wire;
 
 pub use error::{Error, Result};

@@ -1,33 +1,34 @@
-//! Mesh reconciler: validate the spec, count members and microservices, summarise clusters.
+//! Mesh reconciler: validate the spec, count members and microservices, summarise
+//! clusters; members and counts are read from the fleet index.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
-use supermesh_api::edgenode::NodeRole;
 use supermesh_api::mesh::{ClusterStatus, MeshStatus};
 use supermesh_api::names::condition::*;
-use supermesh_api::{EdgeNode, Mesh, Microservice};
+use supermesh_api::Mesh;
+use supermesh_protocol::NodeRole;
 use tracing::instrument;
 
 use crate::conditions::{self, Wanted};
 use crate::context::{reconcile_in_finalizer, Context, RESYNC};
-use crate::placement;
+use crate::index::{Key, MemberStatus, MeshInputs};
 use crate::Result;
 
-/// The status of `mesh` given every EdgeNode and the microservices of its namespace.
-pub fn status_for(mesh: &Mesh, nodes: &[EdgeNode], microservices: &[&Microservice]) -> MeshStatus {
+/// The status of `mesh` given its members (or why its spec is invalid) and the
+/// number of microservices naming it.
+pub fn status_for(mesh: &Mesh, inputs: &MeshInputs) -> MeshStatus {
     let old = mesh.status.clone().unwrap_or_default();
-    let name = mesh.name_any();
-    let microservice_count = microservices.iter().filter(|m| m.spec.mesh == name).count() as i32;
-    let (members, wanted) = match placement::mesh_members(&mesh.spec, nodes) {
+    let (members, wanted) = match &inputs.members {
         Ok(members) => {
-            let (cluster_count, clusters) = clusters(&members);
+            let (cluster_count, clusters) = clusters(members);
             let message = format!("{} nodes in {cluster_count} clusters", members.len());
             (Some((members.len() as i32, cluster_count, clusters)), Wanted::new(READY, true, MESH_VALID, message))
         }
-        Err(e) => (None, Wanted::new(READY, false, INVALID_SPEC, e.0)),
+        Err(e) => (None, Wanted::new(READY, false, INVALID_SPEC, e.0.clone())),
     };
     let (node_count, cluster_count, clusters) = members.unwrap_or_default();
     let elected: Vec<&str> = clusters.iter().filter_map(|c| c.supernode.as_deref()).collect();
@@ -35,7 +36,7 @@ pub fn status_for(mesh: &Mesh, nodes: &[EdgeNode], microservices: &[&Microservic
         supernodes: (!elected.is_empty()).then(|| elected.join(",")),
         observed_generation: mesh.metadata.generation,
         node_count,
-        microservice_count,
+        microservice_count: inputs.microservices,
         cluster_count,
         clusters,
         conditions: conditions::merge(&old.conditions, vec![wanted], mesh.metadata.generation),
@@ -43,10 +44,10 @@ pub fn status_for(mesh: &Mesh, nodes: &[EdgeNode], microservices: &[&Microservic
 }
 
 /// Number of per-network clusters of member nodes, and their summaries, largest first, bounded.
-fn clusters(members: &[&EdgeNode]) -> (i32, Vec<ClusterStatus>) {
-    let mut by_network: BTreeMap<&str, Vec<&EdgeNode>> = BTreeMap::new();
+fn clusters(members: &[MemberStatus]) -> (i32, Vec<ClusterStatus>) {
+    let mut by_network: BTreeMap<&str, Vec<&MemberStatus>> = BTreeMap::new();
     for node in members {
-        by_network.entry(node.spec.network.as_str()).or_default().push(node);
+        by_network.entry(node.network.as_str()).or_default().push(node);
     }
     let mut list: Vec<ClusterStatus> = by_network
         .into_iter()
@@ -54,7 +55,7 @@ fn clusters(members: &[&EdgeNode]) -> (i32, Vec<ClusterStatus>) {
             network: network.to_owned(),
             supernode: supernode(&nodes),
             members: nodes.len() as i32,
-            ready: nodes.iter().filter(|n| is_ready(n)).count() as i32,
+            ready: nodes.iter().filter(|n| n.status.ready).count() as i32,
         })
         .collect();
     let count = list.len() as i32;
@@ -63,30 +64,23 @@ fn clusters(members: &[&EdgeNode]) -> (i32, Vec<ClusterStatus>) {
     (count, list)
 }
 
-fn is_ready(node: &EdgeNode) -> bool {
-    node.status.as_ref().is_some_and(|s| conditions::is_true(&s.conditions, READY))
-}
-
 /// The supernode of one cluster's `nodes`: the member its Ready members name most
 /// (ties to the first name), else a Ready member that reports itself supernode.
-fn supernode(nodes: &[&EdgeNode]) -> Option<String> {
-    let ready: Vec<&EdgeNode> = nodes.iter().copied().filter(|n| is_ready(n)).collect();
-    let mut votes: BTreeMap<String, usize> = nodes.iter().map(|n| (n.name_any(), 0)).collect();
-    for named in ready.iter().filter_map(|n| n.status.as_ref()?.supernode.as_ref()) {
+fn supernode(nodes: &[&MemberStatus]) -> Option<String> {
+    let ready: Vec<&MemberStatus> = nodes.iter().copied().filter(|n| n.status.ready).collect();
+    let mut votes: BTreeMap<&str, usize> = nodes.iter().map(|n| (n.name.as_str(), 0)).collect();
+    for named in ready.iter().filter_map(|n| n.status.supernode.as_deref()) {
         if let Some(count) = votes.get_mut(named) {
             *count += 1;
         }
     }
     // `max_by` keeps the last of equal elements: iterate names in reverse so the first name wins ties.
     let named = votes.into_iter().rev().filter(|(_, v)| *v > 0).max_by(|a, b| a.1.cmp(&b.1)).map(|(name, _)| name);
-    named.or_else(|| {
-        let mut claiming: Vec<String> = ready
-            .iter()
-            .filter(|n| n.status.as_ref().and_then(|s| s.role) == Some(NodeRole::Supernode))
-            .map(|n| n.name_any())
-            .collect();
+    named.map(str::to_owned).or_else(|| {
+        let mut claiming: Vec<&str> =
+            ready.iter().filter(|n| n.status.role == Some(NodeRole::Supernode)).map(|n| n.name.as_str()).collect();
         claiming.sort();
-        claiming.into_iter().next()
+        claiming.first().map(|n| (*n).to_owned())
     })
 }
 
@@ -108,10 +102,11 @@ pub async fn reconcile(mesh: Arc<Mesh>, ctx: Arc<Context>) -> Result<Action> {
 }
 
 async fn apply(api: Api<Mesh>, mesh: Arc<Mesh>, ctx: Arc<Context>) -> Result<Action> {
-    let ns = mesh.namespace();
-    let microservices = ctx.index.microservices.state();
-    let in_namespace: Vec<&Microservice> = microservices.iter().map(|m| &**m).filter(|m| m.namespace() == ns).collect();
-    let status = status_for(&mesh, &ctx.index.node_list(), &in_namespace);
+    // The index takes each event before the controller does; a miss is a race with a relist.
+    let Some(inputs) = ctx.index.mesh(&Key::of(&*mesh)) else {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    };
+    let status = status_for(&mesh, &inputs);
     let old_reason = mesh.status.as_ref().and_then(|s| conditions::reason(&s.conditions, READY)).map(str::to_owned);
     ctx.write_status(&api, &mesh, &status).await?;
     let ready = &status.conditions[0];
@@ -124,8 +119,24 @@ async fn apply(api: Api<Mesh>, mesh: Arc<Mesh>, ctx: Arc<Context>) -> Result<Act
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index::{NodeStatusView, NodeView};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
     use serde_json::json;
+    use supermesh_api::{EdgeNode, Microservice};
+
+    fn member(n: &EdgeNode) -> MemberStatus {
+        MemberStatus { name: n.name_any(), network: n.spec.network.clone(), status: NodeStatusView::from(n) }
+    }
+
+    /// The status of `mesh` as the index would feed it: its members among `nodes`.
+    fn status_of(mesh: &Mesh, nodes: &[EdgeNode], microservices: &[&Microservice]) -> MeshStatus {
+        let views: Vec<NodeView> = nodes.iter().map(NodeView::from).collect();
+        let members = crate::placement::mesh_members(&mesh.spec, &views).map(|members| {
+            members.iter().filter_map(|v| nodes.iter().find(|n| n.name_any() == v.name)).map(member).collect()
+        });
+        let microservices = microservices.iter().filter(|m| m.spec.mesh == mesh.name_any()).count() as i32;
+        status_for(mesh, &MeshInputs { members, microservices })
+    }
 
     fn following(mut n: EdgeNode, supernode: &str) -> EdgeNode {
         n.status.as_mut().unwrap().supernode = Some(supernode.into());
@@ -158,7 +169,7 @@ mod tests {
             vec![node("a1", "net-a", true, true), node("a2", "net-a", false, false), node("b1", "net-b", true, false)];
         let web = Microservice::new("web", serde_json::from_value(json!({"mesh": "lan", "command": ["x"]})).unwrap());
         let other = Microservice::new("db", serde_json::from_value(json!({"mesh": "x", "command": ["x"]})).unwrap());
-        let s = status_for(&mesh, &nodes, &[&web, &other]);
+        let s = status_of(&mesh, &nodes, &[&web, &other]);
         assert_eq!((s.node_count, s.microservice_count, s.cluster_count), (3, 1, 2));
         assert_eq!(s.supernodes.as_deref(), Some("a1"));
         assert_eq!(
@@ -174,7 +185,7 @@ mod tests {
     #[test]
     fn invalid_spec_is_a_condition_not_an_error() {
         let mesh = Mesh::new("near", serde_json::from_value(json!({"type": "Proximity"})).unwrap());
-        let s = status_for(&mesh, &[node("a1", "n", true, false)], &[]);
+        let s = status_of(&mesh, &[node("a1", "n", true, false)], &[]);
         assert_eq!(s.node_count, 0);
         let ready = &s.conditions[0];
         assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", INVALID_SPEC));
@@ -186,14 +197,15 @@ mod tests {
         let nodes: Vec<EdgeNode> =
             (0..100).map(|i| node(&format!("n{i}"), &format!("net-{i}"), false, false)).collect();
         let mesh = Mesh::new("lan", serde_json::from_value(json!({"type": "Network"})).unwrap());
-        let s = status_for(&mesh, &nodes, &[]);
+        let s = status_of(&mesh, &nodes, &[]);
         assert_eq!(s.node_count, 100);
         assert_eq!(s.clusters.len(), MeshStatus::MAX_CLUSTERS);
         assert_eq!(s.cluster_count, 100, "the count is not bounded");
     }
 
     fn chosen(nodes: &[EdgeNode]) -> Option<String> {
-        supernode(&nodes.iter().collect::<Vec<_>>())
+        let members: Vec<MemberStatus> = nodes.iter().map(member).collect();
+        supernode(&members.iter().collect::<Vec<_>>())
     }
 
     #[test]

@@ -87,6 +87,12 @@ pub struct Metrics {
     pub reports: Family<PathLabels, Counter>,
     /// Reports received again: an event seen before, or a status snapshot no newer than the one held.
     pub reports_duplicate: Counter,
+    /// Microservice changes sent again because their ack did not come in time.
+    pub changes_resent: Counter,
+    /// Instance events dropped because too many waited for the API server.
+    pub events_dropped: Counter,
+    /// Objects skipped because they do not match their kind's schema, by kind.
+    pub invalid_objects: Family<KindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -111,6 +117,19 @@ impl Default for Metrics {
         registry.register("cloudhub_changes_nacked", "Microservice changes agents refused", changes_nacked.clone());
         registry.register("cloudhub_memberships_sent", "Network memberships sent to agents", memberships_sent.clone());
         registry.register("cloudhub_bad_messages", "Invalid messages received from agents", bad_messages.clone());
+        let [changes_resent, events_dropped] = std::array::from_fn(|_| Counter::default());
+        registry.register(
+            "cloudhub_changes_resent",
+            "Microservice changes sent again after no ack",
+            changes_resent.clone(),
+        );
+        registry.register(
+            "events_dropped",
+            "Instance events dropped while the API server lagged",
+            events_dropped.clone(),
+        );
+        let invalid_objects = Family::<KindLabels, Counter>::default();
+        registry.register("invalid_objects", "Objects skipped for not matching their schema", invalid_objects.clone());
         let status_reports = Counter::default();
         registry.register("cloudhub_status_reports", "Instance status reports received", status_reports.clone());
         let agents = Gauge::default();
@@ -146,6 +165,9 @@ impl Default for Metrics {
             report_bytes,
             reports,
             reports_duplicate,
+            changes_resent,
+            events_dropped,
+            invalid_objects,
         }
     }
 }

@@ -1,59 +1,22 @@
-//! Microservice reconciler: dereference the mesh, validate, place, write status.
+//! Microservice reconciler: the index places microservices; this writes what
+//! the placement and the nodes' reports say into status, and tells users by Events.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use supermesh_api::microservice::MicroserviceStatus;
 use supermesh_api::names::condition::*;
-use supermesh_api::protocol::{version, ResourceRef, MICROSERVICE};
-use supermesh_api::{EdgeNode, Mesh, Microservice};
+use supermesh_api::Microservice;
 use tracing::{info, instrument};
 
-use crate::aggregator::{aggregate, Aggregate};
+use crate::aggregator::Aggregate;
 use crate::conditions::{self, Wanted};
 use crate::context::{reconcile_in_finalizer, Context, RESYNC};
-use crate::placement::{self, Placement};
+use crate::index::Key;
+use crate::placement::Plan;
 use crate::Result;
-
-/// The outcome of placing a microservice: where it runs, or why it cannot.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Plan {
-    /// Placed on these nodes.
-    Placed(Placement),
-    /// Not placed; `reason` is a condition reason, `message` says what to fix.
-    Blocked { reason: &'static str, message: String },
-}
-
-/// Dereference → validate → place: the pure core of the reconcile.
-pub fn plan(msvc: &Microservice, mesh: Option<&Mesh>, nodes: &[EdgeNode], current: &BTreeSet<String>) -> Plan {
-    let ns = msvc.namespace().unwrap_or_default();
-    let Some(mesh) = mesh else {
-        return Plan::Blocked {
-            reason: MESH_NOT_FOUND,
-            message: format!(
-                "Mesh {:?} does not exist in namespace {ns:?}: create it or change spec.mesh",
-                msvc.spec.mesh
-            ),
-        };
-    };
-    if let Err(e) = placement::validate_microservice(&msvc.spec) {
-        return Plan::Blocked { reason: INVALID_SPEC, message: e.0 };
-    }
-    if let Err(e) = placement::validate_mesh(&mesh.spec) {
-        return Plan::Blocked {
-            reason: MESH_INVALID,
-            message: format!("Mesh {:?} is invalid: {}", mesh.name_any(), e.0),
-        };
-    }
-    let key = format!("{ns}/{}", msvc.name_any());
-    match placement::place(&mesh.spec, nodes, &key, &msvc.spec, current) {
-        Ok(p) => Plan::Placed(p),
-        Err(e) => Plan::Blocked { reason: INVALID_SPEC, message: e.0 },
-    }
-}
 
 /// The status that describes `plan` and what agents report (`agg`). Without an
 /// aggregate (agents still reconnecting after a controller start) the previous
@@ -134,37 +97,19 @@ pub async fn reconcile(msvc: Arc<Microservice>, ctx: Arc<Context>) -> Result<Act
 }
 
 async fn apply(api: Api<Microservice>, msvc: Arc<Microservice>, ctx: Arc<Context>) -> Result<Action> {
-    let key = ObjectRef::from_obj(&*msvc);
-    let mesh_ref = ObjectRef::<Mesh>::new(&msvc.spec.mesh).within(&msvc.namespace().unwrap_or_default());
-    let mesh = ctx.index.meshes.get(&mesh_ref);
-    let current = ctx.placements.get(&key);
-    let plan = plan(&msvc, mesh.as_deref(), &ctx.index.node_list(), current.as_ref().unwrap_or(&BTreeSet::new()));
-
-    let nodes = match &plan {
-        Plan::Placed(p) => p.nodes.clone(),
-        Plan::Blocked { .. } => BTreeSet::new(),
+    // The index takes each event before the controller does; a miss is a race with a relist.
+    let Some(inputs) = ctx.index.microservice(&Key::of(&*msvc)) else {
+        return Ok(Action::requeue(Duration::from_secs(1)));
     };
-    let previous = ctx.placements.set(key, nodes.clone());
-    ctx.metrics.placed_instances.set(ctx.placements.total() as i64);
-    let moved = previous.as_ref().is_some_and(|p| *p != nodes);
-    let previous = previous.unwrap_or_default();
-    for node in previous.symmetric_difference(&nodes) {
-        // The EdgeNode controller runs as long as this one; a closed channel means shutdown.
-        let _ = ctx.node_trigger.unbounded_send(ObjectRef::new(node));
-    }
-    // The spec may have changed too: every node that had or gets it re-syncs.
-    ctx.hub.poke(previous.union(&nodes));
-
+    let plan = inputs.plan;
     let agg = match &plan {
         Plan::Placed(p) => {
-            let resource = ResourceRef::string(&msvc.namespace().unwrap_or_default(), MICROSERVICE, &msvc.name_any());
-            let current = version(msvc.metadata.generation.unwrap_or_default(), &msvc.uid().unwrap_or_default());
-            let agg = aggregate(&current, &ctx.reports.about(&resource, &p.nodes));
+            let agg = inputs.aggregate;
             // Right after a start, agents are still reconnecting: an incomplete picture may
             // raise the counts but not lower them, so a controller restart flips nothing.
             let old_ready = msvc.status.as_ref().map_or(0, |s| s.ready_instances);
             let complete = agg.reported as usize >= p.nodes.len();
-            (ctx.hub.grace_over() || complete || agg.ready >= old_ready).then_some(agg)
+            (ctx.index.grace_over() || complete || agg.ready >= old_ready).then_some(agg)
         }
         Plan::Blocked { .. } => Some(Aggregate::default()),
     };
@@ -190,7 +135,7 @@ async fn apply(api: Api<Microservice>, msvc: Arc<Microservice>, ctx: Arc<Context
         Plan::Blocked { reason, message } if old_reason.as_deref() != Some(*reason) => {
             ctx.publish(&*msvc, true, reason, message.clone()).await;
         }
-        Plan::Placed(p) if moved || old.desired_instances != status.desired_instances || old_reason.is_none() => {
+        Plan::Placed(p) if old.desired_instances != status.desired_instances || old_reason.is_none() => {
             let shown: Vec<&str> = p.nodes.iter().take(10).map(String::as_str).collect();
             let more = p.nodes.len().saturating_sub(shown.len());
             let tail = if more > 0 { format!(" and {more} more") } else { String::new() };
@@ -202,20 +147,34 @@ async fn apply(api: Api<Microservice>, msvc: Arc<Microservice>, ctx: Arc<Context
     Ok(Action::requeue(RESYNC))
 }
 
-async fn cleanup(msvc: Arc<Microservice>, ctx: Arc<Context>) -> Result<Action> {
-    let removed = ctx.placements.remove(&ObjectRef::from_obj(&*msvc)).unwrap_or_default();
-    ctx.metrics.placed_instances.set(ctx.placements.total() as i64);
-    ctx.hub.poke(&removed);
-    for node in removed {
-        let _ = ctx.node_trigger.unbounded_send(ObjectRef::new(&node));
-    }
+/// Nothing to clean up: the index stopped placing the microservice when its deletion began.
+async fn cleanup(_: Arc<Microservice>, _: Arc<Context>) -> Result<Action> {
     Ok(Action::await_change())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index::NodeView;
+    use crate::placement::{mesh_members, MeshState};
     use serde_json::json;
+    use std::collections::BTreeSet;
+    use supermesh_api::{EdgeNode, Mesh};
+
+    /// The plan of `msvc` in `mesh` among `nodes`, as the index makes it.
+    fn plan(msvc: &Microservice, mesh: Option<&Mesh>, nodes: &[EdgeNode], current: &BTreeSet<String>) -> Plan {
+        let views: Vec<NodeView> = nodes.iter().map(NodeView::from).collect();
+        let (ns, name) = (msvc.namespace().unwrap_or_default(), msvc.name_any());
+        match mesh.map(|m| (m.name_any(), mesh_members(&m.spec, &views))) {
+            None => crate::placement::plan(&ns, &name, &msvc.spec, MeshState::Missing, current),
+            Some((mesh, Err(e))) => {
+                crate::placement::plan(&ns, &name, &msvc.spec, MeshState::Invalid(&mesh, &e), current)
+            }
+            Some((_, Ok(members))) => {
+                crate::placement::plan(&ns, &name, &msvc.spec, MeshState::Members(&members), current)
+            }
+        }
+    }
 
     fn msvc(spec: serde_json::Value) -> Microservice {
         let mut m = Microservice::new("web", serde_json::from_value(spec).unwrap());
@@ -304,6 +263,7 @@ mod tests {
 #[cfg(test)]
 mod aggregate_tests {
     use super::*;
+    use crate::placement::Placement;
     use serde_json::json;
     use supermesh_api::microservice::UnhealthyInstance;
 

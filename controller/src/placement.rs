@@ -9,11 +9,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use kube::core::{Selector, SelectorExt};
-use kube::ResourceExt;
 use sha2::{Digest, Sha256};
-use supermesh_api::mesh::MeshSpec;
+use supermesh_api::mesh::{MeshSpec, Proximity};
 use supermesh_api::microservice::MicroserviceSpec;
-use supermesh_api::{EdgeNode, MeshType};
+use supermesh_api::names::condition::{INVALID_SPEC, MESH_INVALID, MESH_NOT_FOUND};
+use supermesh_api::MeshType;
+
+use crate::index::NodeView;
 
 /// Why a spec cannot be placed; the text is shown to users in a condition message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,37 +28,7 @@ fn invalid(msg: impl Into<String>) -> InvalidSpec {
 
 /// Checks the parts of a Mesh spec that the schema cannot express.
 pub fn validate_mesh(spec: &MeshSpec) -> Result<(), InvalidSpec> {
-    let t = spec.mesh_type;
-    match t {
-        MeshType::Account if spec.account.as_deref().unwrap_or("").is_empty() => {
-            return Err(invalid("an Account mesh needs spec.account: the account whose nodes form the mesh"));
-        }
-        MeshType::Proximity if spec.proximity.is_none() => {
-            return Err(invalid(
-                "a Proximity mesh needs spec.proximity with center {latitude, longitude} and radiusKm",
-            ));
-        }
-        MeshType::Network if spec.networks.as_ref().is_some_and(Vec::is_empty) => {
-            return Err(invalid("spec.networks is empty: list networks, or omit it to include every network"));
-        }
-        _ => {}
-    }
-    if t != MeshType::Account && spec.account.is_some() {
-        return Err(invalid(format!("spec.account applies only to Account meshes, this mesh is {t:?}")));
-    }
-    if t != MeshType::Proximity && spec.proximity.is_some() {
-        return Err(invalid(format!("spec.proximity applies only to Proximity meshes, this mesh is {t:?}")));
-    }
-    if t != MeshType::Network && spec.networks.is_some() {
-        return Err(invalid(format!("spec.networks applies only to Network meshes, this mesh is {t:?}")));
-    }
-    if let Some(p) = &spec.proximity {
-        if !p.center.is_valid() || !p.radius_km.is_finite() || p.radius_km < 0.0 {
-            return Err(invalid("spec.proximity needs a valid center and a radiusKm of at least 0"));
-        }
-    }
-    mesh_selector(spec)?;
-    Ok(())
+    MeshRule::new(spec).map(|_| ())
 }
 
 /// Checks the parts of a Microservice spec that the schema cannot express.
@@ -81,32 +53,88 @@ pub fn validate_microservice(spec: &MicroserviceSpec) -> Result<(), InvalidSpec>
     Ok(())
 }
 
-fn mesh_selector(spec: &MeshSpec) -> Result<Option<Selector>, InvalidSpec> {
-    spec.node_selector
-        .clone()
-        .map(Selector::try_from)
-        .transpose()
-        .map_err(|e| invalid(format!("spec.nodeSelector is invalid: {e}")))
+/// Which nodes a valid mesh admits, compiled once from its spec.
+#[derive(Debug, Clone)]
+pub struct MeshRule {
+    mesh_type: MeshType,
+    networks: Option<BTreeSet<String>>,
+    account: Option<String>,
+    proximity: Option<Proximity>,
+    selector: Option<Selector>,
 }
 
-/// The nodes that belong to a mesh, in name order. Nodes being deleted are left out.
-pub fn mesh_members<'a>(spec: &MeshSpec, nodes: &'a [EdgeNode]) -> Result<Vec<&'a EdgeNode>, InvalidSpec> {
-    validate_mesh(spec)?;
-    let selector = mesh_selector(spec)?;
-    let mut members: Vec<&EdgeNode> = nodes
-        .iter()
-        .filter(|n| n.metadata.deletion_timestamp.is_none())
-        .filter(|n| match spec.mesh_type {
-            MeshType::Network => spec.networks.as_ref().is_none_or(|nets| nets.contains(&n.spec.network)),
-            MeshType::Account => spec.account.as_deref() == Some(n.spec.account.as_str()),
-            MeshType::Proximity => {
-                let p = spec.proximity.as_ref().expect("validated above");
-                n.spec.location.is_some_and(|loc| loc.distance_km(&p.center) <= p.radius_km)
+impl MeshRule {
+    /// The rule of `spec`, or why the spec is invalid.
+    pub fn new(spec: &MeshSpec) -> Result<MeshRule, InvalidSpec> {
+        let t = spec.mesh_type;
+        match t {
+            MeshType::Account if spec.account.as_deref().unwrap_or("").is_empty() => {
+                return Err(invalid("an Account mesh needs spec.account: the account whose nodes form the mesh"));
             }
+            MeshType::Proximity if spec.proximity.is_none() => {
+                return Err(invalid(
+                    "a Proximity mesh needs spec.proximity with center {latitude, longitude} and radiusKm",
+                ));
+            }
+            MeshType::Network if spec.networks.as_ref().is_some_and(Vec::is_empty) => {
+                return Err(invalid("spec.networks is empty: list networks, or omit it to include every network"));
+            }
+            _ => {}
+        }
+        if t != MeshType::Account && spec.account.is_some() {
+            return Err(invalid(format!("spec.account applies only to Account meshes, this mesh is {t:?}")));
+        }
+        if t != MeshType::Proximity && spec.proximity.is_some() {
+            return Err(invalid(format!("spec.proximity applies only to Proximity meshes, this mesh is {t:?}")));
+        }
+        if t != MeshType::Network && spec.networks.is_some() {
+            return Err(invalid(format!("spec.networks applies only to Network meshes, this mesh is {t:?}")));
+        }
+        if let Some(p) = &spec.proximity {
+            if !p.center.is_valid() || !p.radius_km.is_finite() || p.radius_km < 0.0 {
+                return Err(invalid("spec.proximity needs a valid center and a radiusKm of at least 0"));
+            }
+        }
+        let selector = spec
+            .node_selector
+            .clone()
+            .map(Selector::try_from)
+            .transpose()
+            .map_err(|e| invalid(format!("spec.nodeSelector is invalid: {e}")))?;
+        Ok(MeshRule {
+            mesh_type: t,
+            networks: spec.networks.as_ref().map(|n| n.iter().cloned().collect()),
+            account: spec.account.clone(),
+            proximity: spec.proximity.clone(),
+            selector,
         })
-        .filter(|n| selector.as_ref().is_none_or(|s| s.matches(n.labels())))
-        .collect();
-    members.sort_by_key(|n| n.name_any());
+    }
+
+    /// Whether `node` belongs to the mesh. Nodes being deleted belong to none.
+    pub fn admits(&self, node: &NodeView) -> bool {
+        if node.deleting {
+            return false;
+        }
+        let by_type = match self.mesh_type {
+            MeshType::Network => self.networks.as_ref().is_none_or(|nets| nets.contains(&node.network)),
+            MeshType::Account => self.account.as_deref() == Some(node.account.as_str()),
+            MeshType::Proximity => self
+                .proximity
+                .as_ref()
+                .is_some_and(|p| node.location.is_some_and(|loc| loc.distance_km(&p.center) <= p.radius_km)),
+        };
+        by_type && self.selector.as_ref().is_none_or(|s| s.matches(&node.labels))
+    }
+}
+
+/// The nodes that belong to a mesh, in name order.
+pub fn mesh_members<'a>(
+    spec: &MeshSpec,
+    nodes: impl IntoIterator<Item = &'a NodeView>,
+) -> Result<Vec<&'a NodeView>, InvalidSpec> {
+    let rule = MeshRule::new(spec)?;
+    let mut members: Vec<&NodeView> = nodes.into_iter().filter(|n| rule.admits(n)).collect();
+    members.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(members)
 }
 
@@ -122,25 +150,30 @@ pub struct Placement {
 /// Places a microservice (identified by `key`, stable for its lifetime) on the
 /// nodes of its mesh. `current` is where it runs now: unschedulable nodes keep
 /// instances they already host.
-pub fn place(
+pub fn place<'a>(
     mesh: &MeshSpec,
-    nodes: &[EdgeNode],
+    nodes: impl IntoIterator<Item = &'a NodeView>,
     key: &str,
     msvc: &MicroserviceSpec,
     current: &BTreeSet<String>,
 ) -> Result<Placement, InvalidSpec> {
     validate_microservice(msvc)?;
-    let candidates: Vec<String> = mesh_members(mesh, nodes)?
-        .into_iter()
-        .filter(|n| labels_match(&msvc.node_selector, n.labels()))
-        .filter(|n| !n.spec.unschedulable || current.contains(&n.name_any()))
-        .map(|n| n.name_any())
+    Ok(place_among(&mesh_members(mesh, nodes)?, key, msvc, current))
+}
+
+/// Places a valid microservice among `members`, the nodes its mesh admits.
+pub fn place_among(members: &[&NodeView], key: &str, msvc: &MicroserviceSpec, current: &BTreeSet<String>) -> Placement {
+    let candidates: Vec<&String> = members
+        .iter()
+        .filter(|n| labels_match(&msvc.node_selector, &n.labels))
+        .filter(|n| !n.unschedulable || current.contains(&n.name))
+        .map(|n| &n.name)
         .collect();
     let chosen = match msvc.replicas {
-        None => candidates.iter().cloned().collect(),
+        None => candidates.iter().map(|n| (*n).clone()).collect(),
         Some(r) => rendezvous(key, &candidates, usize::try_from(r).unwrap_or(0)),
     };
-    Ok(Placement { nodes: chosen, candidates: candidates.len() })
+    Placement { nodes: chosen, candidates: candidates.len() }
 }
 
 fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
@@ -148,8 +181,8 @@ fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, S
 }
 
 /// The `count` nodes with the highest weight for `key`; ties break on name.
-fn rendezvous(key: &str, nodes: &[String], count: usize) -> BTreeSet<String> {
-    let mut weighted: Vec<(u64, &String)> = nodes.iter().map(|n| (weight(key, n), n)).collect();
+fn rendezvous(key: &str, nodes: &[&String], count: usize) -> BTreeSet<String> {
+    let mut weighted: Vec<(u64, &String)> = nodes.iter().map(|n| (weight(key, n), *n)).collect();
     weighted.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
     weighted.into_iter().take(count).map(|(_, n)| n.clone()).collect()
 }
@@ -159,13 +192,89 @@ fn weight(key: &str, node: &str) -> u64 {
     u64::from_be_bytes(digest[..8].try_into().expect("a SHA-256 digest has 32 bytes"))
 }
 
+/// The outcome of placing a microservice: where it runs, or why it cannot.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plan {
+    /// Placed on these nodes.
+    Placed(Placement),
+    /// Not placed; `reason` is a condition reason, `message` says what to fix.
+    Blocked {
+        /// Condition reason.
+        reason: &'static str,
+        /// What to fix.
+        message: String,
+    },
+}
+
+impl Default for Plan {
+    fn default() -> Self {
+        Plan::Placed(Placement::default())
+    }
+}
+
+impl Plan {
+    /// The nodes the plan runs the microservice on (none when blocked).
+    pub fn nodes(&self) -> &BTreeSet<String> {
+        static NONE: BTreeSet<String> = BTreeSet::new();
+        match self {
+            Plan::Placed(p) => &p.nodes,
+            Plan::Blocked { .. } => &NONE,
+        }
+    }
+}
+
+/// The mesh a microservice names, as placement sees it.
+#[derive(Debug, Clone, Copy)]
+pub enum MeshState<'a> {
+    /// No such Mesh in the microservice's namespace.
+    Missing,
+    /// The Mesh `name` exists but its spec is invalid.
+    Invalid(&'a str, &'a InvalidSpec),
+    /// The Mesh is valid and admits these nodes.
+    Members(&'a [&'a NodeView]),
+}
+
+/// Dereference → validate → place: the pure core of placing Microservice
+/// `namespace/name` with `spec`. `current` is where it runs now.
+pub fn plan(
+    namespace: &str,
+    name: &str,
+    spec: &MicroserviceSpec,
+    mesh: MeshState<'_>,
+    current: &BTreeSet<String>,
+) -> Plan {
+    let members = match mesh {
+        MeshState::Missing => {
+            return Plan::Blocked {
+                reason: MESH_NOT_FOUND,
+                message: format!(
+                    "Mesh {:?} does not exist in namespace {namespace:?}: create it or change spec.mesh",
+                    spec.mesh
+                ),
+            }
+        }
+        MeshState::Invalid(mesh, e) => {
+            if let Err(e) = validate_microservice(spec) {
+                return Plan::Blocked { reason: INVALID_SPEC, message: e.0 };
+            }
+            return Plan::Blocked { reason: MESH_INVALID, message: format!("Mesh {mesh:?} is invalid: {}", e.0) };
+        }
+        MeshState::Members(members) => members,
+    };
+    if let Err(e) = validate_microservice(spec) {
+        return Plan::Blocked { reason: INVALID_SPEC, message: e.0 };
+    }
+    Plan::Placed(place_among(members, &format!("{namespace}/{name}"), spec, current))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+    use kube::ResourceExt;
     use supermesh_api::edgenode::EdgeNodeSpec;
     use supermesh_api::mesh::Proximity;
-    use supermesh_api::Location;
+    use supermesh_api::{EdgeNode, Location};
 
     fn node(name: &str, network: &str, account: &str) -> EdgeNode {
         EdgeNode::new(
@@ -188,6 +297,10 @@ mod tests {
     fn located(mut n: EdgeNode, latitude: f64, longitude: f64) -> EdgeNode {
         n.spec.location = Some(Location { latitude, longitude });
         n
+    }
+
+    fn views(nodes: &[EdgeNode]) -> Vec<NodeView> {
+        nodes.iter().map(NodeView::from).collect()
     }
 
     fn mesh(t: MeshType) -> MeshSpec {
@@ -215,18 +328,18 @@ mod tests {
 
     #[test]
     fn network_mesh_takes_every_network_or_the_listed_ones() {
-        let all = place(&mesh(MeshType::Network), &fleet(), "k", &msvc(), NONE).unwrap();
+        let all = place(&mesh(MeshType::Network), &views(&fleet()), "k", &msvc(), NONE).unwrap();
         assert_eq!(names(&all), ["a1", "a2", "b1", "b2"]);
         let mut m = mesh(MeshType::Network);
         m.networks = Some(vec!["lan-b".into()]);
-        assert_eq!(names(&place(&m, &fleet(), "k", &msvc(), NONE).unwrap()), ["b1", "b2"]);
+        assert_eq!(names(&place(&m, &views(&fleet()), "k", &msvc(), NONE).unwrap()), ["b1", "b2"]);
     }
 
     #[test]
     fn account_mesh_takes_nodes_of_the_account_anywhere() {
         let mut m = mesh(MeshType::Account);
         m.account = Some("acme".into());
-        assert_eq!(names(&place(&m, &fleet(), "k", &msvc(), NONE).unwrap()), ["a1", "b1", "b2"]);
+        assert_eq!(names(&place(&m, &views(&fleet()), "k", &msvc(), NONE).unwrap()), ["a1", "b1", "b2"]);
     }
 
     #[test]
@@ -239,7 +352,7 @@ mod tests {
         ];
         let mut m = mesh(MeshType::Proximity);
         m.proximity = Some(Proximity { center: Location { latitude: 48.85, longitude: 2.35 }, radius_km: 50.0 });
-        assert_eq!(names(&place(&m, &nodes, "k", &msvc(), NONE).unwrap()), ["paris", "versailles"]);
+        assert_eq!(names(&place(&m, &views(&nodes), "k", &msvc(), NONE).unwrap()), ["paris", "versailles"]);
     }
 
     #[test]
@@ -261,10 +374,10 @@ mod tests {
             }]),
             match_labels: None,
         });
-        assert_eq!(names(&place(&m, &nodes, "k", &msvc(), NONE).unwrap()), ["b1", "b2"]);
+        assert_eq!(names(&place(&m, &views(&nodes), "k", &msvc(), NONE).unwrap()), ["b1", "b2"]);
         let mut s = msvc();
         s.node_selector.insert("gpu".into(), "yes".into());
-        assert_eq!(names(&place(&m, &nodes, "k", &s, NONE).unwrap()), ["b1"]);
+        assert_eq!(names(&place(&m, &views(&nodes), "k", &s, NONE).unwrap()), ["b1"]);
     }
 
     #[test]
@@ -272,9 +385,9 @@ mod tests {
         let mut nodes = fleet();
         nodes[0].spec.unschedulable = true;
         let m = mesh(MeshType::Network);
-        assert_eq!(names(&place(&m, &nodes, "k", &msvc(), NONE).unwrap()), ["a2", "b1", "b2"]);
+        assert_eq!(names(&place(&m, &views(&nodes), "k", &msvc(), NONE).unwrap()), ["a2", "b1", "b2"]);
         let current: BTreeSet<String> = ["a1".to_string()].into();
-        assert_eq!(names(&place(&m, &nodes, "k", &msvc(), &current).unwrap()), ["a1", "a2", "b1", "b2"]);
+        assert_eq!(names(&place(&m, &views(&nodes), "k", &msvc(), &current).unwrap()), ["a1", "a2", "b1", "b2"]);
     }
 
     #[test]
@@ -282,7 +395,10 @@ mod tests {
         let mut nodes = fleet();
         nodes[1].metadata.deletion_timestamp =
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
-        assert_eq!(names(&place(&mesh(MeshType::Network), &nodes, "k", &msvc(), NONE).unwrap()), ["a1", "b1", "b2"]);
+        assert_eq!(
+            names(&place(&mesh(MeshType::Network), &views(&nodes), "k", &msvc(), NONE).unwrap()),
+            ["a1", "b1", "b2"]
+        );
     }
 
     #[test]
@@ -290,16 +406,16 @@ mod tests {
         let nodes: Vec<EdgeNode> = (0..20).map(|i| node(&format!("n{i:02}"), "lan", "acme")).collect();
         let mut s = msvc();
         s.replicas = Some(5);
-        let first = place(&mesh(MeshType::Network), &nodes, "ns/web", &s, NONE).unwrap();
+        let first = place(&mesh(MeshType::Network), &views(&nodes), "ns/web", &s, NONE).unwrap();
         assert_eq!(first.nodes.len(), 5);
         assert_eq!(first.candidates, 20);
         let mut shuffled = nodes.clone();
         shuffled.reverse();
-        assert_eq!(place(&mesh(MeshType::Network), &shuffled, "ns/web", &s, NONE).unwrap(), first);
+        assert_eq!(place(&mesh(MeshType::Network), &views(&shuffled), "ns/web", &s, NONE).unwrap(), first);
         s.replicas = Some(50);
-        assert_eq!(place(&mesh(MeshType::Network), &nodes, "ns/web", &s, NONE).unwrap().nodes.len(), 20);
+        assert_eq!(place(&mesh(MeshType::Network), &views(&nodes), "ns/web", &s, NONE).unwrap().nodes.len(), 20);
         s.replicas = Some(0);
-        assert!(place(&mesh(MeshType::Network), &nodes, "ns/web", &s, NONE).unwrap().nodes.is_empty());
+        assert!(place(&mesh(MeshType::Network), &views(&nodes), "ns/web", &s, NONE).unwrap().nodes.is_empty());
     }
 
     #[test]
@@ -310,11 +426,11 @@ mod tests {
         s.replicas = Some(10);
         let keys: Vec<String> = (0..200).map(|i| format!("team/svc-{i}")).collect();
         let m = mesh(MeshType::Network);
-        let before: Vec<Placement> = keys.iter().map(|k| place(&m, &nodes, k, &s, NONE).unwrap()).collect();
+        let before: Vec<Placement> = keys.iter().map(|k| place(&m, &views(&nodes), k, &s, NONE).unwrap()).collect();
         nodes.push(node("node-new", "lan", "acme"));
         let mut moved_total = 0;
         for (k, old) in keys.iter().zip(&before) {
-            let new = place(&m, &nodes, k, &s, NONE).unwrap();
+            let new = place(&m, &views(&nodes), k, &s, NONE).unwrap();
             let moved = old.nodes.difference(&new.nodes).count();
             assert!(moved <= 1, "{k}: {moved} instances moved when one node joined");
             assert_eq!(moved == 1, new.nodes.contains("node-new"));

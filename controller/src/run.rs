@@ -1,23 +1,25 @@
-//! Wiring: client, CRD check, caches, the three controllers and the HTTP server.
+//! Wiring: client, CRD check, one shared watch per kind feeding the fleet index,
+//! the cache and its controller, the cloudhub and the HTTP server.
 
 use std::fmt::Debug;
-use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use supermesh_api::names::CONTROLLER_MANAGER;
-use supermesh_api::{EdgeNode, Mesh, Microservice};
-use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::context::{error_policy, Context, Index, Placements, Synced};
+use crate::coalesce::coalesce;
+use crate::context::{error_policy, Context};
+use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::{cloudhub, crds, edgenode, http, mesh, microservice, Error, Result};
 
@@ -37,10 +39,22 @@ pub struct Settings {
     /// Most agents connected at once.
     pub max_agents: usize,
     /// Time after a start during which nodes without a session keep their Connected condition.
-    pub reconnect_grace: std::time::Duration,
+    pub reconnect_grace: Duration,
     /// Time between keepalives on idle agent streams.
-    pub keepalive: std::time::Duration,
+    pub keepalive: Duration,
 }
+
+/// Events a shared watch may hold for its slowest consumer before the watch waits.
+const SHARED_BUFFER: usize = 1024;
+/// A microservice's or mesh's status is written at most this often for changes agents report.
+const STATUS_COALESCE: Duration = Duration::from_secs(1);
+/// An EdgeNode's status follows its agent's connection, its placement and its role this fast...
+const CONNECTION_COALESCE: Duration = Duration::from_millis(200);
+/// ...and the instance counts its agent reports this fast: a rollout passing through a
+/// node usually leaves the counts where they were, and then nothing is written.
+const COUNTS_COALESCE: Duration = Duration::from_secs(10);
+/// Network memberships are rebuilt at most this often, so a burst of connects is one update.
+const MEMBERSHIP_COALESCE: Duration = Duration::from_millis(250);
 
 /// Runs the controller until SIGINT or SIGTERM.
 pub async fn run(settings: Settings) -> Result<()> {
@@ -53,80 +67,53 @@ pub async fn run(settings: Settings) -> Result<()> {
     let pki = cloudhub::pki::load(&client, &settings.namespace, &settings.cloudhub_names).await?;
     info!(addr = %settings.cloudhub_addr, namespace = %settings.namespace, "cloudhub listening for agents");
 
-    let meshes: Api<Mesh> = Api::all(client.clone());
-    let nodes: Api<EdgeNode> = Api::all(client.clone());
-    let microservices: Api<Microservice> = Api::all(client.clone());
-    let wc = watcher::Config::default();
-    let (synced_tx, synced) = watch::channel(Synced::default());
-    let synced_tx = Arc::new(synced_tx);
-    let (mesh_store, mesh_stream) = reflect(meshes.clone(), &synced_tx, |s| s.meshes = true);
-    let (node_store, node_stream) = reflect(nodes.clone(), &synced_tx, |s| s.nodes = true);
-    let (msvc_store, msvc_stream) = reflect(microservices.clone(), &synced_tx, |s| s.microservices = true);
-    let index =
-        Index { meshes: mesh_store.clone(), nodes: node_store.clone(), microservices: msvc_store.clone(), synced };
-    let mesh_ctrl = Controller::for_stream(mesh_stream, mesh_store);
-    let node_ctrl = Controller::for_stream(node_stream, node_store);
-    let msvc_ctrl = Controller::for_stream(msvc_stream, msvc_store);
-
-    let (node_trigger, node_triggers) = futures::channel::mpsc::unbounded();
-    let (msvc_trigger, msvc_triggers) = futures::channel::mpsc::unbounded();
     let metrics = Arc::new(Metrics::default());
-    let reporter = Reporter { controller: CONTROLLER_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        recorder: Recorder::new(client, reporter),
-        metrics: metrics.clone(),
-        index: index.clone(),
-        placements: Placements::default(),
-        node_trigger: node_trigger.clone(),
-        hub: Arc::new(
-            cloudhub::Hub::new(settings.max_agents, settings.reconnect_grace, node_trigger)
-                .with_keepalive(settings.keepalive),
-        ),
-        reports: Default::default(),
-        token_secret: pki.token_secret.clone(),
-        members: Default::default(),
-        msvc_trigger,
-        failures: Default::default(),
-    });
-    tokio::spawn(cloudhub::serve(agents, pki, ctx.clone()));
+    let (index, triggers) = Index::new(pki.token_secret.clone(), settings.reconnect_grace, metrics.clone());
+    tokio::spawn(index.clone().run_memberships(MEMBERSHIP_COALESCE));
 
-    let state = http::State { metrics, ctx: ctx.clone() };
+    let (meshes, mesh_cache, mesh_watch) = shared_watch(&client, &metrics, "Mesh", {
+        let ix = index.clone();
+        move |e| ix.mesh_event(e)
+    });
+    let (nodes, node_cache, node_watch) = shared_watch(&client, &metrics, "EdgeNode", {
+        let ix = index.clone();
+        move |e| ix.node_event(e)
+    });
+    let (msvcs, msvc_cache, msvc_watch) = shared_watch(&client, &metrics, "Microservice", {
+        let ix = index.clone();
+        move |e| ix.microservice_event(e)
+    });
+    tokio::spawn(mesh_watch);
+    tokio::spawn(node_watch);
+    tokio::spawn(msvc_watch);
+
+    let reporter = Reporter { controller: CONTROLLER_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+    let recorder = Recorder::new(client.clone(), reporter);
+    let hub = Arc::new(cloudhub::Hub::new(settings.max_agents, settings.keepalive));
+    let events = cloudhub::events::spawn(recorder.clone(), metrics.clone());
+    tokio::spawn(cloudhub::serve(agents, pki, hub.clone(), index.clone(), events, metrics.clone(), client.clone()));
+    let state = http::State { metrics: metrics.clone(), index: index.clone(), hub };
     tokio::spawn(async move {
         if let Err(e) = http::serve(listener, state).await {
             warn!(error = %e, "metrics server stopped");
         }
     });
-    let readiness = index.clone();
+    let ready = index.clone();
     tokio::spawn(async move {
-        readiness.wait_ready().await;
-        info!("caches synced, controller ready");
+        ready.wait_synced().await;
+        info!("every kind listed and every microservice placed: controller ready");
     });
+    let ctx = Arc::new(Context::new(client, recorder, metrics, index));
 
-    // A Mesh change affects the microservices that name it; an EdgeNode change may affect any.
-    let (by_mesh, all_msvcs) = (index.microservices.clone(), index.microservices.clone());
-    let msvc_ctrl = msvc_ctrl
-        .watches_stream(node_changes(nodes.clone(), placement_hash), move |_: EdgeNode| all_refs(&all_msvcs))
-        .watches(meshes.clone(), wc.clone(), move |mesh: Mesh| {
-            let (ns, name) = (mesh.namespace(), mesh.name_any());
-            by_mesh
-                .state()
-                .into_iter()
-                .filter(|m| m.namespace() == ns && m.spec.mesh == name)
-                .map(|m| ObjectRef::from_obj(&*m))
-                .collect::<Vec<_>>()
-        });
-    // A node change may change any mesh's members; a microservice changes its mesh's count.
-    let all_meshes = index.meshes.clone();
-    let mesh_ctrl = mesh_ctrl
-        .watches_stream(node_changes(nodes, membership_hash), move |_: EdgeNode| all_refs(&all_meshes))
-        .watches(microservices, wc, |m: Microservice| {
-            Some(ObjectRef::<Mesh>::new(&m.spec.mesh).within(&m.namespace().unwrap_or_default()))
-        });
-    // Reports arrive in bursts: coalesce the status writes they cause.
-    let coalesce = kube::runtime::controller::Config::default().debounce(std::time::Duration::from_millis(150));
-    let node_ctrl = node_ctrl.reconcile_on(node_triggers).with_config(coalesce.clone());
-    let msvc_ctrl = msvc_ctrl.reconcile_on(msvc_triggers).with_config(coalesce);
+    let msvc_ctrl = Controller::for_shared_stream(msvcs, msvc_cache)
+        .reconcile_on(coalesce(triggers.microservices, STATUS_COALESCE));
+    let mesh_ctrl =
+        Controller::for_shared_stream(meshes, mesh_cache).reconcile_on(coalesce(triggers.meshes, STATUS_COALESCE));
+    let node_triggers = futures::stream::select(
+        coalesce(triggers.nodes_now, CONNECTION_COALESCE),
+        coalesce(triggers.nodes_later, COUNTS_COALESCE),
+    );
+    let node_ctrl = Controller::for_shared_stream(nodes, node_cache).reconcile_on(node_triggers);
 
     info!("starting the Mesh, EdgeNode and Microservice controllers");
     futures::join!(
@@ -138,65 +125,76 @@ pub async fn run(settings: Settings) -> Result<()> {
     Ok(())
 }
 
-/// A cache of `K` fed by its own watch, and the stream of changed objects that
-/// drives `K`'s controller. `mark` records in `synced` that the cache is listed.
-fn reflect<K>(
-    api: Api<K>,
-    synced: &Arc<watch::Sender<Synced>>,
-    mark: fn(&mut Synced),
-) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + 'static)
+/// The one watch of kind `K`: every event goes to `index` first, then to the
+/// cache and its subscriber (the controller of `K`). Objects that do not
+/// deserialize are logged and skipped instead of stopping the watch; managed
+/// fields are dropped, since nothing reads them and they double an object's size.
+/// Returns the subscriber, the cache and the future that drives the watch.
+fn shared_watch<K>(
+    client: &Client,
+    metrics: &Arc<Metrics>,
+    kind: &'static str,
+    index: impl Fn(&watcher::Event<K>) + Send + 'static,
+) -> (impl Stream<Item = Arc<K>> + Send + 'static, Store<K>, impl std::future::Future<Output = ()> + Send + 'static)
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    let (reader, writer) = reflector::store();
-    let synced = synced.clone();
+    let (cache, writer) = reflector::store_shared(SHARED_BUFFER);
+    let subscriber = writer.subscribe().expect("a shared store has subscribers");
+    let api: Api<DeserializeGuard<K>> = Api::all(client.clone());
+    let metrics = metrics.clone();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
-        .reflect(writer)
+        .filter_map(move |event| std::future::ready(guard(kind, &metrics, event)))
+        .modify(|obj: &mut K| obj.meta_mut().managed_fields = None)
         .inspect(move |event| {
-            if let Ok(watcher::Event::InitDone) = event {
-                synced.send_modify(mark);
+            if let Ok(event) = event {
+                index(event);
             }
         })
-        .touched_objects();
-    (reader, stream)
+        .reflect_shared(writer);
+    let driver = async move {
+        stream
+            .for_each(|event| async move {
+                if let Err(e) = event {
+                    warn!(kind, error = %e, "watch failed; retrying with backoff");
+                }
+            })
+            .await
+    };
+    (subscriber, cache, driver)
 }
 
-/// EdgeNode changes that matter to a consumer, as `hash` sees them: heartbeats and
-/// instance counts change node status constantly and must not re-run every
-/// Microservice and Mesh of the cluster.
-fn node_changes(
-    api: Api<EdgeNode>,
-    hash: fn(&EdgeNode) -> Option<u64>,
-) -> impl Stream<Item = Result<EdgeNode, watcher::Error>> + Send + 'static {
-    watcher(api, watcher::Config::default())
-        .default_backoff()
-        .touched_objects()
-        .predicate_filter(hash, Default::default())
-}
-
-/// What placement depends on: spec, labels and whether the node is being deleted.
-fn placement_hash(node: &EdgeNode) -> Option<u64> {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_string(&node.spec).unwrap_or_default().hash(&mut h);
-    node.labels().hash(&mut h);
-    node.metadata.deletion_timestamp.is_some().hash(&mut h);
-    Some(h.finish())
-}
-
-/// What mesh status depends on: placement, plus readiness, role and supernode of the node.
-fn membership_hash(node: &EdgeNode) -> Option<u64> {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    placement_hash(node).hash(&mut h);
-    let status = node.status.as_ref();
-    status.map(|s| crate::conditions::is_true(&s.conditions, supermesh_api::names::condition::READY)).hash(&mut h);
-    status.and_then(|s| s.role).map(|r| format!("{r:?}")).hash(&mut h);
-    status.and_then(|s| s.supernode.as_deref()).hash(&mut h);
-    Some(h.finish())
-}
-
-fn all_refs<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<ObjectRef<K>> {
-    store.state().iter().map(|o| ObjectRef::from_obj(&**o)).collect()
+/// The event with its object, or nothing when the object does not deserialize as `K`
+/// (logged and counted; the index and the cache keep what they had).
+fn guard<K: Resource>(
+    kind: &'static str,
+    metrics: &Metrics,
+    event: Result<watcher::Event<DeserializeGuard<K>>, watcher::Error>,
+) -> Option<Result<watcher::Event<K>, watcher::Error>> {
+    let mut invalid = None;
+    let mut read = |obj: DeserializeGuard<K>| match obj.0 {
+        Ok(k) => Some(k),
+        Err(e) => {
+            invalid = Some(e);
+            None
+        }
+    };
+    let converted = match event {
+        Err(e) => return Some(Err(e)),
+        Ok(watcher::Event::Apply(o)) => read(o).map(watcher::Event::Apply),
+        Ok(watcher::Event::Delete(o)) => read(o).map(watcher::Event::Delete),
+        Ok(watcher::Event::InitApply(o)) => read(o).map(watcher::Event::InitApply),
+        Ok(watcher::Event::Init) => Some(watcher::Event::Init),
+        Ok(watcher::Event::InitDone) => Some(watcher::Event::InitDone),
+    };
+    if let Some(e) = invalid {
+        let name = e.metadata.name.as_deref().unwrap_or_default();
+        let namespace = e.metadata.namespace.as_deref().unwrap_or_default();
+        warn!(kind, %namespace, %name, error = %e.error, "skipping an object that does not match its schema");
+        metrics.invalid_objects.get_or_create(&crate::metrics::KindLabels { kind }).inc();
+    }
+    converted.map(Ok)
 }
 
 /// Consumes a controller's result stream, logging what failed.

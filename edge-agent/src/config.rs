@@ -7,7 +7,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
-use supermesh_api::Location;
+use supermesh_protocol::Location;
 
 /// The whole contents of `edge.yaml`.
 #[derive(Deserialize, Clone, Debug, PartialEq)]

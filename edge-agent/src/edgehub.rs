@@ -8,16 +8,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures::{SinkExt, StreamExt};
-use rand::Rng;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use supermesh_api::protocol::{
-    ca_fingerprint, decode, encode, ConnectionState, ErrorCode, ErrorContent, Hello, LogChunk, LogQuery, Message,
-    Operation, ResourceRef, Welcome, CONNECTION_RESOURCE, CONNECT_PATH, LOG, MAX_LOG_CHUNK, MAX_MESSAGE_BYTES,
-    MICROSERVICE, NODE_HEADER,
+use supermesh_protocol::names::ca_fingerprint;
+use supermesh_protocol::{
+    decode, encode, now_ms, Answer, Body, Connection, ConnectionState, ErrorCode, ErrorContent, Hello, LogChunk,
+    LogQuery, Message, ProtocolVersion, Query, ResourceRef, CONNECTION_RESOURCE, CONNECT_PATH, MAX_LOG_CHUNK,
+    MAX_MESSAGE_BYTES, MICROSERVICE, NODE_HEADER,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
@@ -31,9 +32,16 @@ use crate::config::EdgeConfig;
 use crate::metamanager::MetaHandle;
 use crate::supernode::Cluster;
 
-/// First reconnect delay; doubles up to [`MAX_BACKOFF`], each with ±50 % jitter.
-const MIN_BACKOFF: Duration = Duration::from_secs(1);
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Reconnect delays: from 1 s doubling up to 60 s, each stretched by a random 0 to 100 %
+/// so that agents cut off together do not come back together (no reconnect storms).
+const RECONNECT: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_secs(1))
+    .with_max_delay(Duration::from_secs(60))
+    .with_jitter()
+    .without_max_times();
+/// Bytes read from the socket at a time: messages are small, and a small buffer keeps
+/// an agent (or thousands of simulated ones) light.
+const READ_BUFFER: usize = 8 * 1024;
 
 /// The agent's WebSocket over TLS to the cloudhub.
 pub type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
@@ -83,28 +91,28 @@ pub async fn run(
             return;
         }
     };
-    let mut failures = 0u32;
+    let mut delays = Reconnect::default();
     loop {
         let wait = match connect(&config, &connector).await {
             Ok(ws) => {
-                failures = 0;
                 meta.set_connection(ConnectionState::CloudConnected);
                 cluster.set_cloud_connected(true);
                 let ended = Session::new(ws, &config, &meta, &signals, &cluster).run(&mut outbound).await;
                 meta.set_connection(ConnectionState::CloudDisconnected);
                 cluster.set_cloud_connected(false);
                 warn!(reason = %ended, "disconnected from the cloud; instances keep running");
-                backoff(0)
+                delays = Reconnect::default();
+                delays.next()
             }
             Err(LinkError::Refused { status, reason, retry_after }) => {
-                failures += 1;
                 error!(status, %reason, "the cloud refused this node");
-                retry_after.unwrap_or_else(|| backoff(failures))
+                let next = delays.next();
+                retry_after.unwrap_or(next)
             }
             Err(e) => {
-                failures += 1;
-                warn!(error = %e, attempt = failures, "cannot connect to the cloud");
-                backoff(failures)
+                let next = delays.next();
+                warn!(error = %e, attempt = delays.attempts, "cannot connect to the cloud");
+                next
             }
         };
         // While offline, answers meant for the cloud are moot: the cloud resends what it misses.
@@ -139,22 +147,26 @@ pub fn hello(config: &EdgeConfig, held: std::collections::BTreeMap<String, Strin
         peer_address: Some(
             config.supernode.advertise.clone().unwrap_or_else(|| format!(":{}", config.supernode.listen.port())),
         ),
+        protocol: ProtocolVersion::CURRENT,
     }
 }
 
 /// Answers a log query from the instance's current log file (edged writes it; reading needs no runtime).
-fn answer_log_query(data_dir: &std::path::Path, msg: &Message) -> Message {
-    let fail = |code, message: String| {
-        message_answering(msg, Operation::Error, ErrorContent { code, message, retry_after_ms: None })
+fn answer_log_query(data_dir: &std::path::Path, msg: &Message, query: &LogQuery) -> Message {
+    let answer = match ResourceRef::parse(&msg.resource) {
+        Ok(r) => {
+            let key = ResourceRef::string(r.namespace, MICROSERVICE, r.id.unwrap_or_default());
+            let path = crate::edged::process::InstanceDir::new(data_dir, &key).log();
+            match read_log(&path, query) {
+                Ok(chunk) => Body::Response(Answer::Log(chunk)),
+                Err(e) => {
+                    Body::Error(ErrorContent::new(ErrorCode::NotFound, format!("no log for {key} on this node: {e}")))
+                }
+            }
+        }
+        Err(e) => Body::Error(ErrorContent::new(ErrorCode::BadMessage, e.to_string())),
     };
-    let Ok(r) = ResourceRef::parse(&msg.resource) else { return fail(ErrorCode::BadMessage, "bad resource".into()) };
-    let key = ResourceRef::string(r.namespace, MICROSERVICE, r.id.unwrap_or_default());
-    let query: LogQuery = msg.content_as().unwrap_or_default();
-    let path = crate::edged::process::InstanceDir::new(data_dir, &key).log();
-    match read_log(&path, &query) {
-        Ok(chunk) => message_answering(msg, Operation::Response, chunk),
-        Err(e) => fail(ErrorCode::NotFound, format!("no log for {key} on this node: {e}")),
-    }
+    message(&msg.resource, &answer).answering(&msg.id)
 }
 
 /// Reads what `query` asks of the log at `path`: bytes from an offset, or the last lines.
@@ -180,16 +192,23 @@ pub fn read_log(path: &std::path::Path, query: &LogQuery) -> std::io::Result<Log
     Ok(LogChunk { text, offset: from + bytes.len() as u64 })
 }
 
-fn message_answering(to: &Message, operation: Operation, content: impl serde::Serialize) -> Message {
-    let mut reply = message(operation, &to.resource, content);
-    reply.parent_id = Some(to.id.clone());
-    reply
+/// The delays between reconnect attempts since the last session ended.
+struct Reconnect {
+    delays: ExponentialBackoff,
+    attempts: u32,
 }
 
-/// Delay before reconnect attempt `failures`: exponential, capped, with ±50 % jitter.
-pub fn backoff(failures: u32) -> Duration {
-    let base = MIN_BACKOFF.saturating_mul(1 << failures.min(6)).min(MAX_BACKOFF);
-    base.mul_f64(rand::rng().random_range(0.5..1.5))
+impl Default for Reconnect {
+    fn default() -> Self {
+        Reconnect { delays: RECONNECT.build(), attempts: 0 }
+    }
+}
+
+impl Reconnect {
+    fn next(&mut self) -> Duration {
+        self.attempts += 1;
+        self.delays.next().unwrap_or(Duration::from_secs(60))
+    }
 }
 
 async fn connect(config: &EdgeConfig, connector: &TlsConnector) -> Result<Ws, LinkError> {
@@ -208,6 +227,7 @@ async fn connect(config: &EdgeConfig, connector: &TlsConnector) -> Result<Ws, Li
     let bearer = format!("Bearer {}", config.cloud.token.secret);
     headers.insert("authorization", bearer.parse().map_err(|e| unreachable(&e))?);
     let ws_config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
         .max_message_size(Some(2 * MAX_MESSAGE_BYTES))
         .max_frame_size(Some(2 * MAX_MESSAGE_BYTES));
     match tokio_tungstenite::client_async_with_config(request, tls, Some(ws_config)).await {
@@ -292,7 +312,7 @@ impl<'a> Session<'a> {
                     }
                     if let Err(e) = self.flush_outbox().await { return e; }
                     if self.last_sent.elapsed() >= self.keepalive {
-                        let ping = message(Operation::Keepalive, CONNECTION_RESOURCE, ());
+                        let ping = message(CONNECTION_RESOURCE, &Body::Keepalive);
                         if let Err(e) = self.send(&ping).await { return e; }
                     }
                 }
@@ -304,55 +324,64 @@ impl<'a> Session<'a> {
         let held = self.meta.held_versions().await.map_err(|e| LinkError::Lost(format!("metamanager: {e}")))?;
         let hello = hello(self.config, held);
         let held = hello.held.len();
-        self.send(&message(Operation::NodeConnection, CONNECTION_RESOURCE, hello)).await?;
+        let hello = Body::NodeConnection(Connection::Hello(Box::new(hello)));
+        self.send(&message(CONNECTION_RESOURCE, &hello)).await?;
         let reply = tokio::time::timeout(Duration::from_secs(15), self.ws.next())
             .await
             .map_err(|_| LinkError::Lost("no welcome from the cloud within 15 s".into()))?
             .ok_or_else(|| LinkError::Lost("closed before the welcome".into()))?
             .map_err(|e| LinkError::Lost(e.to_string()))?;
         let text = reply.into_text().map_err(|e| LinkError::Lost(e.to_string()))?;
-        let msg = decode(&text).map_err(|e| LinkError::Lost(e.to_string()))?;
-        if msg.operation == Operation::Error {
-            let reason = msg.content_as::<ErrorContent>().map(|c| c.message).unwrap_or_default();
-            return Err(LinkError::Refused { status: 0, reason, retry_after: None });
-        }
-        let welcome: Welcome = msg.content_as().map_err(|e| LinkError::Lost(e.to_string()))?;
+        let body = decode(&text).and_then(|m| m.body()).map_err(|e| LinkError::Lost(e.to_string()))?;
+        let welcome = match body {
+            Body::NodeConnection(Connection::Welcome(welcome)) => welcome,
+            Body::Error(refusal) => {
+                return Err(LinkError::Refused { status: 0, reason: refusal.message, retry_after: None })
+            }
+            other => {
+                return Err(LinkError::Lost(format!("the cloud answered the hello with a {:?}", other.operation())))
+            }
+        };
         self.keepalive = Duration::from_secs(welcome.keepalive_seconds.max(1));
         self.last_heard = Instant::now();
-        info!(cloud = %self.config.cloud.address, held, "connected to the cloud");
+        info!(cloud = %self.config.cloud.address, held, protocol = %welcome.protocol, "connected to the cloud");
         Ok(())
     }
 
     async fn receive(&mut self, text: &str) -> Result<(), LinkError> {
-        let msg = match decode(text) {
-            Ok(m) => m,
+        let decoded = decode(text).and_then(|m| m.body().map(|body| (m, body)));
+        let (msg, body) = match decoded {
+            Ok(decoded) => decoded,
             Err(e) => {
                 warn!(error = %e, "invalid message from the cloud");
-                let content =
-                    ErrorContent { code: ErrorCode::BadMessage, message: e.to_string(), retry_after_ms: None };
-                return self.send(&message(Operation::Error, CONNECTION_RESOURCE, content)).await;
+                let refusal = Body::Error(ErrorContent::new(ErrorCode::BadMessage, e.to_string()));
+                let mut reply = message(CONNECTION_RESOURCE, &refusal);
+                reply.parent_id = decode(text).ok().map(|m| m.id);
+                return self.send(&reply).await;
             }
         };
         if let Some(seq) = msg.parent_id.as_deref().and_then(|p| p.strip_prefix(OUTBOX_ID)?.parse::<i64>().ok()) {
-            return self.outbox_answered(seq, &msg).await;
+            return self.outbox_answered(seq, &body).await;
         }
         if msg.parent_id.as_deref().is_some_and(|p| p.starts_with(BATCH_ID)) {
-            self.cluster.batch_answered(msg);
+            self.cluster.batch_answered(msg, body);
             return Ok(());
         }
-        if msg.operation == Operation::Query && ResourceRef::parse(&msg.resource).is_ok_and(|r| r.res_type == LOG) {
-            let reply = answer_log_query(&self.config.data_dir, &msg);
-            return self.send(&reply).await;
-        }
-        match msg.operation {
-            Operation::Keepalive | Operation::NodeConnection => {}
-            Operation::Error if msg.parent_id.is_none() => {
-                let reason = msg.content_as::<ErrorContent>().map(|c| c.message).unwrap_or_default();
-                warn!(%reason, "the cloud reported an error");
+        match body {
+            Body::Query(Query::Log(query)) => {
+                let reply = answer_log_query(&self.config.data_dir, &msg, &query);
+                self.send(&reply).await
             }
-            _ => self.meta.from_cloud(msg).await,
+            Body::Keepalive | Body::NodeConnection(_) => Ok(()),
+            Body::Error(refusal) if msg.parent_id.is_none() => {
+                warn!(reason = %refusal.message, "the cloud reported an error");
+                Ok(())
+            }
+            _ => {
+                self.meta.from_cloud(msg).await;
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     /// Sends outbox entries not yet in flight, oldest first, up to the window.
@@ -366,7 +395,7 @@ impl<'a> Session<'a> {
         pending.retain(|e| !self.unacked.contains(&e.seq));
         for entry in pending {
             let content: serde_json::Value = serde_json::from_str(&entry.content).unwrap_or(serde_json::Value::Null);
-            let mut msg = message(entry.operation, &entry.resource, content);
+            let mut msg = Message::new(String::new(), now_ms(), entry.operation, &entry.resource, content);
             msg.id = format!("{OUTBOX_ID}{}", entry.seq);
             msg.timestamp = entry.created_ms;
             self.send(&msg).await?;
@@ -376,13 +405,16 @@ impl<'a> Session<'a> {
     }
 
     /// The cloud's answer to an outbox entry: an ack deletes it, a refusal leaves it for later.
-    async fn outbox_answered(&mut self, seq: i64, msg: &Message) -> Result<(), LinkError> {
+    async fn outbox_answered(&mut self, seq: i64, body: &Body) -> Result<(), LinkError> {
         self.unacked.remove(&seq);
-        if msg.operation == Operation::Response {
-            self.meta.outbox_acked(&[seq]).await.map_err(|e| LinkError::Lost(format!("metamanager: {e}")))?;
-        } else {
-            let reason = msg.content_as::<ErrorContent>().map(|c| c.message).unwrap_or_default();
-            warn!(seq, %reason, "the cloud refused a report; it stays in the outbox");
+        match body {
+            Body::Response(_) => {
+                self.meta.outbox_acked(&[seq]).await.map_err(|e| LinkError::Lost(format!("metamanager: {e}")))?;
+            }
+            Body::Error(refusal) => {
+                warn!(seq, reason = %refusal.message, "the cloud refused a report; it stays in the outbox")
+            }
+            other => warn!(seq, operation = ?other.operation(), "the cloud answered a report with nonsense"),
         }
         Ok(())
     }
@@ -395,10 +427,8 @@ impl<'a> Session<'a> {
     }
 }
 
-fn message(operation: Operation, resource: &str, content: impl serde::Serialize) -> Message {
-    let id = format!("h{}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    Message::new(id, now.as_millis() as i64, operation, resource, content)
+fn message(resource: &str, body: &Body) -> Message {
+    Message::with_body(format!("h{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)), now_ms(), resource, body)
 }
 
 /// TLS that trusts only a server whose chain includes the CA with `fingerprint`.
@@ -469,14 +499,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_grows_is_capped_and_jittered() {
-        for failures in 0..20 {
-            let d = backoff(failures);
-            let base = MIN_BACKOFF.saturating_mul(1 << failures.min(6)).min(MAX_BACKOFF);
-            assert!(d >= base.mul_f64(0.5) && d <= base.mul_f64(1.5), "{failures}: {d:?}");
+    fn reconnect_delays_grow_are_capped_and_jittered() {
+        let mut delays = Reconnect::default();
+        let mut base = Duration::from_secs(1);
+        for attempt in 1..=20 {
+            let d = delays.next();
+            assert!(d >= base && d < base * 2, "attempt {attempt}: {d:?} not in [{base:?}, {:?})", base * 2);
+            base = (base * 2).min(Duration::from_secs(60));
         }
-        assert!(backoff(30) <= MAX_BACKOFF.mul_f64(1.5));
-        let samples: std::collections::BTreeSet<Duration> = (0..20).map(|_| backoff(3)).collect();
-        assert!(samples.len() > 10, "delays are spread, not synchronized: {samples:?}");
+        assert_eq!(delays.attempts, 20);
+        let samples: std::collections::BTreeSet<Duration> = (0..20).map(|_| Reconnect::default().next()).collect();
+        assert!(samples.len() > 10, "agents cut off together come back spread out: {samples:?}");
     }
 }

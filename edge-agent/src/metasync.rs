@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use supermesh_api::protocol::{EventReport, InstanceReport, Operation, StatusReport, STATUS_RESOURCE};
+use supermesh_protocol::{EventReport, InstanceEvent, InstanceReport, Operation, StatusReport, STATUS_RESOURCE};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
@@ -26,10 +26,11 @@ pub fn report(statuses: &Statuses, taken_ms: i64) -> StatusReport {
         .map(|s| InstanceReport {
             resource: s.key.clone(),
             version: s.version.clone(),
-            phase: format!("{:?}", s.phase),
+            phase: s.phase,
             ready: s.phase == Phase::Ready,
             restarts: s.restarts,
             message: s.message.clone(),
+            reason: s.reason,
             ports: s.ports.clone(),
         })
         .collect();
@@ -41,29 +42,29 @@ pub fn events(before: &Statuses, after: &Statuses) -> Vec<(String, EventReport)>
     let mut out = Vec::new();
     for (key, now) in after {
         let was = before.get(key);
-        let event = |warning: bool, reason: &str, message: String| {
-            (key.clone(), EventReport { warning, reason: reason.into(), message })
+        let event = |warning: bool, reason: InstanceEvent, message: String| {
+            (key.clone(), EventReport::instance(reason, warning, message))
         };
         let entered = |phase: Phase| now.phase == phase && was.is_none_or(|w| w.phase != phase);
         if now.pid.is_some() && was.and_then(|w| w.pid) != now.pid {
-            out.push(event(false, "Started", format!("started with pid {}", now.pid.unwrap_or_default())));
+            out.push(event(false, InstanceEvent::Started, format!("started with pid {}", now.pid.unwrap_or_default())));
         }
         // Snapshots are coalesced: a quick crash may show only as more restarts.
         let restarted = was.is_some_and(|w| now.restarts > w.restarts);
         let ended = entered(Phase::Backoff) || entered(Phase::Failed) || entered(Phase::Succeeded);
         if let Some(code) = now.exit_code.filter(|_| ended || restarted && now.phase == Phase::Backoff) {
-            out.push(event(code != 0, "Exited", format!("exited with code {code}")));
+            out.push(event(code != 0, InstanceEvent::Exited, format!("exited with code {code}")));
         }
         if entered(Phase::Unhealthy) {
-            out.push(event(true, "Unhealthy", now.message.clone().unwrap_or_else(|| "health check failing".into())));
+            let message = now.message.clone().unwrap_or_else(|| "health check failing".into());
+            out.push(event(true, InstanceEvent::Unhealthy, message));
         }
         if entered(Phase::Failed) {
             let message = now.message.clone().unwrap_or_else(|| "failed".into());
-            let reason = if message.contains("hash mismatch") { "ArtifactHashMismatch" } else { "Failed" };
-            out.push(event(true, reason, message));
+            out.push(event(true, InstanceEvent::failed(now.reason), message));
         }
         if restarted {
-            out.push(event(true, "Restarted", format!("restarted ({} restarts so far)", now.restarts)));
+            out.push(event(true, InstanceEvent::Restarted, format!("restarted ({} restarts so far)", now.restarts)));
         }
     }
     out
@@ -117,6 +118,7 @@ pub async fn run(
 mod tests {
     use super::*;
     use crate::edged::runtime::InstanceStatus;
+    use supermesh_protocol::FailureReason;
 
     fn at(phase: Phase, pid: Option<u32>, restarts: u32, exit_code: Option<i32>, message: Option<&str>) -> Statuses {
         let s = InstanceStatus {
@@ -127,6 +129,7 @@ mod tests {
             pid,
             exit_code,
             message: message.map(str::to_owned),
+            reason: None,
             since_ms: 0,
             ports: Vec::new(),
         };
@@ -149,9 +152,12 @@ mod tests {
         assert_eq!(reasons(&crashed, &again), ["Started"]);
         let sick = at(Phase::Unhealthy, Some(11), 1, None, Some("health check failed"));
         assert_eq!(reasons(&again, &sick), ["Unhealthy"]);
-        let bad = at(Phase::Failed, None, 0, None, Some("artifact hash mismatch: expected a, got b"));
+        let mut bad = at(Phase::Failed, None, 0, None, Some("artifact hash mismatch: expected a, got b"));
+        bad.values_mut().for_each(|s| s.reason = Some(FailureReason::ArtifactHashMismatch));
         let e = events(&none, &bad);
         assert_eq!((e[0].1.reason.as_str(), e[0].1.warning), ("ArtifactHashMismatch", true));
+        let failed = at(Phase::Failed, None, 0, Some(2), Some("exited with code 2"));
+        assert_eq!(reasons(&none, &failed), ["Exited", "Failed"], "the reason is typed, not read from the message");
     }
 
     #[test]
@@ -164,6 +170,7 @@ mod tests {
             pid: None,
             exit_code: Some(3),
             message: Some("exited with code 3".into()),
+            reason: None,
             since_ms: 0,
             ports: Vec::new(),
         };

@@ -17,7 +17,7 @@ use crate::metamanager::store::{self, Store};
 use crate::metamanager::{self, EdgedEvent, MetaError};
 use crate::supernode::{self, Cluster};
 use crate::{edged, edgehub, metasync};
-use supermesh_api::protocol::{Membership, MEMBERSHIP, MICROSERVICE};
+use supermesh_protocol::{Membership, MEMBERSHIP, MICROSERVICE};
 
 /// File name of the agent's database inside its data dir.
 pub const DATABASE: &str = "meta.db";

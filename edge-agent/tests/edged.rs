@@ -17,9 +17,7 @@ use sha2::{Digest, Sha256};
 use supermesh_agent::edged::group::{self, Identity};
 use supermesh_agent::edged::process::{ProcessConfig, ProcessRuntime};
 use supermesh_agent::edged::runtime::{InstanceSpec, InstanceStatus, Phase, Runtime};
-use supermesh_api::microservice::{
-    Artifact, EnvVar, ExecCheck, HealthCheck, HttpCheck, MicroserviceSpec, RestartPolicy, TcpCheck,
-};
+use supermesh_protocol::{Artifact, EnvVar, ExecCheck, HealthCheck, HttpCheck, RestartPolicy, TcpCheck, Workload};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -93,14 +91,12 @@ fn spec(name: &str, command: &[&str]) -> InstanceSpec {
         namespace: "test".into(),
         name: name.into(),
         version: "1".into(),
-        spec: MicroserviceSpec {
+        spec: Workload {
             mesh: "lan".into(),
             command: command.iter().map(|s| s.to_string()).collect(),
             args: vec![],
             env: vec![],
             artifact: None,
-            replicas: None,
-            node_selector: BTreeMap::new(),
             ports: vec![],
             health_check: None,
             restart_policy: RestartPolicy::Always,

@@ -1,9 +1,12 @@
-//! cloudhub: one authenticated WebSocket-over-TLS session per agent. Knows
-//! which agents are connected (for EdgeNode status), and streams each node the
-//! difference between what it holds and what placement gives it.
+//! cloudhub: one authenticated WebSocket-over-TLS session per agent. The hub
+//! routes what is addressed to a node's session (a newer session supersedes an
+//! older one, queries for logs) and counts sessions; what a node should hold,
+//! its reports and its liveness belong to the fleet index.
 
-pub mod desired;
+pub mod delivery;
+pub mod events;
 pub mod pki;
+pub mod registration;
 pub mod reports;
 mod session;
 
@@ -11,14 +14,11 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::channel::mpsc::UnboundedSender;
-use k8s_openapi::jiff::Timestamp;
-use kube::runtime::reflector::ObjectRef;
 use rand::Rng;
-use supermesh_api::protocol::{Message, Operation, CONNECT_PATH, MAX_MESSAGE_BYTES, NODE_HEADER};
-use supermesh_api::EdgeNode;
+use supermesh_protocol::names::is_dns1123_subdomain;
+use supermesh_protocol::{now_ms, Body, Message, Query, CONNECT_PATH, MAX_MESSAGE_BYTES, NODE_HEADER};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -27,7 +27,9 @@ use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::{debug, info, warn};
 
-use crate::context::Context;
+use crate::index::Index;
+use crate::metrics::Metrics;
+use events::Events;
 use pki::{token_matches, Pki};
 
 /// Default time after a controller start during which a node without a session
@@ -37,83 +39,45 @@ pub const RECONNECT_GRACE: Duration = Duration::from_secs(45);
 pub const KEEPALIVE_SECONDS: u64 = 15;
 /// Handshakes (TLS + upgrade) allowed at once; more wait, which spreads reconnect storms.
 const CONCURRENT_HANDSHAKES: usize = 64;
-
-/// What the cloud knows about a connected agent.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SessionInfo {
-    /// When the session started.
-    pub connected_at: Timestamp,
-    /// When the agent was last heard from.
-    pub last_seen: Timestamp,
-    /// Agent version, operating system and architecture from its hello.
-    pub agent_version: String,
-    /// Operating system of the node.
-    pub os: String,
-    /// CPU architecture of the node.
-    pub arch: String,
-    /// Address the agent connected from.
-    pub address: String,
-    /// `host:port` at which the node's cluster peers reach its supernode service, if it advertises one.
-    pub peer_address: Option<String>,
-}
-
-struct Registered {
-    id: u64,
-    info: SessionInfo,
-    poke: Arc<Notify>,
-    superseded: Arc<Notify>,
-    queries: mpsc::Sender<Query>,
-}
-
-/// A request to an agent and where its answer goes.
-type Query = (Message, oneshot::Sender<Message>);
-
 /// How long the cloud waits for an agent to answer a query.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes a session reads from its socket at a time. Messages are small and an idle
+/// session should cost little: the 128 KiB default would be most of its memory.
+const READ_BUFFER: usize = 8 * 1024;
 
-/// The registry of agent sessions, shared with the reconcilers.
+/// A request to an agent and where its answer goes.
+type Asked = (Message, oneshot::Sender<Message>);
+
+struct Slot {
+    id: u64,
+    superseded: Arc<Notify>,
+    queries: mpsc::Sender<Asked>,
+}
+
+/// The sessions of connected agents, by node: where to send what is addressed to a node.
 pub struct Hub {
-    sessions: Mutex<HashMap<String, Registered>>,
+    sessions: Mutex<HashMap<String, Slot>>,
     next_id: AtomicU64,
-    started: Instant,
-    grace: Duration,
     keepalive: Duration,
     max_agents: usize,
-    node_trigger: UnboundedSender<ObjectRef<EdgeNode>>,
+}
+
+/// What a session learns when it registers with the hub.
+struct Registered {
+    id: u64,
+    superseded: Arc<Notify>,
+    queries: mpsc::Receiver<Asked>,
 }
 
 impl Hub {
-    /// A hub accepting at most `max_agents` sessions, giving agents `grace` to reconnect after a start.
-    pub fn new(max_agents: usize, grace: Duration, node_trigger: UnboundedSender<ObjectRef<EdgeNode>>) -> Hub {
+    /// A hub accepting at most `max_agents` sessions, whose idle streams carry a keepalive every `keepalive`.
+    pub fn new(max_agents: usize, keepalive: Duration) -> Hub {
         Hub {
             sessions: Mutex::default(),
             next_id: AtomicU64::new(1),
-            started: Instant::now(),
-            grace,
-            keepalive: Duration::from_secs(KEEPALIVE_SECONDS),
+            keepalive: keepalive.max(Duration::from_secs(1)),
             max_agents,
-            node_trigger,
         }
-    }
-
-    /// Tells the sessions of `nodes` that their desired set may have changed.
-    pub fn poke<'a>(&self, nodes: impl IntoIterator<Item = &'a String>) {
-        let sessions = self.lock();
-        for node in nodes {
-            if let Some(s) = sessions.get(node) {
-                s.poke.notify_one();
-            }
-        }
-    }
-
-    /// The session of `node`, if its agent is connected.
-    pub fn session(&self, node: &str) -> Option<SessionInfo> {
-        self.lock().get(node).map(|s| s.info.clone())
-    }
-
-    /// Whether the agent of `node` is connected.
-    pub fn is_connected(&self, node: &str) -> bool {
-        self.lock().contains_key(node)
     }
 
     /// Number of connected agents.
@@ -121,54 +85,36 @@ impl Hub {
         self.lock().len()
     }
 
-    /// Whether agents have had time to reconnect since this controller started.
-    /// Time between keepalives on an idle stream.
+    /// Time between keepalives on an idle stream (a stream silent for three is dead).
     pub fn keepalive(&self) -> Duration {
         self.keepalive
     }
 
-    /// The same hub with keepalives every `keepalive` on idle streams (a stream silent
-    /// for three keepalives is dead, so this also bounds how fast a lost agent is noticed).
-    pub fn with_keepalive(mut self, keepalive: Duration) -> Hub {
-        self.keepalive = keepalive.max(Duration::from_secs(1));
-        self
-    }
-
-    /// Whether agents have had time to reconnect since this controller started.
-    pub fn grace_over(&self) -> bool {
-        self.started.elapsed() >= self.grace
-    }
-
-    /// Time left of the reconnect grace (zero once it is over).
-    pub fn grace_left(&self) -> Duration {
-        self.grace.saturating_sub(self.started.elapsed())
-    }
-
     /// Registers a session for `node`, closing any older one of the same node.
-    fn register(&self, node: &str, info: SessionInfo) -> (u64, Arc<Notify>, Arc<Notify>, mpsc::Receiver<Query>) {
+    fn register(&self, node: &str) -> Registered {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (poke, superseded) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let superseded = Arc::new(Notify::new());
         let (queries, incoming) = mpsc::channel(16);
-        let registered = Registered { id, info, poke: poke.clone(), superseded: superseded.clone(), queries };
-        if let Some(old) = self.lock().insert(node.to_owned(), registered) {
+        let slot = Slot { id, superseded: superseded.clone(), queries };
+        if let Some(old) = self.lock().insert(node.to_owned(), slot) {
             old.superseded.notify_one();
         }
-        self.recount(node);
-        (id, poke, superseded, incoming)
+        Registered { id, superseded, queries: incoming }
     }
 
-    /// Sends `operation` on `resource` with `content` to `node`'s agent and waits for its answer.
-    pub async fn query(
-        &self,
-        node: &str,
-        operation: Operation,
-        resource: &str,
-        content: impl serde::Serialize,
-    ) -> Result<Message, String> {
+    fn unregister(&self, node: &str, id: u64) {
+        let mut sessions = self.lock();
+        if sessions.get(node).is_some_and(|s| s.id == id) {
+            sessions.remove(node);
+        }
+    }
+
+    /// Asks `node`'s agent `query` about `resource` and waits for its answer.
+    pub async fn query(&self, node: &str, resource: &str, query: Query) -> Result<Message, String> {
         let sender = self.lock().get(node).map(|s| s.queries.clone());
         let sender = sender.ok_or_else(|| format!("the agent of node {node} is not connected"))?;
         let (reply, answer) = oneshot::channel();
-        let message = Message::new(String::new(), Timestamp::now().as_millisecond(), operation, resource, content);
+        let message = Message::with_body(String::new(), now_ms(), resource, &Body::Query(query));
         sender.send((message, reply)).await.map_err(|_| format!("the session of node {node} ended"))?;
         match tokio::time::timeout(QUERY_TIMEOUT, answer).await {
             Ok(Ok(answer)) => Ok(answer),
@@ -177,36 +123,35 @@ impl Hub {
         }
     }
 
-    fn unregister(&self, node: &str, id: u64) {
-        let mut sessions = self.lock();
-        if sessions.get(node).is_some_and(|s| s.id == id) {
-            sessions.remove(node);
-            drop(sessions);
-            self.recount(node);
-        }
-    }
-
-    fn touch(&self, node: &str, id: u64) {
-        if let Some(s) = self.lock().get_mut(node).filter(|s| s.id == id) {
-            s.info.last_seen = Timestamp::now();
-        }
-    }
-
-    /// Asks the EdgeNode controller to refresh the node's status.
-    fn recount(&self, node: &str) {
-        let _ = self.node_trigger.unbounded_send(ObjectRef::new(node));
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Registered>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
+/// What every session shares.
+#[derive(Clone)]
+struct Shared {
+    hub: Arc<Hub>,
+    index: Arc<Index>,
+    events: Events,
+    metrics: Arc<Metrics>,
+    client: kube::Client,
+}
+
 /// Accepts agents on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, pki: Pki, ctx: Arc<Context>) {
+pub async fn serve(
+    listener: TcpListener,
+    pki: Pki,
+    hub: Arc<Hub>,
+    index: Arc<Index>,
+    events: Events,
+    metrics: Arc<Metrics>,
+    client: kube::Client,
+) {
     let acceptor = TlsAcceptor::from(pki.tls.clone());
     let secret: Arc<str> = pki.token_secret.into();
     let handshakes = Arc::new(Semaphore::new(CONCURRENT_HANDSHAKES));
+    let shared = Shared { hub, index, events, metrics, client };
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(conn) => conn,
@@ -216,39 +161,48 @@ pub async fn serve(listener: TcpListener, pki: Pki, ctx: Arc<Context>) {
                 continue;
             }
         };
-        let (acceptor, secret, ctx, handshakes) = (acceptor.clone(), secret.clone(), ctx.clone(), handshakes.clone());
+        let (acceptor, secret, shared, handshakes) =
+            (acceptor.clone(), secret.clone(), shared.clone(), handshakes.clone());
         tokio::spawn(async move {
-            let Ok(_permit) = handshakes.acquire_owned().await else { return };
-            let node =
-                match tokio::time::timeout(Duration::from_secs(10), handshake(acceptor, tcp, &secret, &ctx)).await {
-                    Ok(Ok(accepted)) => accepted,
-                    Ok(Err(reason)) => {
-                        info!(%peer, %reason, "agent connection refused");
-                        return;
-                    }
-                    Err(_) => {
-                        debug!(%peer, "agent handshake timed out");
-                        return;
-                    }
-                };
-            drop(_permit);
-            let (ws, name) = node;
-            session::run(ws, name, peer, ctx).await;
+            let Ok(permit) = handshakes.acquire_owned().await else { return };
+            let accepted =
+                tokio::time::timeout(Duration::from_secs(10), handshake(acceptor, tcp, &secret, &shared.hub));
+            let (ws, name) = match accepted.await {
+                Ok(Ok(accepted)) => accepted,
+                Ok(Err(reason)) => {
+                    info!(%peer, %reason, "agent connection refused");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "agent handshake timed out");
+                    return;
+                }
+            };
+            drop(permit);
+            session::run(ws, name, peer, shared).await;
         });
     }
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
 
+/// The WebSocket limits of both sides: message size, and a small read buffer per stream.
+pub fn websocket_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .max_message_size(Some(2 * MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(2 * MAX_MESSAGE_BYTES))
+}
+
 async fn handshake(
     acceptor: TlsAcceptor,
     tcp: tokio::net::TcpStream,
     secret: &str,
-    ctx: &Context,
+    hub: &Hub,
 ) -> Result<(Ws, String), String> {
     let tls = acceptor.accept(tcp).await.map_err(|e| format!("TLS handshake failed: {e}"))?;
     let mut node = String::new();
-    let full = ctx.hub.connected() >= ctx.hub.max_agents;
+    let full = hub.connected() >= hub.max_agents;
     // tungstenite's handshake callback fixes this signature, large error type included.
     #[allow(clippy::result_large_err)]
     let check = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
@@ -261,7 +215,7 @@ async fn handshake(
             return Err(refuse(StatusCode::NOT_FOUND, format!("the agent endpoint is {CONNECT_PATH}")));
         }
         let name = req.headers().get(NODE_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default();
-        if !valid_node_name(name) {
+        if !is_dns1123_subdomain(name) {
             return Err(refuse(
                 StatusCode::BAD_REQUEST,
                 format!("header {NODE_HEADER} must name the node (a DNS-1123 name)"),
@@ -287,22 +241,10 @@ async fn handshake(
         node = name.to_owned();
         Ok(resp)
     };
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(2 * MAX_MESSAGE_BYTES))
-        .max_frame_size(Some(2 * MAX_MESSAGE_BYTES));
-    let ws = tokio_tungstenite::accept_hdr_async_with_config(tls, check, Some(config))
+    let ws = tokio_tungstenite::accept_hdr_async_with_config(tls, check, Some(websocket_config()))
         .await
         .map_err(|e| format!("WebSocket upgrade refused: {e}"))?;
     Ok((ws, node))
-}
-
-/// Whether `name` is a valid EdgeNode name (DNS-1123 subdomain).
-pub fn valid_node_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
 /// The `host:port` at which a node's peers reach it, from the `peer_address` of its hello:

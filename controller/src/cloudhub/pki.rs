@@ -13,7 +13,7 @@ use rand::distr::{Alphanumeric, SampleString};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use supermesh_api::names::CONTROLLER_MANAGER;
-use supermesh_api::protocol::join_token;
+use supermesh_protocol::names::join_token;
 use tracing::info;
 
 use crate::{Error, Result};
@@ -62,7 +62,7 @@ pub async fn load(client: &Client, namespace: &str, names: &[String]) -> Result<
                 ("tls.key".to_string(), ByteString(key.serialize_pem().into_bytes())),
             ]);
             info!(namespace, secret = CA_SECRET, "created the cloudhub CA");
-            create_or_get(&secrets, CA_SECRET, data).await?
+            create_or_get(&secrets, namespace, CA_SECRET, data).await?
         }
     };
     let field = |s: &Secret, key: &str| -> Result<String> {
@@ -101,7 +101,7 @@ pub async fn load(client: &Client, namespace: &str, names: &[String]) -> Result<
             let token = Alphanumeric.sample_string(&mut rand::rng(), 32);
             let data = BTreeMap::from([("token".to_string(), ByteString(token.clone().into_bytes()))]);
             info!(namespace, secret = TOKEN_SECRET, "created the bootstrap token");
-            field(&create_or_get(&secrets, TOKEN_SECRET, data).await?, "token")?
+            field(&create_or_get(&secrets, namespace, TOKEN_SECRET, data).await?, "token")?
         }
     };
     let join = join_token(&ca_der, &token_secret);
@@ -114,13 +114,20 @@ pub async fn load(client: &Client, namespace: &str, names: &[String]) -> Result<
     Ok(Pki { tls: Arc::new(tls), token_secret, join_token: join })
 }
 
-/// Creates Secret `name`, or returns the one another replica created first.
-async fn create_or_get(secrets: &Api<Secret>, name: &str, data: BTreeMap<String, ByteString>) -> Result<Secret> {
+/// Creates Secret `name` in `namespace`, or returns the one another replica created first.
+async fn create_or_get(
+    secrets: &Api<Secret>,
+    namespace: &str,
+    name: &str,
+    data: BTreeMap<String, ByteString>,
+) -> Result<Secret> {
     let mut secret = Secret { data: Some(data), ..Secret::default() };
     secret.metadata.name = Some(name.to_owned());
     match secrets.create(&PostParams::default(), &secret).await {
         Ok(s) => Ok(s),
         Err(kube::Error::Api(e)) if e.is_already_exists() => Ok(secrets.get(name).await?),
+        // Creating an object answers 404 only when its namespace does not exist.
+        Err(kube::Error::Api(e)) if e.is_not_found() => Err(Error::NamespaceMissing(namespace.to_owned())),
         Err(e) => Err(e.into()),
     }
 }

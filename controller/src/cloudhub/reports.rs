@@ -1,45 +1,14 @@
-//! Reports agents send about nodes, directly or relayed by a supernode: what they
-//! say, and who may send them. Pure functions; the session takes the reports.
+//! Reports agents send about nodes, directly or relayed by a supernode: who may
+//! send them, and how they are taken (by the index, and as Kubernetes Events).
 
-use serde::Deserialize;
-use supermesh_api::protocol::{
-    BatchAck, EventReport, Operation, ReportBatch, ResourceRef, StatusReport, MICROSERVICE, OUTBOX_ID_PREFIX,
-    STATUS_RESOURCE,
-};
+use std::collections::BTreeMap;
 
-/// One report about a node.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Report {
-    /// The node's instance status.
-    Status(StatusReport),
-    /// Something that happened to one of its instances.
-    Event {
-        /// The instance's resource string `namespace/microservice/name`.
-        resource: String,
-        /// The event.
-        event: EventReport,
-    },
-}
+use supermesh_protocol::{BatchAck, Report, ReportBatch, OUTBOX_ID_PREFIX};
+use tracing::debug;
 
-impl Report {
-    /// Reads the report `operation` on `resource` carries in `content`.
-    pub fn parse(operation: Operation, resource: &str, content: &serde_json::Value) -> Result<Report, String> {
-        if operation != Operation::MetaSync {
-            return Err(format!("a report is a MetaSync, not a {operation:?}"));
-        }
-        if resource == STATUS_RESOURCE {
-            let status = StatusReport::deserialize(content).map_err(|e| format!("invalid status report: {e}"))?;
-            return Ok(Report::Status(status));
-        }
-        match ResourceRef::parse(resource) {
-            Ok(r) if r.res_type == MICROSERVICE && r.id.is_some() => {
-                let event = EventReport::deserialize(content).map_err(|e| format!("invalid instance event: {e}"))?;
-                Ok(Report::Event { resource: resource.to_owned(), event })
-            }
-            _ => Err(format!("{resource:?} is neither {STATUS_RESOURCE} nor an instance's resource")),
-        }
-    }
-}
+use super::events::Events;
+use crate::index::Index;
+use crate::metrics::Metrics;
 
 /// The outbox seq of a report an agent sends directly, from its message id `o-<seq>`.
 pub fn outbox_seq(message_id: &str) -> Option<i64> {
@@ -63,13 +32,15 @@ pub fn may_report_for(relay: &str, node: &str, network_of: impl Fn(&str) -> Opti
     }
 }
 
-/// A report of a batch that may be taken, with the node and outbox seq it came from.
+/// A report of a batch that may be taken, with the node, outbox seq and resource it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Relayed {
     /// The node the report is about.
     pub node: String,
     /// Its seq in that node's outbox.
     pub seq: i64,
+    /// The report's resource: the node's status, or the instance an event is about.
+    pub resource: String,
     /// The report.
     pub report: Report,
 }
@@ -92,11 +63,11 @@ pub fn judge_batch(
             continue;
         }
         let checked = may_report_for(relay, &entry.node, &network_of)
-            .and_then(|()| Report::parse(entry.operation, &entry.resource, &entry.content));
+            .and_then(|()| Report::relayed(&entry).map_err(|e| e.to_string()));
         match checked {
             Ok(report) => {
                 ack.acked.push(entry.id());
-                taken.push(Relayed { node: entry.node, seq: entry.seq, report });
+                taken.push(Relayed { node: entry.node, seq: entry.seq, resource: entry.resource, report });
             }
             Err(reason) => ack.refused.push((entry.id(), reason)),
         }
@@ -104,11 +75,56 @@ pub fn judge_batch(
     (taken, ack)
 }
 
+/// Where reports go: the index takes statuses, events become Kubernetes Events.
+pub struct Intake<'a> {
+    /// The fleet index.
+    pub index: &'a Index,
+    /// Publishes instance events.
+    pub events: &'a Events,
+    /// Counts what was taken.
+    pub metrics: &'a Metrics,
+}
+
+impl Intake<'_> {
+    /// Takes one report about `node` on `resource`, with its outbox `seq` when known. Only
+    /// instances placed on the node count, or held by its own session (`held`); an event
+    /// whose seq was taken before is dropped.
+    pub fn take(
+        &self,
+        node: &str,
+        seq: Option<i64>,
+        resource: &str,
+        report: Report,
+        held: Option<&BTreeMap<String, String>>,
+    ) {
+        match report {
+            Report::Status(status) => {
+                self.metrics.status_reports.inc();
+                if !self.index.take_status(node, status, held) {
+                    self.metrics.reports_duplicate.inc();
+                }
+            }
+            Report::Event(event) => {
+                if seq.is_some_and(|seq| !self.index.first_event(node, seq)) {
+                    debug!(%node, ?seq, %resource, "event taken before; not published again");
+                    self.metrics.reports_duplicate.inc();
+                    return;
+                }
+                if let Some(target) = self.index.event_target(node, resource) {
+                    self.events.publish(target, node, event);
+                }
+            }
+            // A batch inside a batch never reaches here: `Report::relayed` refuses it.
+            Report::Batch(_) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
-    use supermesh_api::protocol::RelayedReport;
+    use supermesh_protocol::{Operation, RelayedReport, STATUS_RESOURCE};
 
     fn networks(node: &str) -> Option<String> {
         match node {
@@ -163,26 +179,7 @@ mod tests {
         let refused: Vec<(&str, i64)> = ack.refused.iter().map(|(id, _)| (id.node.as_str(), id.seq)).collect();
         assert_eq!(refused, [("stranger", 2), ("member", 5)], "a node not known yet is left to come again");
         assert!(ack.refused[0].1.contains("other-lan"), "{}", ack.refused[0].1);
-        assert!(ack.refused[1].1.contains("invalid status report"), "{}", ack.refused[1].1);
-    }
-
-    #[test]
-    fn reports_are_status_or_instance_events() {
-        let status = json!({"takenMs": 5, "instances": [], "cluster": {"role": "Supernode", "supernode": "a"}});
-        match Report::parse(Operation::MetaSync, STATUS_RESOURCE, &status).unwrap() {
-            Report::Status(s) => assert_eq!(s.cluster.unwrap().supernode.as_deref(), Some("a")),
-            other => panic!("{other:?}"),
-        }
-        let event = json!({"warning": true, "reason": "Exited", "message": "code 3"});
-        let parsed = Report::parse(Operation::MetaSync, "team/microservice/web", &event).unwrap();
-        assert!(
-            matches!(parsed, Report::Event { ref resource, ref event } if resource == "team/microservice/web" && event.warning)
-        );
-
-        assert!(Report::parse(Operation::Insert, STATUS_RESOURCE, &status).unwrap_err().contains("MetaSync"));
-        assert!(Report::parse(Operation::MetaSync, STATUS_RESOURCE, &event).unwrap_err().contains("invalid status"));
-        assert!(Report::parse(Operation::MetaSync, "team/log/web", &event).unwrap_err().contains("neither"));
-        assert!(Report::parse(Operation::MetaSync, "team/microservice", &event).is_err());
+        assert!(ack.refused[1].1.contains("MetaSync message is invalid"), "{}", ack.refused[1].1);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use flate2::read::GzDecoder;
 use sha2::{Digest, Sha256};
-use supermesh_api::microservice::Artifact;
+use supermesh_protocol::{Artifact, FailureReason};
 use tar::EntryType;
 
 /// Largest archive downloaded: a bound on disk use against a wrong or hostile URL.
@@ -78,6 +78,14 @@ impl ArtifactError {
     /// to a spec or archive that will never run.
     pub fn is_retryable(&self) -> bool {
         matches!(self, ArtifactError::Download { .. } | ArtifactError::Io { .. })
+    }
+
+    /// Why an instance fails for good over this error.
+    pub fn reason(&self) -> FailureReason {
+        match self {
+            ArtifactError::HashMismatch { .. } => FailureReason::ArtifactHashMismatch,
+            _ => FailureReason::ArtifactInvalid,
+        }
     }
 }
 

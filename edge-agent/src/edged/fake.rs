@@ -56,7 +56,7 @@ impl Runtime for FakeRuntime {
 mod tests {
     use std::collections::BTreeMap;
 
-    use supermesh_api::microservice::{MicroserviceSpec, Port, Protocol, RestartPolicy};
+    use supermesh_protocol::{Port, Protocol, RestartPolicy, Workload};
 
     use super::*;
 
@@ -66,14 +66,12 @@ mod tests {
             namespace: "team".into(),
             name: "web".into(),
             version: version.into(),
-            spec: MicroserviceSpec {
+            spec: Workload {
                 mesh: "lan".into(),
                 command: vec!["web".into()],
                 args: vec![],
                 env: vec![],
                 artifact: None,
-                replicas: None,
-                node_selector: BTreeMap::new(),
                 ports: vec![Port { name: Some("http".into()), port: 8080, protocol: Protocol::TCP }],
                 health_check: None,
                 restart_policy: RestartPolicy::Always,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use supermesh_api::microservice::HealthCheck;
+use supermesh_protocol::HealthCheck;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -220,7 +220,7 @@ impl Drop for KillGroupOnDrop {
 
 #[cfg(test)]
 mod tests {
-    use supermesh_api::microservice::{ExecCheck, HttpCheck, TcpCheck};
+    use supermesh_protocol::{ExecCheck, HttpCheck, TcpCheck};
     use tokio::net::TcpListener;
 
     use super::*;

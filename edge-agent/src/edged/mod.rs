@@ -13,7 +13,7 @@ pub mod runtime;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use supermesh_api::protocol::{Assignment, ResourceRef, MICROSERVICE};
+use supermesh_protocol::{Assignment, ResourceRef, MICROSERVICE};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 

@@ -2,13 +2,11 @@
 //! on this device, and the status every runtime reports back.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::future::Future;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use supermesh_api::microservice::MicroserviceSpec;
-use supermesh_api::protocol::Assignment;
+use supermesh_protocol::{Assignment, FailureReason, Workload};
 use tokio::sync::watch;
 
 /// Variable naming the edge node an instance runs on.
@@ -33,7 +31,7 @@ pub struct InstanceSpec {
     /// Version of the assignment; a new version replaces the running instance.
     pub version: String,
     /// What to run.
-    pub spec: MicroserviceSpec,
+    pub spec: Workload,
     /// Context environment the agent adds (node, mesh, namespace, microservice, local API address).
     pub env: BTreeMap<String, String>,
 }
@@ -52,56 +50,7 @@ impl InstanceSpec {
     }
 }
 
-/// Where an instance is in its life.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Phase {
-    /// Accepted, not started yet.
-    Pending,
-    /// Its artifact is being downloaded, verified or unpacked.
-    Downloading,
-    /// Its process is being started.
-    Starting,
-    /// Its process runs; the health check has not passed yet.
-    Running,
-    /// Its process runs and its health check passes (or it has none).
-    Ready,
-    /// Its health check failed `failureThreshold` times in a row; it is being restarted.
-    Unhealthy,
-    /// It exited or failed to start and waits before the next start.
-    Backoff,
-    /// It exited with code 0 and its restart policy does not restart it.
-    Succeeded,
-    /// It failed and is not restarted: a failed exit under `Never`, or a spec that cannot run.
-    Failed,
-}
-
-impl Phase {
-    /// The phase's name, as stored and sent.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Pending => "Pending",
-            Phase::Downloading => "Downloading",
-            Phase::Starting => "Starting",
-            Phase::Running => "Running",
-            Phase::Ready => "Ready",
-            Phase::Unhealthy => "Unhealthy",
-            Phase::Backoff => "Backoff",
-            Phase::Succeeded => "Succeeded",
-            Phase::Failed => "Failed",
-        }
-    }
-
-    /// Whether the instance is done and waits only for a new spec.
-    pub fn is_terminal(self) -> bool {
-        matches!(self, Phase::Succeeded | Phase::Failed)
-    }
-}
-
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use supermesh_protocol::Phase;
 
 /// Observed state of one instance.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -124,6 +73,9 @@ pub struct InstanceStatus {
     /// What happened last, for a user to read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Why it failed for good, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<FailureReason>,
     /// Milliseconds since the Unix epoch when the phase last changed.
     pub since_ms: i64,
     /// Ports the instance's spec declares (`spec.ports[].port`), for endpoint discovery.
@@ -142,6 +94,7 @@ impl InstanceStatus {
             pid: None,
             exit_code: None,
             message: None,
+            reason: None,
             since_ms: now_ms(),
             ports: Vec::new(),
         }

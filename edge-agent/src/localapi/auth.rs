@@ -9,8 +9,8 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use supermesh_api::peer::sign;
-use supermesh_api::protocol::{Assignment, ResourceRef, MICROSERVICE};
+use supermesh_protocol::peer::sign;
+use supermesh_protocol::{Assignment, ResourceRef, MICROSERVICE};
 
 use crate::edged::Desired;
 

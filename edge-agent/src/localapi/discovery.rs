@@ -5,9 +5,9 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
-use supermesh_api::peer::Registry;
-use supermesh_api::protocol::{Endpoint, NodeInfo, NODES};
-use supermesh_api::Location;
+use supermesh_protocol::peer::Registry;
+use supermesh_protocol::Location;
+use supermesh_protocol::{Endpoint, NodeInfo, NODES};
 
 /// Which nodes `GET /v1/nodes` lists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,9 +196,8 @@ pub fn merge_endpoints(
 
 #[cfg(test)]
 mod tests {
-    use supermesh_api::edgenode::NodeRole;
-    use supermesh_api::peer::RegistryEntry;
-    use supermesh_api::protocol::InstanceReport;
+    use supermesh_protocol::peer::RegistryEntry;
+    use supermesh_protocol::{InstanceReport, NodeRole, Phase};
 
     use super::*;
 
@@ -313,13 +312,8 @@ mod tests {
 
     fn instance(resource: &str, ready: bool, ports: Vec<i32>) -> InstanceReport {
         InstanceReport {
-            resource: resource.into(),
-            version: "1-u".into(),
-            phase: if ready { "Ready" } else { "Running" }.into(),
-            ready,
-            restarts: 0,
-            message: None,
             ports,
+            ..InstanceReport::new(resource, "1-u", if ready { Phase::Ready } else { Phase::Running })
         }
     }
 

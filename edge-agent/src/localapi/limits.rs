@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use supermesh_api::protocol::EventReport;
+use supermesh_protocol::EventReport;
 
 /// Longest storage key, in bytes.
 pub const MAX_KEY_BYTES: usize = 256;

@@ -39,13 +39,13 @@ use axum::Router;
 use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use supermesh_api::edgenode::NodeRole;
-use supermesh_api::peer::Registry;
-use supermesh_api::protocol::{
+use supermesh_protocol::peer::Registry;
+use supermesh_protocol::Location;
+use supermesh_protocol::NodeRole;
+use supermesh_protocol::{
     ClusterView, Endpoint, EndpointsAnswer, ErrorCode, NodeInfo, NodesAnswer, Operation, ResourceRef, ENDPOINTS,
     MICROSERVICE,
 };
-use supermesh_api::Location;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tracing::{error, info};

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use supermesh_api::peer::RegistryEntry;
-use supermesh_api::protocol::{ConnectionState, ErrorContent, EventReport, InstanceReport, Message};
+use supermesh_protocol::peer::RegistryEntry;
+use supermesh_protocol::{ConnectionState, ErrorContent, EventReport, InstanceReport, Message, Phase};
 use tempfile::TempDir;
 use tokio::sync::mpsc;
 
@@ -230,13 +230,9 @@ fn member(node: &str, address: &str, location: Option<Location>, live: bool, run
         instances: runs
             .iter()
             .map(|(resource, ready)| InstanceReport {
-                resource: resource.to_string(),
-                version: "1-u".into(),
-                phase: "Ready".into(),
                 ready: *ready,
-                restarts: 0,
-                message: None,
                 ports: vec![8080],
+                ..InstanceReport::new(resource, "1-u", Phase::Ready)
             })
             .collect(),
     }

@@ -11,11 +11,12 @@ pub mod store;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use serde_json::{json, Value};
-use supermesh_api::protocol::{
-    ConnectionState, ErrorCode, ErrorContent, Message, Operation, ResourceError, ResourceRef, CONNECTION_RESOURCE,
+use serde_json::Value;
+use supermesh_protocol::{
+    now_ms, Answer, Body, ConnectionState, ErrorCode, ErrorContent, Message, Operation, Query, ResourceError,
+    ResourceRef, CONNECTION_RESOURCE,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
@@ -154,7 +155,8 @@ pub fn spawn(store: Store, to_cloud: mpsc::Sender<Message>, to_edged: mpsc::Send
 }
 
 impl MetaHandle {
-    /// Handles a message from the cloud: stores changes, completes forwarded queries, answers queries.
+    /// Handles a message from the cloud (whose body the edgehub has checked): stores
+    /// changes, completes forwarded queries, answers queries for what it holds.
     pub async fn from_cloud(&self, msg: Message) {
         match msg.operation {
             Operation::Insert | Operation::Update | Operation::Delete => match change_of(&msg) {
@@ -184,7 +186,7 @@ impl MetaHandle {
             }
             Operation::Query => {
                 let (result, version) = match self.lookup(&msg.resource).await {
-                    Ok(Some((value, version))) => (Ok(value), Some(version)),
+                    Ok(Some((value, version))) => (Ok(Some(value)), Some(version)),
                     Ok(None) => {
                         (Err((ErrorCode::NotFound, format!("{} is not held by this node", msg.resource))), None)
                     }
@@ -219,7 +221,7 @@ impl MetaHandle {
         let _waiter = Waiter(&self.shared, id.clone());
         // Checked after registering, so a disconnect in between still drops the waiter.
         if !self.shared.connected.load(Ordering::SeqCst)
-            || !send(&self.to_cloud, Message::new(id, now_ms(), Operation::Query, resource, ())).await
+            || !send(&self.to_cloud, Message::with_body(id, now_ms(), resource, &Body::Query(Query::Resource))).await
         {
             return Err(offline());
         }
@@ -228,14 +230,15 @@ impl MetaHandle {
             Ok(Err(_)) => return Err(offline()),
             Err(_) => return Err(MetaError::Timeout(resource.to_owned())),
         };
+        // The edgehub checked the answer's body before handing it over.
         if answer.operation == Operation::Response {
             return Ok(answer.content);
         }
-        let refusal = answer.content_as::<ErrorContent>().unwrap_or_else(|e| ErrorContent {
-            code: ErrorCode::BadMessage,
-            message: e.to_string(),
-            retry_after_ms: None,
-        });
+        let refusal = match answer.body() {
+            Ok(Body::Error(refusal)) => refusal,
+            Ok(other) => ErrorContent::new(ErrorCode::BadMessage, format!("answered with a {:?}", other.operation())),
+            Err(e) => ErrorContent::new(ErrorCode::BadMessage, e.to_string()),
+        };
         Err(MetaError::Cloud { resource: resource.to_owned(), code: refusal.code, message: refusal.message })
     }
 
@@ -404,7 +407,7 @@ impl Actor {
         });
         for (i, ((parent_id, version), change)) in replies.into_iter().zip(changes).enumerate() {
             let result = match &applied {
-                Ok(_) => Ok(json!({"status": "ok"})),
+                Ok(_) => Ok(None),
                 Err(e) => Err((ErrorCode::StoreFailed, e.clone())),
             };
             let reply = answer(&parent_id, change.key(), version.as_deref(), result);
@@ -447,21 +450,20 @@ fn change_of(msg: &Message) -> Result<Change, String> {
     Ok(Change::Upsert { key, res_type: resource.res_type.to_owned(), version, value: msg.content.to_string() })
 }
 
-/// A Response (`Ok`) or Error (`Err`) answering message `parent_id`.
+/// A Response (`Ok`: an ack, or the resource asked for) or Error (`Err`) answering message `parent_id`.
 fn answer(
     parent_id: &str,
     resource: &str,
     version: Option<&str>,
-    result: Result<Value, (ErrorCode, String)>,
+    result: Result<Option<Value>, (ErrorCode, String)>,
 ) -> Message {
     // The cloud's decoder checks the resource; parent_id still names what is answered.
     let resource = if ResourceRef::parse(resource).is_ok() { resource } else { CONNECTION_RESOURCE };
     let (id, now) = (next_id(), now_ms());
     let mut msg = match result {
-        Ok(content) => Message::new(id, now, Operation::Response, resource, content),
-        Err((code, message)) => {
-            Message::new(id, now, Operation::Error, resource, ErrorContent { code, message, retry_after_ms: None })
-        }
+        Ok(None) => Message::with_body(id, now, resource, &Body::Response(Answer::Ack)),
+        Ok(Some(content)) => Message::new(id, now, Operation::Response, resource, content),
+        Err((code, message)) => Message::with_body(id, now, resource, &Body::Error(ErrorContent::new(code, message))),
     };
     msg.resource_version = version.map(str::to_owned);
     msg.answering(parent_id)
@@ -474,11 +476,6 @@ async fn send(to_cloud: &mpsc::Sender<Message>, msg: Message) -> bool {
         debug!("edgehub is gone; the cloud resends unacked changes on reconnect");
     }
     sent
-}
-
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A fresh id for a message of this agent: `e-<process start>-<counter>`.

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction};
-use supermesh_api::protocol::Operation;
+use supermesh_protocol::Operation;
 
 /// Schema migrations; entry `i` moves the schema from `user_version` i to i+1.
 const MIGRATIONS: &[&str] = &["

@@ -3,7 +3,8 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use supermesh_api::protocol::{decode, encode};
+use serde_json::json;
+use supermesh_protocol::{decode, encode};
 use tempfile::TempDir;
 use tokio::time::timeout;
 
@@ -78,8 +79,10 @@ fn upserted(version: &str, value: &Value) -> EdgedEvent {
 }
 
 fn error_content(msg: &Message) -> ErrorContent {
-    assert_eq!(msg.operation, Operation::Error, "{msg:?}");
-    msg.content_as().unwrap()
+    match msg.body() {
+        Ok(Body::Error(refusal)) => refusal,
+        other => panic!("expected an Error, got {other:?} in {msg:?}"),
+    }
 }
 
 /// Holds the task inside a job until the returned sender fires, so what is sent meanwhile forms one batch.

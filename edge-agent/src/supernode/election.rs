@@ -2,7 +2,7 @@
 //! so that every member who hears the same peers elects the same supernode, with
 //! no coordination and no cloud.
 
-use supermesh_api::peer::Score;
+use supermesh_protocol::peer::Score;
 
 /// A node that may be elected: its name and capability.
 #[derive(Debug, Clone, PartialEq, Eq)]

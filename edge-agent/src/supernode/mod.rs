@@ -18,9 +18,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use supermesh_api::edgenode::NodeRole;
-use supermesh_api::peer::{Heartbeat, Registry, RegistryEntry, Score, PEER_VERSION};
-use supermesh_api::protocol::{ClusterView, Membership, Message, StatusReport};
+use supermesh_protocol::peer::{Heartbeat, Registry, RegistryEntry, Score, PEER_VERSION};
+use supermesh_protocol::NodeRole;
+use supermesh_protocol::{Body, ClusterView, Membership, Message, StatusReport};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::info;
 
@@ -93,7 +93,7 @@ pub struct Cluster {
     /// Told when an urgent report was queued at this supernode.
     urgent: Notify,
     to_cloud: mpsc::Sender<Message>,
-    answers: Mutex<HashMap<String, oneshot::Sender<Message>>>,
+    answers: Mutex<HashMap<String, oneshot::Sender<Body>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -208,9 +208,9 @@ impl Cluster {
     }
 
     /// An answer of the cloud to a batch this node sent (parent id `b-…`).
-    pub fn batch_answered(&self, msg: Message) {
+    pub fn batch_answered(&self, msg: Message, body: Body) {
         if let Some(waiter) = msg.parent_id.as_ref().and_then(|p| lock(&self.answers).remove(p)) {
-            let _ = waiter.send(msg);
+            let _ = waiter.send(body);
         }
     }
 
@@ -448,7 +448,7 @@ pub async fn bind(config: &EdgeConfig) -> std::io::Result<(tokio::net::TcpListen
     let tcp = tokio::net::TcpListener::bind(listen).await?;
     let udp = tokio::net::UdpSocket::bind(listen).await?;
     if config.supernode.multicast {
-        let group: std::net::Ipv4Addr = supermesh_api::peer::MULTICAST_GROUP.parse().expect("a valid group");
+        let group: std::net::Ipv4Addr = supermesh_protocol::peer::MULTICAST_GROUP.parse().expect("a valid group");
         udp.join_multicast_v4(group, std::net::Ipv4Addr::UNSPECIFIED)?;
         udp.set_multicast_ttl_v4(1)?;
         udp.set_multicast_loop_v4(true)?;
@@ -459,7 +459,7 @@ pub async fn bind(config: &EdgeConfig) -> std::io::Result<(tokio::net::TcpListen
 #[cfg(test)]
 mod tests {
     use super::*;
-    use supermesh_api::protocol::{InstanceReport, Member};
+    use supermesh_protocol::{InstanceReport, Member, Phase};
 
     const KEY: &str = "cluster-key";
 
@@ -566,21 +566,14 @@ mod tests {
         let a = cluster("a", &dir);
         a.heard(heartbeat("b", i64::MAX, true), from(), true);
         a.elect();
-        let instance = InstanceReport {
-            resource: "ns/microservice/web".into(),
-            version: "1-u".into(),
-            phase: "Ready".into(),
-            ready: true,
-            restarts: 0,
-            message: None,
-            ports: vec![8080],
-        };
+        let instance =
+            InstanceReport { ports: vec![8080], ..InstanceReport::new("ns/microservice/web", "1-u", Phase::Ready) };
         let report = StatusReport { taken_ms: 1, instances: vec![instance.clone()], cluster: None };
-        let relayed = supermesh_api::protocol::RelayedReport {
+        let relayed = supermesh_protocol::RelayedReport {
             node: "b".into(),
             seq: 1,
-            operation: supermesh_api::protocol::Operation::MetaSync,
-            resource: supermesh_api::protocol::STATUS_RESOURCE.into(),
+            operation: supermesh_protocol::Operation::MetaSync,
+            resource: supermesh_protocol::STATUS_RESOURCE.into(),
             content: serde_json::to_value(&report).unwrap(),
             created_ms: 1,
         };

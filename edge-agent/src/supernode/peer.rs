@@ -14,12 +14,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::Router;
 use serde::Serialize;
-use supermesh_api::peer::{
+use supermesh_protocol::peer::{
     sign, verify, AckPost, Registry, ReportPost, SignedHeartbeat, ACKS_PATH, MAX_BODY, MAX_DATAGRAM, MULTICAST_GROUP,
     NODE_HEADER, REGISTRY_PATH, REPORTS_PATH, SIGNATURE_HEADER,
 };
-use supermesh_api::protocol::{
-    BatchAck, Message, Operation, RelayedReport, ReportId, StatusReport, BATCH_RESOURCE, STATUS_RESOURCE,
+use supermesh_protocol::{
+    now_ms, Answer as CloudAnswer, Body, Message, RelayedReport, Report, ReportId, StatusReport, BATCH_RESOURCE,
+    STATUS_RESOURCE,
 };
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
@@ -382,9 +383,7 @@ impl Cluster {
             let entries = batch.entries.len();
             let (tx, rx) = tokio::sync::oneshot::channel();
             super::lock(&self.answers).insert(id.clone(), tx);
-            let mut msg =
-                Message::new(id.clone(), crate::edged::runtime::now_ms(), Operation::MetaSync, BATCH_RESOURCE, batch);
-            msg.id = id.clone();
+            let msg = Message::with_body(id.clone(), now_ms(), BATCH_RESOURCE, &Body::MetaSync(Report::Batch(batch)));
             let answer = if self.to_cloud.send(msg).await.is_ok() {
                 tokio::time::timeout(BATCH_TIMEOUT, rx).await.ok().and_then(Result::ok)
             } else {
@@ -392,7 +391,7 @@ impl Cluster {
             };
             super::lock(&self.answers).remove(&id);
             let ack = match answer {
-                Some(m) if m.operation == Operation::Response => m.content_as::<BatchAck>().ok(),
+                Some(Body::Response(CloudAnswer::Batch(ack))) => Some(ack),
                 _ => None,
             };
             let Some(ack) = ack else {

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use supermesh_api::protocol::{
+use supermesh_protocol::{
     BatchAck, InstanceReport, RelayedReport, ReportBatch, ReportId, StatusReport, STATUS_RESOURCE,
 };
 
@@ -131,18 +131,10 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use supermesh_api::protocol::Operation;
+    use supermesh_protocol::{Operation, Phase};
 
-    fn status(node: &str, seq: i64, phase: &str) -> RelayedReport {
-        let instance = InstanceReport {
-            resource: "ns/microservice/web".into(),
-            version: "1-u".into(),
-            phase: phase.into(),
-            ready: phase == "Ready",
-            restarts: 0,
-            message: None,
-            ports: vec![],
-        };
+    fn status(node: &str, seq: i64, phase: Phase) -> RelayedReport {
+        let instance = InstanceReport::new("ns/microservice/web", "1-u", phase);
         let content = serde_json::to_value(StatusReport { taken_ms: seq, instances: vec![instance], cluster: None });
         RelayedReport {
             node: node.into(),
@@ -172,9 +164,9 @@ mod tests {
     #[test]
     fn changes_and_events_are_urgent_repeats_are_not() {
         let mut q = Queue::new(100);
-        assert_eq!(q.push(status("a", 1, "Running")), Ok(true), "a node's first status");
-        assert_eq!(q.push(status("a", 2, "Running")), Ok(false), "the same status again");
-        assert_eq!(q.push(status("a", 3, "Ready")), Ok(true), "a phase change");
+        assert_eq!(q.push(status("a", 1, Phase::Running)), Ok(true), "a node's first status");
+        assert_eq!(q.push(status("a", 2, Phase::Running)), Ok(false), "the same status again");
+        assert_eq!(q.push(status("a", 3, Phase::Ready)), Ok(true), "a phase change");
         assert_eq!(q.push(event("a", 4)), Ok(true));
         assert_eq!(q.push(event("a", 4)), Ok(false), "a report queued twice counts once");
         assert_eq!(q.len(), 2, "the newest status supersedes older ones, events stay");
@@ -184,7 +176,7 @@ mod tests {
     fn one_batch_carries_every_member_and_acks_empty_it() {
         let mut q = Queue::new(100);
         for node in ["a", "b", "c"] {
-            q.push(status(node, 1, "Ready")).unwrap();
+            q.push(status(node, 1, Phase::Ready)).unwrap();
             q.push(event(node, 2)).unwrap();
         }
         let batch = q.take_batch("b-1", 100, 1 << 20).unwrap();
@@ -228,9 +220,9 @@ mod tests {
     #[test]
     fn a_status_in_flight_is_not_superseded() {
         let mut q = Queue::new(100);
-        q.push(status("a", 1, "Running")).unwrap();
+        q.push(status("a", 1, Phase::Running)).unwrap();
         q.take_batch("b-1", 100, 1 << 20).unwrap();
-        q.push(status("a", 2, "Ready")).unwrap();
+        q.push(status("a", 2, Phase::Ready)).unwrap();
         assert_eq!(q.len(), 2);
         q.failed("b-1");
         assert_eq!(q.take_batch("b-2", 100, 1 << 20).unwrap().entries.len(), 2);

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use supermesh_api::microservice::{Artifact, MicroserviceSpec, RestartPolicy};
+use supermesh_protocol::{Artifact, FailureReason, RestartPolicy, Workload};
 use tokio::process::Child;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -225,7 +225,7 @@ fn prepare_artifact(
 }
 
 /// Checked health probe of a spec; an invalid one is reported by `start`.
-fn probe_of(spec: &MicroserviceSpec) -> Result<Option<Probe>, HealthError> {
+fn probe_of(spec: &Workload) -> Result<Option<Probe>, HealthError> {
     spec.health_check.as_ref().map(Probe::from_check).transpose().map(Option::flatten)
 }
 
@@ -361,16 +361,16 @@ impl Supervisor {
     /// Prepares the artifact and starts the process.
     async fn start(&mut self, spec: &InstanceSpec) -> Result<State, Interrupt> {
         if let Err(e) = probe_of(&spec.spec) {
-            return Ok(self.fail(e.to_string()));
+            return Ok(self.fail(FailureReason::InvalidSpec, e.to_string()));
         }
         if spec.spec.command.is_empty() {
-            return Ok(self.fail(StartError::NoCommand.to_string()));
+            return Ok(self.fail(FailureReason::InvalidSpec, StartError::NoCommand.to_string()));
         }
         if let Some(artifact) = &spec.spec.artifact {
             self.set_phase(Phase::Downloading, None);
             if let Err(e) = self.prepare(artifact).await? {
                 if !e.is_retryable() {
-                    return Ok(self.fail(e.to_string()));
+                    return Ok(self.fail(e.reason(), e.to_string()));
                 }
                 let delay = self.backoff.delay(Duration::ZERO);
                 self.set_phase(Phase::Backoff, Some(format!("{e}; retrying in {}", human(delay))));
@@ -590,6 +590,7 @@ impl Supervisor {
             return State::Backoff(Instant::now() + delay);
         }
         let phase = if failed { Phase::Failed } else { Phase::Succeeded };
+        self.status.reason = failed.then_some(FailureReason::Exited);
         self.set_phase(phase, Some(message.clone()));
         let record = Record {
             key: self.key.clone(),
@@ -605,8 +606,9 @@ impl Supervisor {
     }
 
     /// Fails the instance for good (for this version): a spec or artifact that cannot run.
-    fn fail(&mut self, message: String) -> State {
+    fn fail(&mut self, reason: FailureReason, message: String) -> State {
         self.status.exit_code = None;
+        self.status.reason = Some(reason);
         self.set_phase(Phase::Failed, Some(message));
         State::Done
     }

@@ -4,7 +4,7 @@
 //!
 //! Every datagram and request body is signed with the cluster key, an HMAC-SHA256
 //! key the cloud derives per network from its secret and sends to the network's
-//! members in their [`Membership`](crate::protocol::Membership). A node that never
+//! members in their [`Membership`](crate::Membership). A node that never
 //! reached the cloud has no key and takes part in no cluster; a message with a bad
 //! signature is dropped, so a device on the same LAN cannot win an election or
 //! inject reports.
@@ -13,9 +13,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::edgenode::NodeRole;
-use crate::protocol::{InstanceReport, RelayedReport};
-use crate::Location;
+use crate::{InstanceReport, Location, NodeRole, RelayedReport};
 
 /// Version of the peer protocol; datagrams and requests of another version are dropped.
 pub const PEER_VERSION: u32 = 1;
@@ -38,17 +36,20 @@ pub const MULTICAST_GROUP: &str = "239.255.77.77";
 
 /// The cluster key of `network`, derived from the cloud's secret: hex HMAC-SHA256.
 pub fn cluster_key(secret: &str, network: &str) -> String {
-    hex(&mac(secret.as_bytes(), format!("supermesh cluster key/{network}").as_bytes()))
+    hex::encode(mac(secret.as_bytes(), format!("supermesh cluster key/{network}").as_bytes()))
 }
 
 /// The hex signature of `body` under the hex `key`.
 pub fn sign(key: &str, body: &[u8]) -> String {
-    hex(&mac(key.as_bytes(), body))
+    hex::encode(mac(key.as_bytes(), body))
 }
 
 /// Whether `signature` is `body`'s signature under `key` (constant-time comparison).
 pub fn verify(key: &str, body: &[u8], signature: &str) -> bool {
-    let Some(expected) = unhex(signature) else { return false };
+    if signature.len() > 128 {
+        return false;
+    }
+    let Ok(expected) = hex::decode(signature) else { return false };
     let Ok(mut m) = Hmac::<Sha256>::new_from_slice(key.as_bytes()) else { return false };
     m.update(body);
     m.verify_slice(&expected).is_ok()
@@ -58,22 +59,6 @@ fn mac(key: &[u8], body: &[u8]) -> Vec<u8> {
     let mut m = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
     m.update(body);
     m.finalize().into_bytes().to_vec()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() > 128 {
-        return None;
-    }
-    text.as_bytes()
-        .chunks(2)
-        .map(|pair| {
-            std::str::from_utf8(pair).ok().filter(|p| p.len() == 2).and_then(|p| u8::from_str_radix(p, 16).ok())
-        })
-        .collect()
 }
 
 /// What a node tells its peers every heartbeat interval.

@@ -1,17 +1,17 @@
-//! Geographic location shared by EdgeNode and Proximity meshes.
+//! Geographic location of nodes and of Proximity mesh centers.
 
-use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// A point on Earth in decimal degrees (WGS 84).
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Location {
     /// Latitude in degrees, from -90 (south pole) to 90 (north pole).
-    #[schemars(range(min = -90.0, max = 90.0))]
+    #[cfg_attr(feature = "schema", schemars(range(min = -90.0, max = 90.0)))]
     pub latitude: f64,
     /// Longitude in degrees, from -180 to 180 (east positive).
-    #[schemars(range(min = -180.0, max = 180.0))]
+    #[cfg_attr(feature = "schema", schemars(range(min = -180.0, max = 180.0)))]
     pub longitude: f64,
 }
 

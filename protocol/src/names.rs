@@ -1,0 +1,55 @@
+//! Names both sides check the same way: node names and join tokens.
+
+/// Longest DNS-1123 subdomain, as Kubernetes allows for object names.
+pub const MAX_NAME_LEN: usize = 253;
+
+/// Whether `name` is a DNS-1123 subdomain (lower-case alphanumeric labels with
+/// inner '-', joined by '.', at most 253 bytes), as Kubernetes requires of the
+/// names of cluster-scoped objects such as EdgeNodes.
+pub fn is_dns1123_subdomain(name: &str) -> bool {
+    let label_ok = |label: &str| {
+        let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+        let bytes = label.as_bytes();
+        bytes.first().is_some_and(alnum)
+            && bytes.last().is_some_and(alnum)
+            && bytes.iter().all(|c| alnum(c) || *c == b'-')
+    };
+    !name.is_empty() && name.len() <= MAX_NAME_LEN && name.split('.').all(label_ok)
+}
+
+/// Lower-case hex SHA-256 of a DER certificate: how a join token pins the cloud's CA.
+pub fn ca_fingerprint(der: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(der))
+}
+
+/// A join token `<ca-fingerprint>.<secret>`: the agent trusts only a cloud whose
+/// CA has that fingerprint, and proves itself with the secret.
+pub fn join_token(ca_der: &[u8], secret: &str) -> String {
+    format!("{}.{secret}", ca_fingerprint(ca_der))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_are_dns_1123_subdomains() {
+        for good in ["pi-kitchen", "a", "node.lan-1", "0n", &"a".repeat(253)] {
+            assert!(is_dns1123_subdomain(good), "{good:?}");
+        }
+        for bad in ["", "Pi", "-a", "a-", "a..b", ".a", "a_b", "a b", "ä", &"a".repeat(254)] {
+            assert!(!is_dns1123_subdomain(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn join_tokens_pin_the_ca() {
+        let token = join_token(b"certificate", "s3cret-s3cret-s3cret");
+        let (hash, secret) = token.split_once('.').unwrap();
+        assert_eq!(hash.len(), 64);
+        assert_eq!(hash, ca_fingerprint(b"certificate"));
+        assert_ne!(hash, ca_fingerprint(b"another"));
+        assert_eq!(secret, "s3cret-s3cret-s3cret");
+    }
+}
