@@ -570,17 +570,6 @@ impl Agent {
         i32::try_from(record["process"]["pid"].as_i64()?).ok()
     }
 
-    /// Process ids of the instances the agent recorded in its data dir.
-    pub fn instance_pids(&self) -> Vec<i32> {
-        let Ok(dirs) = std::fs::read_dir(self.data_dir.join("instances")) else { return Vec::new() };
-        dirs.filter_map(|d| {
-            let text = std::fs::read_to_string(d.ok()?.path().join("instance.json")).ok()?;
-            let record: serde_json::Value = serde_json::from_str(&text).ok()?;
-            i32::try_from(record["process"]["pid"].as_i64()?).ok()
-        })
-        .collect()
-    }
-
     /// `supermesh-agent inspect` of this agent's data dir; `Err` holds its error output.
     pub fn inspect(&self) -> Result<String, String> {
         let out = Command::new(binary("supermesh-agent"))
@@ -633,9 +622,11 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
-        // Agents leave instances running on purpose (the next agent adopts them); a test must not.
-        for pid in self.instance_pids() {
-            let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+        // Agents leave instances running on purpose (the next agent adopts them); a test must
+        // not: every process working in this agent's instance directories goes, recorded or not.
+        let instances = self.data_dir.join("instances");
+        for pgid in supermesh_agent::edged::group::working_in(&instances) {
+            let _ = supermesh_agent::edged::group::signal(pgid, Signal::SIGKILL);
         }
     }
 }

@@ -222,3 +222,35 @@ mod tests {
         assert_eq!((gone.role, gone.supernode), (None, None));
     }
 }
+
+#[cfg(test)]
+mod reconcile_tests {
+    use super::*;
+    use crate::fixtures::{self, finalized, listed, new_index, node, session};
+
+    #[tokio::test]
+    async fn a_connected_agent_makes_its_node_connected_and_ready() {
+        let (index, _t) = new_index();
+        let pi = finalized(node("pi", "acme", "lan"));
+        listed(&index, vec![], vec![pi.clone()], vec![]);
+        let _desired = index.connect("pi", 1, session(Some("10.0.0.9:10360")));
+        let (ctx, mut api) = fixtures::context(index.clone());
+        let reconciled = tokio::spawn(reconcile(Arc::new(pi.clone()), ctx.clone()));
+        let status = api.expect_status("/apis/supermesh.io/v1alpha1/edgenodes/pi", &pi).await;
+        let connected = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == CONNECTED).unwrap();
+        assert_eq!((connected["status"].as_str(), connected["reason"].as_str()), (Some("True"), Some(AGENT_CONNECTED)));
+        assert_eq!(status["addresses"][1]["address"], "10.0.0.9:10360");
+        assert_eq!(status["instances"]["desired"], 0);
+        let action = reconciled.await.unwrap().expect("reconciled");
+        assert_ne!(action, Action::await_change(), "a connected node comes back to refresh its heartbeat");
+
+        index.disconnect("pi", 1);
+        let mut written = pi;
+        written.status = Some(serde_json::from_value(status).unwrap());
+        let reconciled = tokio::spawn(reconcile(Arc::new(written.clone()), ctx));
+        let status = api.expect_status("/apis/supermesh.io/v1alpha1/edgenodes/pi", &written).await;
+        let connected = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == CONNECTED).unwrap();
+        assert_eq!(connected["reason"], AGENT_DISCONNECTED);
+        reconciled.await.unwrap().expect("reconciled");
+    }
+}

@@ -10,6 +10,8 @@ pub mod crds;
 pub mod discovery;
 pub mod edgenode;
 pub mod error;
+#[cfg(test)]
+pub mod fixtures;
 pub mod http;
 pub mod index;
 pub mod membership;

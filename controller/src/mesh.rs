@@ -241,3 +241,39 @@ mod tests {
         assert_eq!(chosen(&nobody), None);
     }
 }
+
+#[cfg(test)]
+mod reconcile_tests {
+    use super::*;
+    use crate::fixtures::{self, finalized, listed, mesh, new_index, node};
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn an_invalid_mesh_says_why_in_its_status_and_an_event() {
+        let (index, _t) = new_index();
+        let near = finalized(mesh("near", json!({"type": "Proximity"})));
+        listed(&index, vec![near.clone()], vec![node("a", "acme", "lan")], vec![]);
+        let (ctx, mut api) = fixtures::context(index);
+        let reconciled = tokio::spawn(reconcile(Arc::new(near.clone()), ctx));
+        let status = api.expect_status("/apis/supermesh.io/v1alpha1/namespaces/team/meshes/near", &near).await;
+        assert_eq!(status["conditions"][0]["reason"], INVALID_SPEC);
+        assert!(status["conditions"][0]["message"].as_str().unwrap().contains("spec.proximity"));
+        let event = api.expect_event().await;
+        assert_eq!((event["type"].as_str(), event["reason"].as_str()), (Some("Warning"), Some(INVALID_SPEC)));
+        reconciled.await.unwrap().expect("reconciled");
+    }
+
+    #[tokio::test]
+    async fn a_valid_mesh_counts_its_members_from_the_index() {
+        let (index, _t) = new_index();
+        let acme = finalized(mesh("acme", json!({"type": "Account", "account": "acme"})));
+        let nodes = vec![node("a", "acme", "lan"), node("b", "acme", "wan"), node("c", "globex", "lan")];
+        listed(&index, vec![acme.clone()], nodes, vec![]);
+        let (ctx, mut api) = fixtures::context(index);
+        let reconciled = tokio::spawn(reconcile(Arc::new(acme.clone()), ctx));
+        let status = api.expect_status("/apis/supermesh.io/v1alpha1/namespaces/team/meshes/acme", &acme).await;
+        assert_eq!((status["nodeCount"].as_i64(), status["clusterCount"].as_i64()), (Some(2), Some(2)));
+        reconciled.await.unwrap().expect("reconciled");
+        api.expect_nothing().await;
+    }
+}

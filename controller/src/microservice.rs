@@ -323,3 +323,67 @@ mod aggregate_tests {
         assert_eq!(Some(after_restart), m.status, "a controller restart rewrites nothing");
     }
 }
+
+#[cfg(test)]
+mod reconcile_tests {
+    use super::*;
+    use crate::fixtures::{self, finalized, listed, mesh, microservice, new_index, node};
+    use http::Method;
+    use serde_json::json;
+    use supermesh_api::names::FINALIZER;
+
+    const PATH: &str = "/apis/supermesh.io/v1alpha1/namespaces/team/microservices/web";
+
+    #[tokio::test]
+    async fn a_new_microservice_gets_the_finalizer_before_anything_else() {
+        let (index, _t) = new_index();
+        let web = microservice("web", "m", 1, json!({}));
+        listed(&index, vec![mesh("m", json!({"type": "Account", "account": "acme"}))], vec![], vec![web.clone()]);
+        let (ctx, mut api) = fixtures::context(index);
+        let reconciled = tokio::spawn(reconcile(Arc::new(web.clone()), ctx));
+        let call = api.expect(Method::PATCH, PATH, serde_json::to_value(finalized(web)).unwrap()).await;
+        assert!(call.body.to_string().contains(FINALIZER), "{}", call.body);
+        reconciled.await.unwrap().expect("reconciled");
+        api.expect_nothing().await;
+    }
+
+    #[tokio::test]
+    async fn a_placed_microservice_writes_its_status_once_and_says_where_it_runs() {
+        let (index, _t) = new_index();
+        let web = finalized(microservice("web", "m", 3, json!({})));
+        let nodes = vec![node("a", "acme", "lan"), node("b", "acme", "lan"), node("c", "globex", "lan")];
+        listed(&index, vec![mesh("m", json!({"type": "Account", "account": "acme"}))], nodes, vec![web.clone()]);
+        let (ctx, mut api) = fixtures::context(index);
+        let reconciled = tokio::spawn(reconcile(Arc::new(web.clone()), ctx.clone()));
+        let status = api.expect_status(PATH, &web).await;
+        assert_eq!((status["desiredInstances"].as_i64(), status["observedGeneration"].as_i64()), (Some(2), Some(3)));
+        let ready = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap();
+        assert_eq!((ready["status"].as_str(), ready["reason"].as_str()), (Some("False"), Some(INSTANCES_NOT_READY)));
+        let event = api.expect_event().await;
+        assert_eq!(event["reason"], PLACED);
+        assert!(event["note"].as_str().unwrap().contains("placed on 2 nodes: a, b"), "{event}");
+        reconciled.await.unwrap().expect("reconciled");
+
+        // The status it wrote, read back: nothing to write, nothing to tell.
+        let mut written = web;
+        written.status = Some(serde_json::from_value(status).unwrap());
+        let again = tokio::spawn(reconcile(Arc::new(written), ctx));
+        api.expect_nothing().await;
+        again.await.unwrap().expect("reconciled");
+    }
+
+    #[tokio::test]
+    async fn a_missing_mesh_is_a_condition_and_a_warning() {
+        let (index, _t) = new_index();
+        let web = finalized(microservice("web", "nope", 1, json!({})));
+        listed(&index, vec![], vec![node("a", "acme", "lan")], vec![web.clone()]);
+        let (ctx, mut api) = fixtures::context(index);
+        let reconciled = tokio::spawn(reconcile(Arc::new(web.clone()), ctx));
+        let status = api.expect_status(PATH, &web).await;
+        let ready = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap();
+        assert_eq!(ready["reason"], MESH_NOT_FOUND);
+        let event = api.expect_event().await;
+        assert_eq!((event["type"].as_str(), event["reason"].as_str()), (Some("Warning"), Some(MESH_NOT_FOUND)));
+        reconciled.await.unwrap().expect("reconciled");
+    }
+}

@@ -229,7 +229,7 @@ impl EdgeConfig {
     /// Checks what serde cannot, and strips the optional `wss://` from the cloud address.
     fn validate(mut self) -> Result<Self, Rejection> {
         let node = &self.node;
-        check(is_dns1123_subdomain(&node.name), "node.name", || {
+        check(supermesh_protocol::names::is_dns1123_subdomain(&node.name), "node.name", || {
             format!(
                 "{:?} is not a valid node name; expected a DNS-1123 subdomain of at most 253 lowercase letters, \
                  digits, '-' and '.', each part starting and ending with a letter or digit, e.g. pi-kitchen",
@@ -284,18 +284,6 @@ fn check(ok: bool, key: &'static str, why: impl FnOnce() -> String) -> Result<()
 /// Rejects `key` if `value` is empty or blank.
 fn non_empty(key: &'static str, value: &str) -> Result<(), Rejection> {
     check(!value.trim().is_empty(), key, || "must not be empty".to_owned())
-}
-
-/// Whether `name` is a DNS-1123 subdomain, as Kubernetes requires of object names.
-fn is_dns1123_subdomain(name: &str) -> bool {
-    let label_ok = |label: &str| {
-        let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
-        let bytes = label.as_bytes();
-        bytes.first().is_some_and(alnum)
-            && bytes.last().is_some_and(alnum)
-            && bytes.iter().all(|c| alnum(c) || *c == b'-')
-    };
-    name.len() <= 253 && name.split('.').all(label_ok)
 }
 
 /// `address` without its optional `wss://` prefix, if what remains is `host:port` with a port in 1..=65535.

@@ -7,62 +7,7 @@ use serde_json::json;
 use supermesh_protocol::{InstanceReport, Phase};
 
 use super::*;
-
-fn mesh(name: &str, spec: serde_json::Value) -> Mesh {
-    let mut m = Mesh::new(name, serde_json::from_value(spec).unwrap());
-    m.metadata.namespace = Some("team".into());
-    m
-}
-
-fn node(name: &str, account: &str, network: &str) -> EdgeNode {
-    EdgeNode::new(name, serde_json::from_value(json!({"account": account, "network": network})).unwrap())
-}
-
-fn msvc(name: &str, mesh: &str, generation: i64, extra: serde_json::Value) -> Microservice {
-    let mut spec = json!({"mesh": mesh, "command": ["srv"]});
-    spec.as_object_mut().unwrap().extend(extra.as_object().cloned().unwrap_or_default());
-    let mut m = Microservice::new(name, serde_json::from_value(spec).unwrap());
-    m.metadata.namespace = Some("team".into());
-    m.metadata.uid = Some(format!("uid-{name}"));
-    m.metadata.generation = Some(generation);
-    m
-}
-
-fn session(peer: Option<&str>) -> SessionInfo {
-    let now = k8s_openapi::jiff::Timestamp::UNIX_EPOCH;
-    SessionInfo {
-        connected_at: now,
-        last_seen: now,
-        agent_version: "test".into(),
-        os: "linux".into(),
-        arch: "x86_64".into(),
-        address: "10.0.0.9".into(),
-        peer_address: peer.map(str::to_owned),
-    }
-}
-
-/// Feeds a complete listing of each kind, as the watches do at start.
-fn listed(index: &Index, meshes: Vec<Mesh>, nodes: Vec<EdgeNode>, msvcs: Vec<Microservice>) {
-    index.mesh_event(&watcher::Event::Init);
-    for m in meshes {
-        index.mesh_event(&watcher::Event::InitApply(m));
-    }
-    index.mesh_event(&watcher::Event::InitDone);
-    index.node_event(&watcher::Event::Init);
-    for n in nodes {
-        index.node_event(&watcher::Event::InitApply(n));
-    }
-    index.node_event(&watcher::Event::InitDone);
-    index.microservice_event(&watcher::Event::Init);
-    for m in msvcs {
-        index.microservice_event(&watcher::Event::InitApply(m));
-    }
-    index.microservice_event(&watcher::Event::InitDone);
-}
-
-fn new_index() -> (Arc<Index>, Triggers) {
-    Index::new("secret".into(), Duration::ZERO, Arc::new(Metrics::default()))
-}
+use crate::fixtures::{listed, mesh, microservice as msvc, new_index, node, session};
 
 /// Resource strings and versions a node is published to hold.
 fn held(rx: &watch::Receiver<Arc<NodeDesired>>) -> Vec<(String, String)> {

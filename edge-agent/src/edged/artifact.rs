@@ -182,7 +182,7 @@ impl ArtifactStore {
         let file =
             writer.inner.into_inner().map_err(|e| io_error("cannot write artifact file", partial)(e.into_error()))?;
         file.sync_all().map_err(io_error("cannot write artifact file", partial))?;
-        Ok(hex(&writer.hasher.finalize()))
+        Ok(hex::encode(writer.hasher.finalize()))
     }
 }
 
@@ -207,11 +207,7 @@ impl<W: Write> Write for HashingWriter<W> {
 pub fn sha256_hex(mut reader: impl Read) -> io::Result<String> {
     let mut sink = HashingWriter { inner: io::sink(), hasher: Sha256::new() };
     io::copy(&mut reader, &mut sink)?;
-    Ok(hex(&sink.hasher.finalize()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    Ok(hex::encode(sink.hasher.finalize()))
 }
 
 /// Unpacks the tar.gz `archive` into `dest`, refusing entries that would land

@@ -2,7 +2,9 @@
 //! lives, and signals to a whole group. Every instance runs as the leader of its
 //! own group, so signalling the group reaches everything it spawned.
 
+use std::collections::BTreeSet;
 use std::io;
+use std::path::Path;
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -100,6 +102,17 @@ pub fn members(pgid: u32) -> Vec<u32> {
     entries
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&pid| stat(pid).is_ok_and(|s| s.is_live() && i64::from(s.pgrp) == i64::from(pgid)))
+        .collect()
+}
+
+/// Process groups of the live processes whose working directory is `dir` or below it.
+pub fn working_in(dir: &Path) -> BTreeSet<u32> {
+    let (Ok(root), Ok(procs)) = (dir.canonicalize(), std::fs::read_dir("/proc")) else { return BTreeSet::new() };
+    procs
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(&root)))
+        .filter_map(|pid| u32::try_from(stat(pid).ok().filter(Stat::is_live)?.pgrp).ok())
         .collect()
 }
 

@@ -7,14 +7,10 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use supermesh_protocol::HealthCheck;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::group;
 use super::process::command;
-
-/// Longest HTTP status line read; a longer one is a bad response.
-const MAX_STATUS_LINE: usize = 1024;
 
 /// Why a check failed, or why a spec's check cannot be run.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -34,7 +30,7 @@ pub enum HealthError {
         reason: String,
     },
     /// The HTTP exchange failed or the answer was not HTTP.
-    #[error("bad HTTP response from 127.0.0.1:{port}: {reason}")]
+    #[error("no HTTP answer from 127.0.0.1:{port}: {reason}")]
     BadResponse {
         /// Local port.
         port: u16,
@@ -129,12 +125,12 @@ pub struct ExecContext {
 
 /// Runs `probe` once, failing after `timeout`.
 pub async fn check(probe: &Probe, context: &ExecContext, timeout: Duration) -> Result<(), HealthError> {
-    tokio::time::timeout(timeout, run(probe, context)).await.unwrap_or(Err(HealthError::Timeout(timeout)))
+    tokio::time::timeout(timeout, run(probe, context, timeout)).await.unwrap_or(Err(HealthError::Timeout(timeout)))
 }
 
-async fn run(probe: &Probe, context: &ExecContext) -> Result<(), HealthError> {
+async fn run(probe: &Probe, context: &ExecContext, timeout: Duration) -> Result<(), HealthError> {
     match probe {
-        Probe::Http { port, path } => http_get(*port, path).await,
+        Probe::Http { port, path } => http_get(*port, path, timeout).await,
         Probe::Tcp { port } => connect(*port).await.map(drop),
         Probe::Exec { command: argv } => exec(argv, &context.dir, &context.env).await,
     }
@@ -144,44 +140,30 @@ async fn connect(port: u16) -> Result<TcpStream, HealthError> {
     TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| HealthError::Connect { port, reason: e.to_string() })
 }
 
-async fn http_get(port: u16, path: &str) -> Result<(), HealthError> {
-    let bad = |reason: String| HealthError::BadResponse { port, reason };
-    let mut stream = connect(port).await?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: supermesh-agent\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.map_err(|e| bad(e.to_string()))?;
-    // Only the status line matters; read until its end.
-    let mut head = Vec::with_capacity(128);
-    let mut buf = [0u8; 256];
-    while !head.windows(2).any(|w| w == b"\r\n") {
-        if head.len() > MAX_STATUS_LINE {
-            return Err(bad("status line too long".into()));
-        }
-        let n = stream.read(&mut buf).await.map_err(|e| bad(e.to_string()))?;
-        if n == 0 {
-            return Err(bad("connection closed before the status line".into()));
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let status = parse_status_line(&head)
-        .ok_or_else(|| bad(String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_owned()))?;
+/// GETs `path` on the instance's local `port` with the agent's HTTP client; 2xx and 3xx
+/// are healthy. Redirects are not followed: a 3xx answer already says the server is up.
+async fn http_get(port: u16, path: &str, timeout: Duration) -> Result<(), HealthError> {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .proxy(None)
+        .user_agent(concat!("supermesh-agent/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into();
+    let answer = tokio::task::spawn_blocking(move || agent.get(&url).call().map(|r| r.status().as_u16())).await;
+    let status = match answer {
+        Ok(Ok(status)) => status,
+        Ok(Err(ureq::Error::Io(e))) => return Err(HealthError::Connect { port, reason: e.to_string() }),
+        Ok(Err(e)) => return Err(HealthError::BadResponse { port, reason: e.to_string() }),
+        Err(e) => return Err(HealthError::BadResponse { port, reason: e.to_string() }),
+    };
     if (200..400).contains(&status) {
         Ok(())
     } else {
         Err(HealthError::Status { port, path: path.to_owned(), status })
     }
-}
-
-/// The status code of a response beginning with `HTTP/1.x NNN`.
-fn parse_status_line(head: &[u8]) -> Option<u16> {
-    let line = std::str::from_utf8(head.split(|&b| b == b'\r').next()?).ok()?;
-    let mut parts = line.split(' ');
-    if !parts.next()?.starts_with("HTTP/") {
-        return None;
-    }
-    let code = parts.next()?;
-    (code.len() == 3).then(|| code.parse().ok()).flatten()
 }
 
 async fn exec(argv: &[String], dir: &Path, env: &BTreeMap<String, String>) -> Result<(), HealthError> {
@@ -221,6 +203,7 @@ impl Drop for KillGroupOnDrop {
 #[cfg(test)]
 mod tests {
     use supermesh_protocol::{ExecCheck, HttpCheck, TcpCheck};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     use super::*;
@@ -232,14 +215,6 @@ mod tests {
     fn context() -> ExecContext {
         let path = std::env::var("PATH").unwrap_or_default();
         ExecContext { dir: std::env::temp_dir(), env: BTreeMap::from([("PATH".to_owned(), path)]) }
-    }
-
-    #[test]
-    fn status_lines_parse() {
-        assert_eq!(parse_status_line(b"HTTP/1.0 200 OK\r\n"), Some(200));
-        assert_eq!(parse_status_line(b"HTTP/1.1 302 Found\r\nLocation: /"), Some(302));
-        assert_eq!(parse_status_line(b"SSH-2.0-OpenSSH\r\n"), None);
-        assert_eq!(parse_status_line(b"HTTP/1.1 20 OK\r\n"), None);
     }
 
     #[test]
@@ -267,9 +242,14 @@ mod tests {
                 let (mut socket, _) = listener.accept().await.unwrap();
                 let mut buf = [0u8; 1024];
                 let n = socket.read(&mut buf).await.unwrap();
-                let healthy = buf[..n].starts_with(b"GET /ok ");
-                let answer: &[u8] =
-                    if healthy { b"HTTP/1.1 204 No Content\r\n\r\n" } else { b"HTTP/1.1 503 Nope\r\n\r\n" };
+                let answer: &[u8] = match &buf[..n] {
+                    r if r.starts_with(b"GET /ok ") => b"HTTP/1.1 204 No Content\r\n\r\n",
+                    r if r.starts_with(b"GET /moved ") => {
+                        b"HTTP/1.1 302 Found\r\nLocation: /bad\r\nContent-Length: 0\r\n\r\n"
+                    }
+                    r if r.starts_with(b"GET /ssh ") => b"SSH-2.0-OpenSSH\r\n",
+                    _ => b"HTTP/1.1 503 Nope\r\nContent-Length: 0\r\n\r\n",
+                };
                 socket.write_all(answer).await.unwrap();
             }
         });
@@ -278,6 +258,10 @@ mod tests {
         assert_eq!(check(&ok, &context(), timeout).await, Ok(()));
         let bad = Probe::Http { port, path: "/bad".into() };
         assert!(matches!(check(&bad, &context(), timeout).await, Err(HealthError::Status { status: 503, .. })));
+        let moved = Probe::Http { port, path: "/moved".into() };
+        assert_eq!(check(&moved, &context(), timeout).await, Ok(()), "a redirect is an answer; it is not followed");
+        let not_http = Probe::Http { port, path: "/ssh".into() };
+        assert!(matches!(check(&not_http, &context(), timeout).await, Err(HealthError::BadResponse { .. })));
         assert_eq!(check(&Probe::Tcp { port }, &context(), timeout).await, Ok(()));
         server.abort();
     }

@@ -13,7 +13,7 @@
 //! `SUPERMESH_NAMESPACE`, `SUPERMESH_MICROSERVICE` and the agent's context
 //! variables, which the spec cannot override.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use tracing::warn;
 
 use super::artifact::ArtifactStore;
-use super::group::Identity;
+use super::group::{self, Identity};
 use super::logs;
 use super::runtime::{InstanceSpec, InstanceStatus, Phase, Runtime, Statuses};
 
@@ -190,6 +190,24 @@ fn read_record(path: &Path) -> Option<Record> {
         .ok()
 }
 
+/// Kills the process groups of processes that run in an instance's directory but are not
+/// the process its record names: an agent killed between starting a process and recording
+/// it leaves one behind, which would otherwise run unsupervised beside the instance the next
+/// agent starts (the duplicate-after-restart failure of KubeEdge). Returns how many groups.
+fn reap_strays(data_dir: &Path) -> usize {
+    let instances = data_dir.join("instances");
+    let Ok(dirs) = std::fs::read_dir(&instances) else { return 0 };
+    let recorded: HashSet<u32> = dirs
+        .flatten()
+        .filter_map(|d| read_record(&d.path().join("instance.json"))?.process)
+        .filter(Identity::is_alive)
+        .map(|p| p.pid)
+        .collect();
+    let strays = group::working_in(&instances);
+    let strays = strays.iter().filter(|pgid| !recorded.contains(pgid));
+    strays.filter(|pgid| group::signal(**pgid, nix::sys::signal::Signal::SIGKILL).is_ok()).count()
+}
+
 /// Writes the record durably: a power cut leaves the old or the new one, never half.
 fn write_record(path: &Path, record: &Record) -> io::Result<()> {
     use std::io::Write;
@@ -280,6 +298,10 @@ impl ProcessRuntime {
 
     /// Like [`ProcessRuntime::new`] with other timings and limits.
     pub fn with_config(data_dir: PathBuf, node: String, config: ProcessConfig) -> ProcessRuntime {
+        let strays = reap_strays(&data_dir);
+        if strays > 0 {
+            warn!(target: "edged", strays, "stopped processes a previous agent started but never recorded");
+        }
         let artifacts = ArtifactStore::new(data_dir.join("artifacts"));
         ProcessRuntime {
             shared: Arc::new(Shared {
@@ -425,5 +447,32 @@ mod tests {
         assert_eq!(read_record(&path), Some(record));
         std::fs::write(&path, b"{not json").unwrap();
         assert_eq!(read_record(&path), None, "a corrupt record is ignored, not fatal");
+    }
+
+    fn sleeper(dir: &Path) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        std::fs::create_dir_all(dir).unwrap();
+        std::process::Command::new("sleep").arg("60").current_dir(dir).process_group(0).spawn().unwrap()
+    }
+
+    #[test]
+    fn a_new_runtime_stops_unrecorded_processes_and_keeps_recorded_ones() {
+        let data = tempfile::tempdir().unwrap();
+        let (kept_dir, stray_dir) = (
+            InstanceDir::new(data.path(), "t/microservice/kept"),
+            InstanceDir::new(data.path(), "t/microservice/stray"),
+        );
+        let mut kept = sleeper(&kept_dir.work());
+        let mut stray = sleeper(&stray_dir.work());
+        let identity = Identity::of(kept.id()).unwrap();
+        let record =
+            Record { key: "t/microservice/kept".into(), version: "1".into(), process: Some(identity), outcome: None };
+        write_record(&kept_dir.record(), &record).unwrap();
+        let _runtime = ProcessRuntime::new(data.path().to_owned(), "n".into());
+        let status = stray.wait().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9), "the unrecorded process is killed");
+        assert!(kept.try_wait().unwrap().is_none(), "the recorded process runs on, for the next agent to adopt");
+        let _ = std::process::Command::new("kill").arg("-9").arg(kept.id().to_string()).status();
+        let _ = kept.wait();
     }
 }

@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use supermesh_protocol::{Assignment, FailureReason, Workload};
@@ -131,7 +130,4 @@ pub trait Runtime: Send + Sync {
     fn running_keys(&self) -> BTreeSet<String>;
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+pub use supermesh_protocol::now_ms;

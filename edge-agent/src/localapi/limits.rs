@@ -1,8 +1,9 @@
 //! What the local API accepts: storage keys and values, events, request sizes,
 //! and how many events a microservice may send a second.
 
-use std::time::Instant;
+use std::num::NonZeroU32;
 
+use governor::{DefaultKeyedRateLimiter, Quota};
 use serde::{Deserialize, Serialize};
 use supermesh_protocol::EventReport;
 
@@ -19,9 +20,9 @@ pub const MAX_REASON_CHARS: usize = 128;
 /// Longest event message, in characters.
 pub const MAX_MESSAGE_CHARS: usize = 1024;
 /// Events a microservice may send a second, sustained.
-pub const EVENTS_PER_SECOND: f64 = 20.0;
+pub const EVENTS_PER_SECOND: u32 = 20;
 /// Events a microservice may send at once after a quiet spell.
-pub const EVENT_BURST: f64 = 100.0;
+pub const EVENT_BURST: u32 = 100;
 
 /// Checks a storage key: 1 to 256 bytes of `A-Z a-z 0-9 . _ -`.
 pub fn check_key(key: &str) -> Result<(), String> {
@@ -93,34 +94,14 @@ pub fn event_report(body: &[u8]) -> Result<EventReport, String> {
     Ok(EventReport { warning: post.kind == EventType::Warning, reason: post.reason, message: post.message })
 }
 
-/// A token bucket: `rate` tokens a second flow in up to `burst`; each event takes one.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
+/// Events each microservice may send: [`EVENTS_PER_SECOND`] sustained, bursts of [`EVENT_BURST`].
+pub fn event_quota() -> Quota {
+    let nonzero = |n: u32| NonZeroU32::new(n).expect("the limits are not zero");
+    Quota::per_second(nonzero(EVENTS_PER_SECOND)).allow_burst(nonzero(EVENT_BURST))
 }
 
-impl TokenBucket {
-    /// A full bucket at `now`.
-    pub fn new(rate: f64, burst: f64, now: Instant) -> TokenBucket {
-        TokenBucket { rate, burst, tokens: burst, last: now }
-    }
-
-    /// Takes a token at `now` if one is there.
-    pub fn take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        self.last = self.last.max(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
+/// The event limiter: one bucket per microservice key.
+pub type EventLimiter = DefaultKeyedRateLimiter<String>;
 
 #[cfg(test)]
 mod tests {
@@ -177,16 +158,20 @@ mod tests {
     }
 
     #[test]
-    fn the_bucket_allows_a_burst_then_the_rate() {
-        let start = Instant::now();
-        let mut bucket = TokenBucket::new(EVENTS_PER_SECOND, EVENT_BURST, start);
-        assert_eq!((0..150).filter(|_| bucket.take(start)).count(), 100, "a full burst at once, no more");
-        assert!(!bucket.take(start + Duration::from_millis(10)), "a fifth of a token is not enough");
-        assert!(bucket.take(start + Duration::from_millis(60)), "one token flows in every 50 ms");
-        let later = start + Duration::from_millis(1060);
-        assert_eq!((0..50).filter(|_| bucket.take(later)).count(), 20, "twenty a second");
-        let much_later = later + Duration::from_secs(3600);
-        assert_eq!((0..500).filter(|_| bucket.take(much_later)).count(), 100, "never more than the burst");
-        assert!(!bucket.take(start), "a clock going back adds nothing");
+    fn each_microservice_gets_a_burst_then_the_rate() {
+        let clock = governor::clock::FakeRelativeClock::default();
+        let limiter = governor::RateLimiter::hashmap_with_clock(event_quota(), clock.clone());
+        let (web, db) = ("team/microservice/web".to_string(), "team/microservice/db".to_string());
+        let take = |key: &String| limiter.check_key(key).is_ok();
+        assert_eq!((0..150).filter(|_| take(&web)).count(), 100, "a full burst at once, no more");
+        assert!(take(&db), "another microservice has its own bucket");
+        clock.advance(Duration::from_millis(10));
+        assert!(!take(&web), "a fifth of an event is not enough");
+        clock.advance(Duration::from_millis(50));
+        assert!(take(&web), "one event flows in every 50 ms");
+        clock.advance(Duration::from_millis(1000));
+        assert_eq!((0..50).filter(|_| take(&web)).count(), 20, "twenty a second");
+        clock.advance(Duration::from_secs(3600));
+        assert_eq!((0..500).filter(|_| take(&web)).count(), 100, "never more than the burst");
     }
 }

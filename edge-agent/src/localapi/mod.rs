@@ -22,10 +22,9 @@ pub mod auth;
 pub mod discovery;
 pub mod limits;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
@@ -56,7 +55,7 @@ use crate::metamanager::store::KvPut;
 use crate::metamanager::{MetaError, MetaHandle};
 pub use auth::{load_or_create_secret, token_for, Caller};
 use discovery::{NodesQuery, NodesType};
-use limits::{TokenBucket, EVENTS_PER_SECOND, EVENT_BURST, MAX_BODY_BYTES, MAX_KEYS};
+use limits::{event_quota, EventLimiter, EVENTS_PER_SECOND, EVENT_BURST, MAX_BODY_BYTES, MAX_KEYS};
 
 /// Most cloud answers kept for when the cloud cannot be reached.
 const MAX_CACHED_ANSWERS: usize = 1024;
@@ -89,9 +88,8 @@ pub struct LocalApi {
     cluster: Arc<dyn Cluster>,
     secret: String,
     tokens: Mutex<Tokens>,
-    /// Events a second and burst each microservice may send.
-    event_limit: (f64, f64),
-    buckets: Mutex<HashMap<String, TokenBucket>>,
+    /// How many events each microservice may send.
+    events: EventLimiter,
     /// The last good cloud answer of each discovery query, by resource string.
     answers: Mutex<HashMap<String, serde_json::Value>>,
 }
@@ -126,8 +124,7 @@ impl LocalApi {
             cluster,
             secret,
             tokens: Mutex::new(Tokens { desired, callers }),
-            event_limit: (EVENTS_PER_SECOND, EVENT_BURST),
-            buckets: Mutex::default(),
+            events: EventLimiter::hashmap(event_quota()),
             answers: Mutex::default(),
         }
     }
@@ -138,8 +135,8 @@ impl LocalApi {
         // An error means edged is gone; the last set stays the truth.
         if tokens.desired.has_changed().unwrap_or(false) {
             let callers = auth::callers(&self.secret, &tokens.desired.borrow_and_update());
-            let keys: HashSet<&str> = callers.values().map(|c| c.key.as_str()).collect();
-            lock(&self.buckets).retain(|key, _| keys.contains(key.as_str()));
+            // Buckets as full as new ones tell nothing: forget them, so removed microservices leave none.
+            self.events.retain_recent();
             tokens.callers = callers;
         }
         tokens.callers.get(token).cloned()
@@ -147,11 +144,7 @@ impl LocalApi {
 
     /// Takes one of `key`'s event tokens, if it has one left.
     fn take_event(&self, key: &str) -> bool {
-        let now = Instant::now();
-        lock(&self.buckets)
-            .entry(key.to_owned())
-            .or_insert_with(|| TokenBucket::new(self.event_limit.0, self.event_limit.1, now))
-            .take(now)
+        self.events.check_key(&key.to_owned()).is_ok()
     }
 
     /// Asks the cloud a discovery query; while it cannot be reached, answers with its last good answer.

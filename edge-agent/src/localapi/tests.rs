@@ -357,7 +357,9 @@ async fn a_full_disk_answers_507_and_writes_nothing() {
 
 #[tokio::test]
 async fn events_are_queued_in_the_outbox_under_the_callers_key() {
-    let rig = rig_with(Some(PARIS), |_| (), |api| api.event_limit = (0.0, 3.0)).await;
+    let three_an_hour =
+        governor::Quota::with_period(Duration::from_secs(1200)).unwrap().allow_burst(3.try_into().unwrap());
+    let rig = rig_with(Some(PARIS), |_| (), |api| api.events = EventLimiter::hashmap(three_an_hour)).await;
     let post = |key: &'static str, body: Vec<u8>| rig.call("POST", "/v1/events", Some(key), Some(body));
     let event = |value: Value| value.to_string().into_bytes();
     let reply = post(WEB, event(json!({"type": "Warning", "reason": "CacheCold", "message": "rebuilding"}))).await;

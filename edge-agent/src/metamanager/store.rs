@@ -208,7 +208,7 @@ fn check(conn: &Connection, pragma: &str) -> rusqlite::Result<Result<(), String>
 /// Inserts one outbox row; the operation is stored as its variant name, which `pending` parses back.
 fn insert_report(conn: &Connection, operation: Operation, resource: &str, content: &str) -> rusqlite::Result<i64> {
     conn.prepare_cached("INSERT INTO outbox (operation, resource, content, created_ms) VALUES (?1, ?2, ?3, ?4)")?
-        .execute((format!("{operation:?}"), resource, content, super::now_ms()))?;
+        .execute((format!("{operation:?}"), resource, content, supermesh_protocol::now_ms()))?;
     Ok(conn.last_insert_rowid())
 }
 

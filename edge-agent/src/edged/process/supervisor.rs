@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use nix::sys::signal::Signal;
 use supermesh_protocol::{Artifact, FailureReason, RestartPolicy, Workload};
 use tokio::process::Child;
@@ -43,26 +44,25 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// Wait before a restart: doubles from `initial` up to `max`, and starts over
 /// after a run of at least `reset_after`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Backoff {
-    initial: Duration,
-    max: Duration,
+    builder: ExponentialBuilder,
     reset_after: Duration,
-    next: Duration,
+    max: Duration,
+    delays: ExponentialBackoff,
 }
 
 impl Backoff {
     fn new(config: &ProcessConfig) -> Backoff {
-        Backoff {
-            initial: config.backoff_initial,
-            max: config.backoff_max,
-            reset_after: config.backoff_reset_after,
-            next: config.backoff_initial,
-        }
+        let builder = ExponentialBuilder::new()
+            .with_min_delay(config.backoff_initial)
+            .with_max_delay(config.backoff_max)
+            .without_max_times();
+        Backoff { builder, reset_after: config.backoff_reset_after, max: config.backoff_max, delays: builder.build() }
     }
 
     fn reset(&mut self) {
-        self.next = self.initial;
+        self.delays = self.builder.build();
     }
 
     /// The wait before the next start, after a run that lasted `ran_for`.
@@ -70,9 +70,7 @@ impl Backoff {
         if ran_for >= self.reset_after {
             self.reset();
         }
-        let delay = self.next;
-        self.next = self.next.saturating_mul(2).min(self.max);
-        delay
+        self.delays.next().unwrap_or(self.max)
     }
 }
 
