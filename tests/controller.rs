@@ -398,3 +398,19 @@ async fn install_crds_applies_the_crds_and_waits_until_established() {
         kubectl(&["get", "crd", "meshes.supermesh.io", "-o", "jsonpath={.metadata.managedFields[*].manager}"]);
     assert!(managers.contains("supermesh-controller"), "applied by the controller: {managers}");
 }
+
+#[tokio::test]
+async fn a_missing_namespace_is_named_with_the_way_to_create_it() {
+    let _cluster = Cluster::connect().await;
+    let absent = format!("absent-{}", unique());
+    let mut controller = Controller::launch("no-namespace", None, &["--namespace", &absent]);
+    let status =
+        controller.wait_exit(supermesh_tests::DEADLINE).expect("the controller stops instead of retrying forever");
+    assert!(!status.success(), "{status}");
+    let log = controller.log();
+    assert!(
+        log.contains(&format!("namespace \"{absent}\" does not exist: create it (kubectl create namespace {absent})")),
+        "{log}"
+    );
+    assert!(!log.contains("ApiError"), "a raw API error is no explanation:\n{log}");
+}

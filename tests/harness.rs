@@ -15,6 +15,7 @@ use nix::unistd::Pid;
 use serde::de::DeserializeOwned;
 
 pub mod lan;
+pub mod sim;
 
 /// Namespace the controllers under test keep their Secrets in.
 pub const CONTROLLER_NAMESPACE: &str = "supermesh";
@@ -260,6 +261,30 @@ impl Controller {
         http(&self.metrics_addr, "GET", path, &[], b"")
     }
 
+    /// Waits at most `limit` for the controller to exit on its own; its status, or `None`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+
+    /// Waits until `/readyz` answers 200, for at most `limit`; `Err` says so with the log's tail.
+    pub async fn wait_ready_within(&self, limit: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.http_get("/readyz").is_none_or(|(code, _)| code != 200) {
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("not ready within {} s; controller log:\n{}", limit.as_secs(), self.log_tail()));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+
     /// Waits until `/readyz` answers 200.
     pub async fn wait_ready(&self) {
         self.wait_until("/readyz to answer 200", || self.http_get("/readyz").is_some_and(|(code, _)| code == 200))
@@ -401,6 +426,17 @@ pub async fn join_token(client: &Client) -> String {
     }
 }
 
+/// How to start an agent, beyond its name, network, account and cloud.
+#[derive(Default)]
+pub struct Launch<'a> {
+    /// Run it inside this host's network namespace (peer service on the host's address).
+    pub host: Option<&'a lan::Host>,
+    /// Appended to its edge.yaml (for example a `meta:` block).
+    pub extra: &'a str,
+    /// Its binary, when not this workspace's build (for example an older release).
+    pub binary: Option<PathBuf>,
+}
+
 /// A `supermesh-agent` process with its own edge.yaml and data dir under target/e2e/agents/.
 pub struct Agent {
     /// Node name.
@@ -415,17 +451,18 @@ pub struct Agent {
     log: PathBuf,
     child: Option<Child>,
     netns: Option<String>,
+    binary: PathBuf,
 }
 
 impl Agent {
     /// Writes the agent's edge.yaml and starts it.
     pub fn start(name: &str, network: &str, account: &str, cloudhub: &str, token: &str) -> Agent {
-        Agent::start_with(name, network, account, cloudhub, token, "")
+        Agent::launch(name, network, account, cloudhub, token, Launch::default())
     }
 
     /// Like `start`, with `extra` appended to edge.yaml (for example a `meta:` block).
     pub fn start_with(name: &str, network: &str, account: &str, cloudhub: &str, token: &str, extra: &str) -> Agent {
-        Agent::launch(None, name, network, account, cloudhub, token, extra)
+        Agent::launch(name, network, account, cloudhub, token, Launch { extra, ..Launch::default() })
     }
 
     /// Starts an agent inside `host`'s network namespace, its peer service on the
@@ -439,18 +476,12 @@ impl Agent {
         token: &str,
         extra: &str,
     ) -> Agent {
-        Agent::launch(Some(host), name, network, account, cloudhub, token, extra)
+        Agent::launch(name, network, account, cloudhub, token, Launch { host: Some(host), extra, binary: None })
     }
 
-    fn launch(
-        host: Option<&lan::Host>,
-        name: &str,
-        network: &str,
-        account: &str,
-        cloudhub: &str,
-        token: &str,
-        extra: &str,
-    ) -> Agent {
+    /// Writes the agent's edge.yaml and starts it as `how` says.
+    pub fn launch(name: &str, network: &str, account: &str, cloudhub: &str, token: &str, how: Launch<'_>) -> Agent {
+        let Launch { host, extra, binary: chosen } = how;
         let dir = target_dir().join("e2e/agents").join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("agent dir");
@@ -482,6 +513,7 @@ impl Agent {
             log: dir.join("agent.log"),
             child: None,
             netns: host.map(|h| h.netns.clone()),
+            binary: chosen.unwrap_or_else(|| binary("supermesh-agent")),
         };
         agent.restart();
         agent
@@ -502,7 +534,7 @@ impl Agent {
 
     /// Starts the agent process again (after `stop` or `kill`), appending to its log.
     pub fn restart(&mut self) {
-        let binary = binary("supermesh-agent");
+        let binary = &self.binary;
         assert!(binary.exists(), "{} is missing: run `cargo build --bins`", binary.display());
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("agent log");
         // `ip netns exec` execs the agent in place, so the child's pid is the agent's.
@@ -572,7 +604,7 @@ impl Agent {
 
     /// `supermesh-agent inspect` of this agent's data dir; `Err` holds its error output.
     pub fn inspect(&self) -> Result<String, String> {
-        let out = Command::new(binary("supermesh-agent"))
+        let out = Command::new(&self.binary)
             .arg("inspect")
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -680,9 +712,14 @@ impl Site {
 
     /// Starts agent `i` with `extra` appended to its edge.yaml.
     pub fn agent_with(&self, i: usize, extra: &str) -> Agent {
+        self.agent_as(i, Launch { extra, ..Launch::default() })
+    }
+
+    /// Starts agent `i` as `how` says.
+    pub fn agent_as(&self, i: usize, how: Launch<'_>) -> Agent {
         let name = format!("node-{}-{i}", self.id);
         let (network, account) = (format!("net-{}", self.id), format!("acct-{}", self.id));
-        Agent::start_with(&name, &network, &account, &self.controller.cloudhub_addr, &self.token, extra)
+        Agent::launch(&name, &network, &account, &self.controller.cloudhub_addr, &self.token, how)
     }
 
     pub fn apply(&self, yaml: &str) {

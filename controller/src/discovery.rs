@@ -6,7 +6,7 @@ use std::cmp::Ordering;
 
 use supermesh_protocol::{Endpoint, Location, NodeInfo, ResourceRef, Scope, MICROSERVICE};
 
-use crate::index::{NodeStatusView, NodeView};
+use crate::view::{NodeStatusView, NodeView};
 
 /// Most nodes or endpoints one answer carries.
 pub const MAX_ANSWER: usize = 1000;

@@ -17,7 +17,7 @@ use tracing::instrument;
 
 use crate::conditions::{self, Wanted};
 use crate::context::{reconcile_in_finalizer, Context, RESYNC};
-use crate::index::SessionInfo;
+use crate::view::SessionInfo;
 use crate::Result;
 
 /// How stale `lastHeartbeatTime` may get before it is rewritten while the agent stays

@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 ///
 /// Connects to the cluster like kubectl: KUBECONFIG, ~/.kube/config, or the in-cluster service account.
 #[derive(Parser, Debug)]
-#[command(name = "supermesh-controller", version, about)]
+#[command(name = "supermesh-controller", version, about, args_override_self = true)]
 struct Args {
     /// Address serving /metrics, /healthz and /readyz.
     #[arg(long, env = "SUPERMESH_METRICS_ADDR", default_value = "0.0.0.0:8080")]

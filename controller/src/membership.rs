@@ -4,7 +4,7 @@
 use supermesh_protocol::peer::cluster_key;
 use supermesh_protocol::{Member, Membership};
 
-use crate::index::NodeView;
+use crate::view::NodeView;
 
 /// What `node` contributes to its network's membership, reachable by its peers at `address`.
 pub fn member(node: &NodeView, address: Option<&str>) -> Member {

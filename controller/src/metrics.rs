@@ -91,6 +91,8 @@ pub struct Metrics {
     pub changes_resent: Counter,
     /// Instance events dropped because too many waited for the API server.
     pub events_dropped: Counter,
+    /// Kubernetes Events published for instance events (one may sum up many).
+    pub events_published: Counter,
     /// Objects skipped because they do not match their kind's schema, by kind.
     pub invalid_objects: Family<KindLabels, Counter>,
 }
@@ -117,7 +119,12 @@ impl Default for Metrics {
         registry.register("cloudhub_changes_nacked", "Microservice changes agents refused", changes_nacked.clone());
         registry.register("cloudhub_memberships_sent", "Network memberships sent to agents", memberships_sent.clone());
         registry.register("cloudhub_bad_messages", "Invalid messages received from agents", bad_messages.clone());
-        let [changes_resent, events_dropped] = std::array::from_fn(|_| Counter::default());
+        let [changes_resent, events_dropped, events_published] = std::array::from_fn(|_| Counter::default());
+        registry.register(
+            "events_published",
+            "Kubernetes Events published for instance events",
+            events_published.clone(),
+        );
         registry.register(
             "cloudhub_changes_resent",
             "Microservice changes sent again after no ack",
@@ -167,6 +174,7 @@ impl Default for Metrics {
             reports_duplicate,
             changes_resent,
             events_dropped,
+            events_published,
             invalid_objects,
         }
     }

@@ -15,7 +15,7 @@ use supermesh_api::microservice::MicroserviceSpec;
 use supermesh_api::names::condition::{INVALID_SPEC, MESH_INVALID, MESH_NOT_FOUND};
 use supermesh_api::MeshType;
 
-use crate::index::NodeView;
+use crate::view::NodeView;
 
 /// Why a spec cannot be placed; the text is shown to users in a condition message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

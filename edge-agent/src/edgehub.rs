@@ -3,7 +3,9 @@
 //! metamanager holds, passes messages both ways, keeps the stream alive and
 //! reconnects with jittered exponential backoff (no reconnect storms).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +31,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message as Frame};
 use tracing::{debug, error, info, warn};
 
 use crate::config::EdgeConfig;
+use crate::metamanager::store::OutboxEntry;
 use crate::metamanager::MetaHandle;
 use crate::supernode::Cluster;
 
@@ -67,6 +70,75 @@ pub enum LinkError {
     Lost(String),
 }
 
+/// The device side of the link: where the cloud's changes go and reports come from.
+/// The agent's is its SQLite metamanager with its supernode cluster ([`AgentDevice`]);
+/// a simulated agent's lives in memory. The edgehub owns the transport either way.
+pub trait Device: Send + Sync + 'static {
+    /// Versions of the resources the device holds, stated in the hello.
+    fn held(&self) -> impl Future<Output = Result<BTreeMap<String, String>, String>> + Send;
+    /// A message the edgehub does not answer itself: a change to commit and ack, an answer to
+    /// a forwarded query, a query for a held resource. Replies go out through the outbound channel.
+    fn receive(&self, msg: Message) -> impl Future<Output = ()> + Send;
+    /// Up to `limit` reports of the outbox the cloud has not acknowledged, oldest first.
+    fn pending(&self, limit: usize) -> impl Future<Output = Result<Vec<OutboxEntry>, String>> + Send;
+    /// The cloud acknowledged the outbox reports `seqs`: they may go.
+    fn acked(&self, seqs: &[i64]) -> impl Future<Output = Result<(), String>> + Send;
+    /// The link to the cloud went up or down.
+    fn connected(&self, connected: bool);
+    /// Whether reports go over this link (not through a supernode, nor in its batches).
+    fn reports_directly(&self) -> bool;
+    /// The cloud's answer to a batch of reports this device sent as its cluster's supernode.
+    fn batch_answered(&self, msg: Message, body: Body);
+    /// The answer to the cloud's query for the log of instance `resource`.
+    fn log(&self, resource: &str, query: &LogQuery) -> Body;
+}
+
+/// The agent's device: its metamanager, its cluster and its instances' log files.
+pub struct AgentDevice {
+    /// The metamanager.
+    pub meta: MetaHandle,
+    /// The network cluster (supernode election and relay).
+    pub cluster: Arc<Cluster>,
+    /// The agent's data dir, where instances write their logs.
+    pub data_dir: PathBuf,
+}
+
+impl Device for AgentDevice {
+    async fn held(&self) -> Result<BTreeMap<String, String>, String> {
+        self.meta.held_versions().await.map_err(|e| format!("metamanager: {e}"))
+    }
+
+    async fn receive(&self, msg: Message) {
+        self.meta.from_cloud(msg).await
+    }
+
+    async fn pending(&self, limit: usize) -> Result<Vec<OutboxEntry>, String> {
+        self.meta.outbox_pending(limit).await.map_err(|e| format!("metamanager: {e}"))
+    }
+
+    async fn acked(&self, seqs: &[i64]) -> Result<(), String> {
+        self.meta.outbox_acked(seqs).await.map(drop).map_err(|e| format!("metamanager: {e}"))
+    }
+
+    fn connected(&self, connected: bool) {
+        let state = if connected { ConnectionState::CloudConnected } else { ConnectionState::CloudDisconnected };
+        self.meta.set_connection(state);
+        self.cluster.set_cloud_connected(connected);
+    }
+
+    fn reports_directly(&self) -> bool {
+        self.cluster.reports_directly()
+    }
+
+    fn batch_answered(&self, msg: Message, body: Body) {
+        self.cluster.batch_answered(msg, body)
+    }
+
+    fn log(&self, resource: &str, query: &LogQuery) -> Body {
+        answer_log_query(&self.data_dir, resource, query)
+    }
+}
+
 /// Signals between the edgehub and the reporters that fill the outbox.
 #[derive(Clone, Default)]
 pub struct Signals {
@@ -77,12 +149,12 @@ pub struct Signals {
 }
 
 /// Keeps the agent connected until the process ends.
-pub async fn run(
+/// Keeps `device` connected to the cloud `config` names until the process ends.
+pub async fn run<D: Device>(
     config: Arc<EdgeConfig>,
-    meta: MetaHandle,
+    device: Arc<D>,
     mut outbound: mpsc::Receiver<Message>,
     signals: Signals,
-    cluster: Arc<Cluster>,
 ) {
     let connector = match connector(&config.cloud.token.ca_hash) {
         Ok(c) => c,
@@ -95,11 +167,9 @@ pub async fn run(
     loop {
         let wait = match connect(&config, &connector).await {
             Ok(ws) => {
-                meta.set_connection(ConnectionState::CloudConnected);
-                cluster.set_cloud_connected(true);
-                let ended = Session::new(ws, &config, &meta, &signals, &cluster).run(&mut outbound).await;
-                meta.set_connection(ConnectionState::CloudDisconnected);
-                cluster.set_cloud_connected(false);
+                device.connected(true);
+                let ended = Session::new(ws, &config, &*device, &signals).run(&mut outbound).await;
+                device.connected(false);
                 warn!(reason = %ended, "disconnected from the cloud; instances keep running");
                 delays = Reconnect::default();
                 delays.next()
@@ -132,7 +202,7 @@ pub async fn dial(config: &EdgeConfig) -> Result<Ws, LinkError> {
 }
 
 /// The hello an agent with `config` sends on connect: who it is, and the versions it holds.
-pub fn hello(config: &EdgeConfig, held: std::collections::BTreeMap<String, String>) -> Hello {
+pub fn hello(config: &EdgeConfig, held: BTreeMap<String, String>) -> Hello {
     let node = &config.node;
     Hello {
         node: node.name.clone(),
@@ -152,8 +222,8 @@ pub fn hello(config: &EdgeConfig, held: std::collections::BTreeMap<String, Strin
 }
 
 /// Answers a log query from the instance's current log file (edged writes it; reading needs no runtime).
-fn answer_log_query(data_dir: &std::path::Path, msg: &Message, query: &LogQuery) -> Message {
-    let answer = match ResourceRef::parse(&msg.resource) {
+fn answer_log_query(data_dir: &std::path::Path, resource: &str, query: &LogQuery) -> Body {
+    match ResourceRef::parse(resource) {
         Ok(r) => {
             let key = ResourceRef::string(r.namespace, MICROSERVICE, r.id.unwrap_or_default());
             let path = crate::edged::process::InstanceDir::new(data_dir, &key).log();
@@ -165,8 +235,7 @@ fn answer_log_query(data_dir: &std::path::Path, msg: &Message, query: &LogQuery)
             }
         }
         Err(e) => Body::Error(ErrorContent::new(ErrorCode::BadMessage, e.to_string())),
-    };
-    message(&msg.resource, &answer).answering(&msg.id)
+    }
 }
 
 /// Reads what `query` asks of the log at `path`: bytes from an offset, or the last lines.
@@ -253,12 +322,11 @@ const OUTBOX_ID: &str = "o-";
 const BATCH_ID: &str = "b-";
 
 /// One connected session.
-struct Session<'a> {
+struct Session<'a, D> {
     ws: Ws,
     config: &'a EdgeConfig,
-    meta: &'a MetaHandle,
+    device: &'a D,
     signals: &'a Signals,
-    cluster: &'a Cluster,
     /// Outbox entries sent and not yet acknowledged, by seq.
     unacked: BTreeSet<i64>,
     keepalive: Duration,
@@ -268,14 +336,13 @@ struct Session<'a> {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-impl<'a> Session<'a> {
-    fn new(ws: Ws, config: &'a EdgeConfig, meta: &'a MetaHandle, signals: &'a Signals, cluster: &'a Cluster) -> Self {
+impl<'a, D: Device> Session<'a, D> {
+    fn new(ws: Ws, config: &'a EdgeConfig, device: &'a D, signals: &'a Signals) -> Self {
         Session {
             ws,
             config,
-            meta,
+            device,
             signals,
-            cluster,
             unacked: BTreeSet::new(),
             keepalive: Duration::from_secs(15),
             last_heard: Instant::now(),
@@ -321,7 +388,7 @@ impl<'a> Session<'a> {
     }
 
     async fn hello(&mut self) -> Result<(), LinkError> {
-        let held = self.meta.held_versions().await.map_err(|e| LinkError::Lost(format!("metamanager: {e}")))?;
+        let held = self.device.held().await.map_err(LinkError::Lost)?;
         let hello = hello(self.config, held);
         let held = hello.held.len();
         let hello = Body::NodeConnection(Connection::Hello(Box::new(hello)));
@@ -364,12 +431,12 @@ impl<'a> Session<'a> {
             return self.outbox_answered(seq, &body).await;
         }
         if msg.parent_id.as_deref().is_some_and(|p| p.starts_with(BATCH_ID)) {
-            self.cluster.batch_answered(msg, body);
+            self.device.batch_answered(msg, body);
             return Ok(());
         }
         match body {
             Body::Query(Query::Log(query)) => {
-                let reply = answer_log_query(&self.config.data_dir, &msg, &query);
+                let reply = message(&msg.resource, &self.device.log(&msg.resource, &query)).answering(&msg.id);
                 self.send(&reply).await
             }
             Body::Keepalive | Body::NodeConnection(_) => Ok(()),
@@ -378,7 +445,7 @@ impl<'a> Session<'a> {
                 Ok(())
             }
             _ => {
-                self.meta.from_cloud(msg).await;
+                self.device.receive(msg).await;
                 Ok(())
             }
         }
@@ -387,11 +454,10 @@ impl<'a> Session<'a> {
     /// Sends outbox entries not yet in flight, oldest first, up to the window.
     async fn flush_outbox(&mut self) -> Result<(), LinkError> {
         // Through a supernode, or as one, reports go in batches instead (see `supernode`).
-        if self.unacked.len() >= OUTBOX_WINDOW || !self.cluster.reports_directly() {
+        if self.unacked.len() >= OUTBOX_WINDOW || !self.device.reports_directly() {
             return Ok(());
         }
-        let metamanager = |e: crate::metamanager::MetaError| LinkError::Lost(format!("metamanager: {e}"));
-        let mut pending = self.meta.outbox_pending(OUTBOX_WINDOW).await.map_err(metamanager)?;
+        let mut pending = self.device.pending(OUTBOX_WINDOW).await.map_err(LinkError::Lost)?;
         pending.retain(|e| !self.unacked.contains(&e.seq));
         for entry in pending {
             let content: serde_json::Value = serde_json::from_str(&entry.content).unwrap_or(serde_json::Value::Null);
@@ -408,9 +474,7 @@ impl<'a> Session<'a> {
     async fn outbox_answered(&mut self, seq: i64, body: &Body) -> Result<(), LinkError> {
         self.unacked.remove(&seq);
         match body {
-            Body::Response(_) => {
-                self.meta.outbox_acked(&[seq]).await.map_err(|e| LinkError::Lost(format!("metamanager: {e}")))?;
-            }
+            Body::Response(_) => self.device.acked(&[seq]).await.map_err(LinkError::Lost)?,
             Body::Error(refusal) => {
                 warn!(seq, reason = %refusal.message, "the cloud refused a report; it stays in the outbox")
             }

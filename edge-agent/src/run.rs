@@ -112,7 +112,8 @@ pub async fn run(config: EdgeConfig) -> Result<(), StartError> {
     let edged_runtime = runtime.clone();
     tokio::spawn(async move { edged::reconcile(&*edged_runtime, wanted, &context).await });
     supernode::spawn(cluster.clone(), peer_tcp, peer_udp);
-    tokio::spawn(edgehub::run(config, meta, outbound, hub_signals, cluster));
+    let device = edgehub::AgentDevice { meta, cluster, data_dir: config.data_dir.clone() };
+    tokio::spawn(edgehub::run(config, Arc::new(device), outbound, hub_signals));
     shutdown_signal().await;
     // Dropping the runtime leaves instances running: the next agent adopts them.
     info!("supermesh-agent stopping; instances are left running");

@@ -13,6 +13,12 @@ const BENCHES: &[(&str, &str)] = &[
          controller memory with 1, 100 and 1000 simulated agents",
     ),
     (
+        "scale",
+        "the cloud side as the fleet grows (--agents 1000,5000,10000): time for all agents to connect, controller \
+         CPU and memory at rest, change-to-ack latency of one spec change to every node, status writes per 1,000 \
+         status changes; simulated agents built on the agent's own edgehub",
+    ),
+    (
         "supernode",
         "upstream report load at the cloud (messages, bytes, reports per second, controller CPU and memory) \
          for 1000 simulated nodes in networks of 10, without and with supernodes batching their networks' \

@@ -260,7 +260,8 @@ fn ensure_tools() -> Result<PathBuf> {
     Ok(binary)
 }
 
-fn cache_dir() -> PathBuf {
+/// Where builds made once per machine are kept.
+pub fn cache_dir() -> PathBuf {
     std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))

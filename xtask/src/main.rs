@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's own automation. Every command installs what it needs.
 
 mod bench;
+mod compat;
 mod controlplane;
 mod crdgen;
 mod demo;

@@ -18,6 +18,8 @@ pub fn run(extra: &[String]) -> Result<()> {
     shell::ensure_program("python3", "python3")?;
     step("building the binaries");
     shell::run(cargo().args(["build", "--workspace", "--bins"]))?;
+    step("the previous release's agent, for the protocol compatibility test");
+    let previous = crate::compat::previous_agent()?;
 
     let mut tests = if shell::has("cargo-nextest") {
         let mut c = cargo();
@@ -31,7 +33,7 @@ pub fn run(extra: &[String]) -> Result<()> {
     // Any cluster given by KUBECONFIG is used as is; otherwise a local one is brought up.
     crate::controlplane::with_cluster(|kubeconfig| {
         step("tests");
-        shell::run(tests.args(extra).env("KUBECONFIG", kubeconfig))
+        shell::run(tests.args(extra).env("KUBECONFIG", kubeconfig).env(crate::compat::ENV, &previous))
     })
 }
 

@@ -35,8 +35,8 @@ use supermesh_protocol::{
 };
 use tokio::sync::{watch, Notify};
 
+pub use crate::view::{NodeStatusView, NodeView, SessionInfo};
 pub use desired::NodeDesired;
-pub use node::{NodeStatusView, NodeView, SessionInfo};
 
 use crate::aggregator::{aggregate, Aggregate};
 use crate::discovery;
