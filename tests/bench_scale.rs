@@ -64,11 +64,10 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let rows: Vec<(usize, Result<Row, String>)> = runtime.block_on(async {
         let cluster = Cluster::connect().await;
-        let token = join_token(&cluster.client).await;
         let mut rows = Vec::new();
         for &n in &counts {
             eprintln!("==> {n} simulated agents");
-            rows.push((n, row(&cluster, &token, n).await));
+            rows.push((n, row(&cluster, n).await));
         }
         rows
     });
@@ -154,7 +153,7 @@ fn population() -> (String, Vec<String>) {
     (meshes.join("---\n"), msvcs)
 }
 
-async fn row(cluster: &Cluster, token: &str, n: usize) -> Result<Row, String> {
+async fn row(cluster: &Cluster, n: usize) -> Result<Row, String> {
     let id = unique();
     let ns = cluster.namespace("scale");
     let (meshes, msvcs) = population();
@@ -163,11 +162,16 @@ async fn row(cluster: &Cluster, token: &str, n: usize) -> Result<Row, String> {
     let controller =
         Controller::launch(&format!("scale-{n}"), None, &["--max-agents", "100000", "--log-level", "info"]);
     controller.wait_ready_within(PHASE_LIMIT).await?;
+    // Published by the first controller started on the cluster.
+    let token = join_token(&cluster.client).await;
     let pid = controller.pid();
     let idle_rss = rss(pid)?;
     let names: Vec<String> = (0..n).map(|i| format!("scale-{id}-{i:05}")).collect();
-    let result = measure(cluster, token, &controller, &ns, &names, idle_rss).await;
+    let result = measure(cluster, &token, &controller, &ns, &names, idle_rss).await;
     eprintln!("    cleaning up");
+    // Objects go first, while the controller runs to remove its finalizers: a namespace
+    // alone is only emptied by a controller manager, which a bare control plane lacks.
+    let _ = supermesh_tests::try_kubectl(&["delete", "microservices,meshes", "--all", "-n", &ns, "--timeout=300s"]);
     let nodes: Api<EdgeNode> = Api::all(cluster.client.clone());
     futures::stream::iter(names.iter())
         .for_each_concurrent(32, |name| {

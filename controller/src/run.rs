@@ -53,6 +53,9 @@ const CONNECTION_COALESCE: Duration = Duration::from_millis(200);
 /// ...and the instance counts its agent reports this fast: a rollout passing through a
 /// node usually leaves the counts where they were, and then nothing is written.
 const COUNTS_COALESCE: Duration = Duration::from_secs(10);
+/// Reconciles of one kind running at once: each may call the API server, and a burst of
+/// thousands of nodes must not open thousands of connections to it.
+const CONCURRENT_RECONCILES: u16 = 16;
 /// Network memberships are rebuilt at most this often, so a burst of connects is one update.
 const MEMBERSHIP_COALESCE: Duration = Duration::from_millis(250);
 
@@ -105,15 +108,18 @@ pub async fn run(settings: Settings) -> Result<()> {
     });
     let ctx = Arc::new(Context::new(client, recorder, metrics, index));
 
+    let bounded = kube::runtime::controller::Config::default().concurrency(CONCURRENT_RECONCILES);
     let msvc_ctrl = Controller::for_shared_stream(msvcs, msvc_cache)
+        .with_config(bounded.clone())
         .reconcile_on(coalesce(triggers.microservices, STATUS_COALESCE));
-    let mesh_ctrl =
-        Controller::for_shared_stream(meshes, mesh_cache).reconcile_on(coalesce(triggers.meshes, STATUS_COALESCE));
+    let mesh_ctrl = Controller::for_shared_stream(meshes, mesh_cache)
+        .with_config(bounded.clone())
+        .reconcile_on(coalesce(triggers.meshes, STATUS_COALESCE));
     let node_triggers = futures::stream::select(
         coalesce(triggers.nodes_now, CONNECTION_COALESCE),
         coalesce(triggers.nodes_later, COUNTS_COALESCE),
     );
-    let node_ctrl = Controller::for_shared_stream(nodes, node_cache).reconcile_on(node_triggers);
+    let node_ctrl = Controller::for_shared_stream(nodes, node_cache).with_config(bounded).reconcile_on(node_triggers);
 
     info!("starting the Mesh, EdgeNode and Microservice controllers");
     futures::join!(

@@ -44,7 +44,7 @@ const RECONNECT: ExponentialBuilder = ExponentialBuilder::new()
     .without_max_times();
 /// Bytes read from the socket at a time: messages are small, and a small buffer keeps
 /// an agent (or thousands of simulated ones) light.
-const READ_BUFFER: usize = 8 * 1024;
+const READ_BUFFER: usize = 4 * 1024;
 
 /// The agent's WebSocket over TLS to the cloudhub.
 pub type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;

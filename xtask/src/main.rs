@@ -39,11 +39,11 @@ enum Command {
     },
     /// Bring up a control plane and the controller, apply examples/, show the result.
     Demo,
-    /// Run a benchmark against a real API server and print its figures (`sync`, `supernode`).
+    /// Run a benchmark and print its figures (`sync`, `scale`, `supernode`).
     Bench {
-        /// Which benchmark: `sync` or `supernode`.
+        /// Which benchmark: `sync`, `scale` or `supernode`.
         what: String,
-        /// Extra arguments for the benchmark, after `--` (sync: `-- --agents 1,100`; supernode:
+        /// Extra arguments for the benchmark, after `--` (scale: `-- --agents 1000,5000,10000`; supernode:
         /// `-- --nodes 1000 --cluster-size 10 --interval 10 --window 60 --warmup 20 --failover-agents 10
         /// --rounds 3 --only load|failover`, times in seconds).
         #[arg(trailing_var_arg = true)]

@@ -43,7 +43,10 @@ const CONCURRENT_HANDSHAKES: usize = 64;
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes a session reads from its socket at a time. Messages are small and an idle
 /// session should cost little: the 128 KiB default would be most of its memory.
-const READ_BUFFER: usize = 8 * 1024;
+const READ_BUFFER: usize = 4 * 1024;
+/// EdgeNodes registered at once: a fleet coming online for the first time waits its
+/// turn instead of opening a connection to the API server per agent.
+const CONCURRENT_REGISTRATIONS: usize = 16;
 
 /// A request to an agent and where its answer goes.
 type Asked = (Message, oneshot::Sender<Message>);
@@ -136,6 +139,8 @@ struct Shared {
     events: Events,
     metrics: Arc<Metrics>,
     client: kube::Client,
+    /// Bounds the EdgeNode creations of first connections.
+    registrations: Arc<Semaphore>,
 }
 
 /// Accepts agents on `listener` until the process ends.
@@ -151,7 +156,8 @@ pub async fn serve(
     let acceptor = TlsAcceptor::from(pki.tls.clone());
     let secret: Arc<str> = pki.token_secret.into();
     let handshakes = Arc::new(Semaphore::new(CONCURRENT_HANDSHAKES));
-    let shared = Shared { hub, index, events, metrics, client };
+    let registrations = Arc::new(Semaphore::new(CONCURRENT_REGISTRATIONS));
+    let shared = Shared { hub, index, events, metrics, client, registrations };
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(conn) => conn,

@@ -42,12 +42,6 @@ pub(super) async fn run(mut ws: Ws, node: String, peer: SocketAddr, shared: Shar
             return;
         }
     };
-    if let Err(e) = registration::register(&shared.client, &shared.index, &hello).await {
-        warn!(%node, error = %e, "cannot register the EdgeNode of a connecting agent");
-        let refusal = ErrorContent::new(ErrorCode::Unavailable, "registration failed, retry later");
-        let _ = send(&mut ws, &error(None, refusal)).await;
-        return;
-    }
     let peer_address = hello.peer_address.as_deref().and_then(|advertised| {
         let resolved = resolve_peer_address(advertised, peer.ip());
         if resolved.is_none() {
@@ -67,6 +61,10 @@ pub(super) async fn run(mut ws: Ws, node: String, peer: SocketAddr, shared: Shar
     };
     let registered = shared.hub.register(&node);
     let desired = shared.index.connect(&node, registered.id, info);
+    let registration = (!shared.index.knows(&node)).then(|| {
+        let (client, index, permits) = (shared.client.clone(), shared.index.clone(), shared.registrations.clone());
+        tokio::spawn(registration::ensure(client, index, permits, hello.clone()))
+    });
     info!(%node, %peer, held = hello.held.len(), %protocol, "agent connected");
     let burst = NonZeroU32::new(2 * RATE_PER_SECOND).expect("not zero");
     let mut session = Session {
@@ -84,6 +82,9 @@ pub(super) async fn run(mut ws: Ws, node: String, peer: SocketAddr, shared: Shar
         protocol,
     };
     let outcome = session.serve(desired, registered.superseded, registered.queries).await;
+    if let Some(registration) = registration {
+        registration.abort();
+    }
     shared.index.disconnect(&node, registered.id);
     shared.hub.unregister(&node, registered.id);
     info!(%node, reason = outcome, "agent disconnected");
