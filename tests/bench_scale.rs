@@ -38,8 +38,9 @@ const CONNECTING: usize = 200;
 const AT_REST: Duration = Duration::from_secs(60);
 /// How long the controller must write nothing before it counts as quiet.
 const QUIET: Duration = Duration::from_secs(15);
-/// How long any phase may take before the row is given up.
-const PHASE_LIMIT: Duration = Duration::from_secs(600);
+/// How long any phase may take before the row is given up (a first registration of ten
+/// thousand devices is as fast as the API server writes).
+const PHASE_LIMIT: Duration = Duration::from_secs(1800);
 
 const STATUS_WRITES: &str = "supermesh_controller_status_writes_total";
 const ACKED: &str = "supermesh_controller_cloudhub_changes_acked_total";
@@ -125,6 +126,8 @@ struct Row {
     p50: Duration,
     p99: Duration,
     max: Duration,
+    reconnect: Duration,
+    resent_after_restart: f64,
     status_changes: u64,
     status_writes: f64,
     events: u64,
@@ -159,7 +162,7 @@ async fn row(cluster: &Cluster, n: usize) -> Result<Row, String> {
     let (meshes, msvcs) = population();
     apply_yaml(&meshes, &["-n", &ns])?;
     apply_yaml(&msvcs.join("---\n"), &["-n", &ns])?;
-    let controller =
+    let mut controller =
         Controller::launch(&format!("scale-{n}"), None, &["--max-agents", "100000", "--log-level", "info"]);
     controller.wait_ready_within(PHASE_LIMIT).await?;
     // Published by the first controller started on the cluster.
@@ -167,7 +170,7 @@ async fn row(cluster: &Cluster, n: usize) -> Result<Row, String> {
     let pid = controller.pid();
     let idle_rss = rss(pid)?;
     let names: Vec<String> = (0..n).map(|i| format!("scale-{id}-{i:05}")).collect();
-    let result = measure(cluster, &token, &controller, &ns, &names, idle_rss).await;
+    let result = measure(cluster, &token, &mut controller, &ns, &names, idle_rss).await;
     eprintln!("    cleaning up");
     // Objects go first, while the controller runs to remove its finalizers: a namespace
     // alone is only emptied by a controller manager, which a bare control plane lacks.
@@ -200,7 +203,7 @@ async fn remaining(nodes: &Api<EdgeNode>, id: &str) -> usize {
 async fn measure(
     cluster: &Cluster,
     token: &str,
-    controller: &Controller,
+    controller: &mut Controller,
     ns: &str,
     names: &[String],
     idle_rss: u64,
@@ -244,7 +247,7 @@ async fn measure(
     }
     let synced_after = start.elapsed();
     eprintln!("    every agent holds its assignments after {:.1} s", synced_after.as_secs_f64());
-    quiet(controller).await?;
+    quiet(controller, n).await?;
 
     let (cpu_before, at) = (cpu_seconds(pid)?, Instant::now());
     tokio::time::sleep(AT_REST).await;
@@ -281,7 +284,30 @@ async fn measure(
     eprintln!("    change -> ack p50 {:?}, p99 {:?}", at(0.5), at(0.99));
     // Let the rollout's status settle: every instance Ready again, the controller quiet.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    quiet(controller).await?;
+    quiet(controller, n).await?;
+    let (status_changes, status_writes) = (
+        stats.status_changes.load(Ordering::Relaxed) - changes_before,
+        metric(controller, STATUS_WRITES) - writes_before,
+    );
+    let events = stats.events.load(Ordering::Relaxed) - events_before;
+    let resent = metric(controller, RESENT) - resent_before;
+
+    // A controller restart: every agent reconnects and states what it holds; nothing is resent.
+    let held: Vec<BTreeMap<String, String>> = agents.iter().map(|a| a.device.held()).collect();
+    controller.restart();
+    let restarted = Instant::now();
+    while controller.metric(AGENTS, "") != Some(n as f64) {
+        phase_limit(restarted, "every agent to reconnect after a controller restart")?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let reconnect = restarted.elapsed();
+    eprintln!("    {n} reconnected {:.1} s after a controller restart", reconnect.as_secs_f64());
+    quiet(controller, n).await?;
+    let resent_after_restart = metric(controller, "supermesh_controller_cloudhub_changes_sent_total");
+    let changed = agents.iter().zip(&held).filter(|(a, h)| a.device.held() != **h).count();
+    if changed > 0 {
+        return Err(format!("{changed} agents hold something else after the controller restart"));
+    }
     drop(agents);
     Ok(Row {
         connect,
@@ -292,10 +318,12 @@ async fn measure(
         p50: at(0.5),
         p99: at(0.99),
         max: *latencies.last().unwrap_or(&Duration::ZERO),
-        status_changes: stats.status_changes.load(Ordering::Relaxed) - changes_before,
-        status_writes: metric(controller, STATUS_WRITES) - writes_before,
-        events: stats.events.load(Ordering::Relaxed) - events_before,
-        resent: metric(controller, RESENT) - resent_before,
+        reconnect,
+        resent_after_restart,
+        status_changes,
+        status_writes,
+        events,
+        resent,
     })
 }
 
@@ -316,18 +344,38 @@ fn metric(controller: &Controller, name: &str) -> f64 {
 }
 
 /// Waits until the controller writes no status for [`QUIET`].
-async fn quiet(controller: &Controller) -> Result<(), String> {
+/// Waits until the controller writes no Microservice or Mesh status for [`QUIET`], and
+/// EdgeNode status no faster than connected nodes' heartbeats (each every 5 minutes or so):
+/// what is left is the fleet at rest.
+async fn quiet(controller: &Controller, nodes: usize) -> Result<(), String> {
     let start = Instant::now();
-    let (mut last, mut since) = (metric(controller, STATUS_WRITES), Instant::now());
-    while since.elapsed() < QUIET {
+    let workloads =
+        || metric_of(controller, STATUS_WRITES, "Microservice") + metric_of(controller, STATUS_WRITES, "Mesh");
+    let heartbeats = 2.0 * nodes as f64 * QUIET.as_secs_f64() / 300.0 + 5.0;
+    let (mut last, mut since) = (workloads(), Instant::now());
+    let mut window =
+        std::collections::VecDeque::from([(Instant::now(), metric_of(controller, STATUS_WRITES, "EdgeNode"))]);
+    loop {
         phase_limit(start, "the controller to be quiet")?;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = metric(controller, STATUS_WRITES);
+        let now = workloads();
         if now != last {
             (last, since) = (now, Instant::now());
         }
+        window.push_back((Instant::now(), metric_of(controller, STATUS_WRITES, "EdgeNode")));
+        while window.front().is_some_and(|(at, _)| at.elapsed() > QUIET) {
+            window.pop_front();
+        }
+        let node_writes = window.back().map_or(0.0, |b| b.1) - window.front().map_or(0.0, |f| f.1);
+        if since.elapsed() >= QUIET && node_writes <= heartbeats {
+            return Ok(());
+        }
     }
-    Ok(())
+}
+
+/// A metric of one kind (`kind="..."`), 0 when absent.
+fn metric_of(controller: &Controller, name: &str, kind: &str) -> f64 {
+    controller.metric(name, &format!("kind=\"{kind}\"")).unwrap_or(0.0)
 }
 
 fn print_report(rows: &[(usize, Result<Row, String>)]) {
@@ -337,10 +385,11 @@ fn print_report(rows: &[(usize, Result<Row, String>)]) {
     println!("bench scale: simulated agents (the agent's edgehub over an in-memory device) against one controller (release build)");
     println!("fleet: networks of {NETWORK_SIZE}, {ACCOUNTS} accounts, 10 meshes, 50 microservices (about 9 instances per node)");
     println!(
-        "{:>6}  {:>9}  {:>8}  {:>14}  {:>13}  {:>11}  {:>7}  {:>7}  {:>7}  {:>15}  {:>7}  {:>6}",
+        "{:>6}  {:>9}  {:>8}  {:>11}  {:>14}  {:>13}  {:>11}  {:>7}  {:>7}  {:>7}  {:>15}  {:>7}  {:>6}",
         "agents",
         "connect s",
         "synced s",
+        "reconnect s",
         "rest %core/1k",
         "RSS MiB (idle)",
         "KiB/agent",
@@ -357,9 +406,11 @@ fn print_report(rows: &[(usize, Result<Row, String>)]) {
                 let per_agent = (r.rss.saturating_sub(r.idle_rss)) as f64 / 1024.0 / *n as f64;
                 let writes = 1000.0 * r.status_writes / r.status_changes.max(1) as f64;
                 println!(
-                    "{n:>6}  {:>9.1}  {:>8.1}  {:>14.2}  {:>6.0} ({:>4.0})  {:>11.1}  {:>7.0}  {:>7.0}  {:>7.0}  {:>6.1} ({:>5}/{:<6})  {:>7}  {:>6}",
+                    "{n:>6}  {:>9.1}  {:>8.1}  {:>5.1} ({:>3})  {:>14.2}  {:>6.0} ({:>4.0})  {:>11.1}  {:>7.0}  {:>7.0}  {:>7.0}  {:>6.1} ({:>5}/{:<6})  {:>7}  {:>6}",
                     r.connect.as_secs_f64(),
                     r.synced.as_secs_f64(),
+                    r.reconnect.as_secs_f64(),
+                    r.resent_after_restart,
                     r.cpu_percent_at_rest * 1000.0 / *n as f64,
                     mib(r.rss),
                     mib(r.idle_rss),
@@ -382,8 +433,9 @@ fn print_report(rows: &[(usize, Result<Row, String>)]) {
          core per 1,000 agents; change -> ack p99 <= 2 s at 10,000; <= 100 status writes per 1,000 status changes"
     );
     println!(
-        "connect: first agent started -> the controller counts all; synced: -> every agent holds its assignments; \
-         rest: controller CPU over {} s after {} s without a status write; KiB/agent: (RSS - idle RSS) / agents; \
+        "connect: first agent started -> the controller counts all; synced: -> every agent holds its assignments \
+         (first connections: every EdgeNode is created); reconnect: controller restart -> the new one counts every \
+         agent (changes it sent them, in parentheses); rest: controller CPU over {} s after {} s without a status write; KiB/agent: (RSS - idle RSS) / agents; \
          p50/p99/max: API write of one spec change -> each agent's ack; writes/1k chg: controller status writes per \
          1,000 instance status changes during that rollout (writes/changes); events: instance events the agents sent",
         AT_REST.as_secs(),

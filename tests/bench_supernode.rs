@@ -2,41 +2,32 @@
 //! reports; it never passes or fails on timings.
 //!
 //! 1. Upstream report load at the cloud: N simulated nodes in networks of S (one process,
-//!    real authenticated sessions to a fresh release controller each run, opened with
-//!    `edgehub::dial` and a hello, so every node is a real EdgeNode of its network), each
-//!    reporting its instance status every interval. Without supernodes every node sends its
-//!    own report; with supernodes one node per network sends its network's reports in one
-//!    batch built with the agent's relay queue, and the others only keep their sessions
-//!    alive. Measured at the cloud with the controller's report counters, CPU and memory,
-//!    over a window after a warm-up.
+//!    `supermesh_tests::sim`: the agent's own edgehub over an in-memory device, with real
+//!    authenticated sessions to a fresh release controller each run, so every node is a
+//!    real EdgeNode of its network), each reporting its instance status every interval.
+//!    Without supernodes every node sends its own report; with supernodes one node per
+//!    network sends its network's reports in one batch built with the agent's relay queue,
+//!    and the others only keep their sessions alive. Measured at the cloud with the
+//!    controller's report counters, CPU and memory, over a window after a warm-up.
 //! 2. Failover with real agents: real `supermesh-agent` processes on one network; the
 //!    supernode is killed with SIGKILL, and the time until the survivors agree on the next
 //!    one, the heartbeats that took, and the time until the controller shows its role are
 //!    measured.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
 use kube::api::{Api, DeleteParams, ListParams};
 use kube::ResourceExt;
-use supermesh_agent::config::EdgeConfig;
-use supermesh_agent::edgehub::{self, Ws};
-use supermesh_agent::supernode::relay::Queue;
 use supermesh_api::EdgeNode;
 use supermesh_protocol::peer::Registry;
-use supermesh_protocol::{self as protocol, Answer, Body, Change, NodeRole};
-use supermesh_protocol::{
-    self, ClusterView, InstanceReport, Membership, Message, Operation, RelayedReport, StatusReport, BATCH_RESOURCE,
-    CONNECTION_RESOURCE, OUTBOX_ID_PREFIX, STATUS_RESOURCE,
-};
+use supermesh_protocol::{InstanceReport, NodeRole, Phase};
+use supermesh_tests::sim::{self, cpu_seconds, rss, Control, ReportCounts, Route};
 use supermesh_tests::{join_token, unique, Agent, Cluster, Controller};
-use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message as Frame;
 
 /// Defaults of the flags.
 const DEFAULT_NODES: usize = 1000;
@@ -48,11 +39,8 @@ const DEFAULT_ROUNDS: usize = 3;
 
 /// Instances in each simulated status report, for a realistic size.
 const INSTANCES: usize = 3;
-/// Sessions opening at once; the cloudhub allows 64 concurrent handshakes.
+/// Simulated nodes connecting at once; the cloudhub allows 64 concurrent handshakes.
 const CONNECTING_AT_ONCE: usize = 50;
-/// A simulated node sends a keepalive after this long without sending anything
-/// (the cloudhub drops a session silent for 45 s).
-const KEEPALIVE: Duration = Duration::from_secs(10);
 /// How long all simulated nodes may take to connect.
 const CONNECT_LIMIT: Duration = Duration::from_secs(180);
 /// How long the controller must write no status before the reports start.
@@ -74,11 +62,6 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(15);
 /// their number falls at least once in this long; after the first such stall the
 /// controller is restarted (a fresh one finalizes every deleted node at start).
 const CLEANUP_STALL: Duration = Duration::from_secs(30);
-/// Largest batch, in entries and bytes, as the agent's supernode sends them.
-const MAX_BATCH_ENTRIES: usize = 512;
-const MAX_BATCH_BYTES: usize = 512 * 1024;
-/// Reports the simulated supernode's relay queue holds at most (the agent's limit).
-const QUEUE_LIMIT: usize = 20_000;
 
 /// Failover: time between agent starts (the election prefers the longest uptime).
 const START_GAP: Duration = Duration::from_millis(200);
@@ -237,56 +220,8 @@ async fn population(cluster: &Cluster) -> String {
     format!("cluster before the benchmark: {count} EdgeNodes (every controller started here reconciles them all)")
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
-}
-
-/// Resident memory (VmRSS) of process `pid`, in bytes.
-fn rss(pid: u32) -> Result<u64, String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|e| format!("cannot read the memory use of pid {pid}: {e}"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
-        .map(|kib| kib * 1024)
-        .ok_or_else(|| format!("no VmRSS in /proc/{pid}/status; did the process exit?"))
-}
-
-/// CPU time (user + system) process `pid` (or "self") used so far, in seconds.
-fn cpu_seconds(pid: &str) -> Result<f64, String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|e| format!("cannot read the CPU use of pid {pid}: {e}"))?;
-    // The command name may hold spaces; the fields after it start with the state (field 3).
-    let fields: Vec<&str> =
-        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-    match (ticks(11), ticks(12)) {
-        (Some(utime), Some(stime)) => Ok((utime + stime) as f64 / clock_ticks()),
-        _ => Err(format!("unexpected /proc/{pid}/stat: {stat}")),
-    }
-}
-
-/// Clock ticks per second of /proc's CPU times (`getconf CLK_TCK`, 100 on Linux).
-fn clock_ticks() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100.0)
-    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -343,9 +278,38 @@ impl Fleet {
         i / self.cluster_size
     }
 
-    /// Indexes of the nodes of network `k`, the supernode (the first) included.
+    /// Indexes of the nodes of network `k`, the supernode included.
     fn members(&self, k: usize) -> std::ops::Range<usize> {
         k * self.cluster_size..((k + 1) * self.cluster_size).min(self.names.len())
+    }
+
+    /// Index of the supernode of network `k`: its last node, so that the agents of its
+    /// members, whose outboxes it relays, exist when it starts.
+    fn supernode(&self, k: usize) -> usize {
+        self.members(k).end - 1
+    }
+
+    /// Which way node `i`'s reports go in `mode`; `agents` are those of the nodes before it.
+    fn route(&self, mode: Mode, i: usize, agents: &[sim::Agent]) -> Route {
+        let k = self.network_of(i);
+        let supernode = self.supernode(k);
+        match mode {
+            Mode::Direct => Route::Direct,
+            Mode::Batch if i == supernode => Route::Supernode {
+                members: agents[self.members(k).start..i].iter().map(|a| a.device.clone()).collect(),
+            },
+            Mode::Batch => Route::Member { supernode: self.names[supernode].clone() },
+        }
+    }
+
+    /// Node `i`'s phase in the interval, spread uniformly: per node without supernodes, per
+    /// network with them (a network's nodes report together, its supernode relays them in
+    /// one batch).
+    fn phase(&self, mode: Mode, i: usize, interval: Duration) -> Duration {
+        match mode {
+            Mode::Direct => interval.mul_f64(i as f64 / self.names.len() as f64),
+            Mode::Batch => interval.mul_f64(self.network_of(i) as f64 / self.networks.len() as f64),
+        }
     }
 }
 
@@ -413,108 +377,6 @@ impl Counters {
     }
 }
 
-/// What the simulated nodes did, counted as they go.
-#[derive(Default)]
-struct Stats {
-    connected: AtomicUsize,
-    failed: Mutex<Vec<String>>,
-    /// Report messages sent (direct reports or batches), the reports they carried, their bytes.
-    report_messages: AtomicU64,
-    reports: AtomicU64,
-    report_bytes: AtomicU64,
-    /// Report messages the cloud answered with a Response, and the reports acked in them.
-    answered: AtomicU64,
-    acked: AtomicU64,
-    /// Report messages the cloud answered with an Error.
-    errors: AtomicU64,
-    /// Batch entries the cloud refused, and the first reasons.
-    refused: AtomicU64,
-    refusals: Mutex<Vec<String>>,
-    keepalives: AtomicU64,
-    changes_acked: AtomicU64,
-    /// Nodes whose membership from the cloud lists every node of their network.
-    complete_memberships: AtomicUsize,
-    cloud_errors: Mutex<Vec<String>>,
-    closed: Mutex<Vec<String>>,
-    /// Report message sent -> its answer read, in ms.
-    ack_ms: Mutex<Vec<f64>>,
-}
-
-/// A copy of the counts of [`Stats`] at one moment.
-#[derive(Clone, Copy, Default, Debug)]
-struct Sent {
-    report_messages: u64,
-    reports: u64,
-    report_bytes: u64,
-    answered: u64,
-    acked: u64,
-    errors: u64,
-    refused: u64,
-    keepalives: u64,
-}
-
-impl Stats {
-    fn sent(&self) -> Sent {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        Sent {
-            report_messages: get(&self.report_messages),
-            reports: get(&self.reports),
-            report_bytes: get(&self.report_bytes),
-            answered: get(&self.answered),
-            acked: get(&self.acked),
-            errors: get(&self.errors),
-            refused: get(&self.refused),
-            keepalives: get(&self.keepalives),
-        }
-    }
-
-    fn note(list: &Mutex<Vec<String>>, what: String) {
-        let mut list = lock(list);
-        if list.len() < 1000 {
-            list.push(what);
-        }
-    }
-
-    fn trouble(&self) -> String {
-        let mut parts = Vec::new();
-        for (what, list) in [
-            ("failed to connect", &self.failed),
-            ("sessions closed", &self.closed),
-            ("errors from the cloudhub", &self.cloud_errors),
-        ] {
-            let list = lock(list);
-            if let Some(first) = list.first() {
-                parts.push(format!("{} {what} (e.g. {first})", list.len()));
-            }
-        }
-        parts.join("; ")
-    }
-}
-
-/// What the benchmark tells the simulated nodes.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Control {
-    /// Connected: keep the session, send nothing but keepalives.
-    Idle,
-    /// Report every interval from this instant plus the node's phase.
-    Report(Instant),
-    /// Report no more, but read the answers still coming.
-    Drain,
-    /// Close the session.
-    Stop,
-}
-
-/// What a simulated node reports.
-enum Role {
-    /// Its own status, every interval at its phase.
-    Direct { phase: Duration },
-    /// Its network's statuses in one batch every interval at its phase: it is the supernode
-    /// of `members` (itself first).
-    Supernode { phase: Duration, members: Vec<String> },
-    /// Nothing: a member whose supernode reports for it.
-    Member,
-}
-
 /// Figures of one run.
 struct LoadFigures {
     mode: Mode,
@@ -524,8 +386,8 @@ struct LoadFigures {
     rss: u64,
     simulator_cpu: f64,
     /// Counts of the simulated nodes over the window, and over the whole run.
-    in_window: Sent,
-    total: Sent,
+    in_window: ReportCounts,
+    total: ReportCounts,
     ack_p50: f64,
     ack_max: f64,
 }
@@ -561,7 +423,7 @@ impl LoadReport {
             "upstream report load at the cloud: {} simulated nodes in {} networks of {}, a status report ({INSTANCES} \
              instances) per node every {:.0} s, measured over {:.0} s after {:.0} s of warm-up;\ncontroller: the \
              build in SUPERMESH_BIN_DIR (release under cargo xtask bench), a fresh process and fresh EdgeNodes per \
-             run; simulator: this process (release)",
+             run; simulator: this process (release), the agent's edgehub over in-memory devices",
             plan.nodes,
             plan.networks(),
             plan.cluster_size,
@@ -624,15 +486,14 @@ impl LoadReport {
         for f in &ok {
             let w = &f.in_window;
             println!(
-                "{}: the simulator sent {} report messages ({} reports, {:.1} KiB) and {} keepalives in the window, \
-                 so {:.1} messages/s from agents in all; answers {:.1} ms median, {:.1} ms max (send to ack read); \
-                 simulator CPU {:.1} s",
+                "{}: the simulator sent {} report messages ({} reports, {:.1} KiB) in the window, so {:.1} report \
+                 messages/s from agents (keepalives and acks of changes, the edgehub's own, not counted); answers \
+                 {:.1} ms median, {:.1} ms max (send to ack read); simulator CPU {:.1} s",
                 f.mode.label(),
-                w.report_messages,
+                w.messages,
                 w.reports,
-                w.report_bytes as f64 / 1024.0,
-                w.keepalives,
-                f.rate((w.report_messages + w.keepalives) as f64),
+                w.bytes as f64 / 1024.0,
+                f.rate(w.messages as f64),
                 f.ack_p50,
                 f.ack_max,
                 f.simulator_cpu
@@ -670,6 +531,16 @@ async fn load_bench(cluster: &Cluster, plan: &Plan) -> LoadReport {
     LoadReport { runs, notes }
 }
 
+/// The simulated side of a run: the agents, their counters and what tells them when to
+/// report. Dropping it closes every session.
+struct Simulated {
+    agents: Vec<sim::Agent>,
+    stats: Arc<sim::Stats>,
+    control: watch::Sender<Control>,
+    /// When the first agent started.
+    started: Instant,
+}
+
 /// One run: connect every node, wait for quiet, start the reports, warm up, measure, drain.
 async fn load_run(
     cluster: &Cluster,
@@ -680,84 +551,103 @@ async fn load_run(
     notes: &mut Vec<String>,
 ) -> Result<LoadFigures, String> {
     let token = join_token(&cluster.client).await;
-    let stats = Arc::new(Stats::default());
-    let (control, controlled) = watch::channel(Control::Idle);
-    let permits = Arc::new(Semaphore::new(CONNECTING_AT_ONCE));
-    let started = Instant::now();
-    let mut sessions = JoinSet::new();
-    let networks = fleet.networks.len() as f64;
-    let members: Vec<Arc<BTreeSet<String>>> = (0..fleet.networks.len())
-        .map(|k| Arc::new(fleet.members(k).map(|j| fleet.names[j].clone()).collect()))
-        .collect();
-    for (i, name) in fleet.names.iter().enumerate() {
-        let k = fleet.network_of(i);
-        let yaml = format!(
-            "node: {{name: {name}, account: {}, network: {}}}\ncloud: {{address: \"{}\", token: \"{token}\"}}\n",
-            fleet.account, fleet.networks[k], controller.cloudhub_addr
-        );
-        let config = supermesh_agent::config::parse(&yaml, "edge.yaml").map_err(|e| e.to_string())?;
-        // Phases spread uniformly over the interval: per node without supernodes, per network with.
-        let role = match mode {
-            Mode::Direct => Role::Direct { phase: plan.interval.mul_f64(i as f64 / fleet.names.len() as f64) },
-            Mode::Batch if fleet.members(k).start == i => Role::Supernode {
-                phase: plan.interval.mul_f64(k as f64 / networks),
-                members: fleet.members(k).map(|j| fleet.names[j].clone()).collect(),
-            },
-            Mode::Batch => Role::Member,
-        };
-        let node = SimNode {
-            config,
-            role,
-            interval: plan.interval,
-            stats: stats.clone(),
-            control: controlled.clone(),
-            seqs: HashMap::new(),
-            pending: HashMap::new(),
-            queue: Queue::new(QUEUE_LIMIT),
-            counter: 0,
-            network: members[k].clone(),
-            membership_complete: false,
-        };
-        sessions.spawn(node.run(permits.clone(), started + CONNECT_LIMIT));
-    }
-    drop(controlled);
-
-    let result = measure(controller, mode, plan, fleet, &stats, &control, started, notes, cluster).await;
-
-    let _ = control.send(Control::Stop);
-    if tokio::time::timeout(Duration::from_secs(20), sessions.join_all()).await.is_err() {
-        notes.push(format!("{}: some sessions did not close within 20 s", mode.label()));
-    }
-    result
+    let simulated = connect(controller, mode, plan, fleet, &token).await?;
+    measure(cluster, controller, mode, plan, fleet, &simulated, notes).await
 }
 
-/// Waits for every session, then measures the window.
-#[allow(clippy::too_many_arguments)]
-async fn measure(
+/// Starts a simulated agent for every node of `fleet`, reporting as `mode` says once told
+/// to, at most [`CONNECTING_AT_ONCE`] of them connecting at a time; returns when all are
+/// connected.
+async fn connect(
     controller: &Controller,
     mode: Mode,
     plan: &Plan,
     fleet: &Fleet,
-    stats: &Stats,
-    control: &watch::Sender<Control>,
-    started: Instant,
-    notes: &mut Vec<String>,
+    token: &str,
+) -> Result<Simulated, String> {
+    let n = fleet.names.len();
+    let stats = Arc::new(sim::Stats::default());
+    let (control, controlled) = watch::channel(Control::Idle);
+    let running = instances();
+    let started = Instant::now();
+    let deadline = started + CONNECT_LIMIT;
+    let connected = || stats.connected.load(Ordering::Relaxed);
+    let mut agents: Vec<sim::Agent> = Vec::with_capacity(n);
+    for (i, name) in fleet.names.iter().enumerate() {
+        while agents.len() >= connected() + CONNECTING_AT_ONCE && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let spec = sim::Spec {
+            name: name.clone(),
+            account: fleet.account.clone(),
+            network: fleet.networks[fleet.network_of(i)].clone(),
+            cloud: controller.cloudhub_addr.clone(),
+            token: token.to_owned(),
+            // No microservice is placed on the nodes: nothing starts.
+            ready_after: Duration::ZERO,
+            status_interval: plan.interval,
+        };
+        let reporting = sim::Reporting {
+            route: fleet.route(mode, i, &agents),
+            phase: fleet.phase(mode, i, plan.interval),
+            control: controlled.clone(),
+            running: running.clone(),
+        };
+        agents.push(sim::Agent::start_with(&spec, stats.clone(), reporting)?);
+    }
+    while connected() < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if connected() < n {
+        return Err(format!(
+            "only {} of {n} nodes connected within {} s (the edgehub keeps retrying with backoff){}",
+            connected(),
+            CONNECT_LIMIT.as_secs(),
+            trouble(&stats).map(|t| format!("; {t}")).unwrap_or_default()
+        ));
+    }
+    Ok(Simulated { agents, stats, control, started })
+}
+
+/// Nodes whose last membership from the cloud lists every node of their network.
+fn complete_memberships(fleet: &Fleet, agents: &[sim::Agent]) -> usize {
+    let networks: Vec<BTreeSet<String>> =
+        (0..fleet.networks.len()).map(|k| fleet.members(k).map(|j| fleet.names[j].clone()).collect()).collect();
+    agents
+        .iter()
+        .enumerate()
+        .filter(|(i, agent)| agent.device.membership().is_superset(&networks[fleet.network_of(*i)]))
+        .count()
+}
+
+/// What went wrong on the simulated side besides refusals, for a note; `None` if nothing did.
+fn trouble(stats: &sim::Stats) -> Option<String> {
+    let mut parts = Vec::new();
+    let disconnects = stats.disconnects.load(Ordering::Relaxed);
+    if disconnects > 0 {
+        parts.push(format!("{disconnects} sessions ended and reconnected"));
+    }
+    let problems = stats.problems();
+    if let Some(first) = problems.first() {
+        parts.push(format!("{} problems with batches (e.g. {first})", problems.len()));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
+/// Waits for the controller to count every node, then measures the window.
+async fn measure(
     cluster: &Cluster,
+    controller: &Controller,
+    mode: Mode,
+    plan: &Plan,
+    fleet: &Fleet,
+    simulated: &Simulated,
+    notes: &mut Vec<String>,
 ) -> Result<LoadFigures, String> {
     let n = fleet.names.len();
     let label = mode.label();
-    let deadline = started + CONNECT_LIMIT;
-    while stats.connected.load(Ordering::Relaxed) + lock(&stats.failed).len() < n && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let connected = stats.connected.load(Ordering::Relaxed);
-    if connected < n {
-        return Err(format!(
-            "only {connected} of {n} nodes connected within {} s: {}",
-            CONNECT_LIMIT.as_secs(),
-            stats.trouble()
-        ));
-    }
+    let stats = &simulated.stats;
+    let deadline = simulated.started + CONNECT_LIMIT;
     let mut seen = None;
     while Instant::now() < deadline {
         seen = controller.metric(AGENTS_METRIC, "");
@@ -771,7 +661,7 @@ async fn measure(
             "all {n} nodes got a welcome but the controller counts {seen:?} connected ({AGENTS_METRIC})"
         ));
     }
-    let connect = started.elapsed();
+    let connect = simulated.started.elapsed();
     // The cloud registers a node from its hello before it answers: every EdgeNode exists now.
     let ours: BTreeSet<&str> = fleet.names.iter().map(String::as_str).collect();
     let nodes: Api<EdgeNode> = Api::all(cluster.client.clone());
@@ -784,14 +674,14 @@ async fn measure(
     // sends are built from that index, so once every node's lists its whole network, the
     // index knows every node.
     let waited = Instant::now();
-    let listed = |s: &Stats| s.complete_memberships.load(Ordering::Relaxed);
-    while listed(stats) < n && waited.elapsed() < MEMBERSHIP_LIMIT {
+    let listed = || complete_memberships(fleet, &simulated.agents);
+    while listed() < n && waited.elapsed() < MEMBERSHIP_LIMIT {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    if listed(stats) < n {
+    let complete = listed();
+    if complete < n {
         notes.push(format!(
-            "{label}: only {} of {n} nodes got a membership listing their whole network within {} s; reports may be refused",
-            listed(stats),
+            "{label}: only {complete} of {n} nodes got a membership listing their whole network within {} s; reports may be refused",
             MEMBERSHIP_LIMIT.as_secs()
         ));
     }
@@ -808,7 +698,7 @@ async fn measure(
     // Reports start; the window starts after the warm-up (at least one whole interval), when
     // every node (or supernode) has reported and the status changes of the first reports are written.
     let go = Instant::now() + Duration::from_millis(100);
-    control.send(Control::Report(go)).map_err(|_| "every session ended".to_string())?;
+    simulated.control.send(Control::Report(go)).map_err(|_| "every simulated agent is gone".to_string())?;
     eprintln!("    reporting; warm-up {:.0} s", plan.warmup().as_secs_f64());
     tokio::time::sleep_until(go + plan.warmup() + Duration::from_millis(500)).await;
     if mode == Mode::Batch {
@@ -826,15 +716,16 @@ async fn measure(
     let load_start = load_average();
     let mut others = other_controllers(controller.pid());
     eprintln!("    measuring for {:.0} s", plan.window.as_secs_f64());
-    let pid = controller.pid().to_string();
+    let (pid, simulator) = (controller.pid(), std::process::id());
     let (cloud_start, cpu_start, sim_start, sent_start) =
-        (Counters::read(controller)?, cpu_seconds(&pid)?, cpu_seconds("self")?, stats.sent());
+        (Counters::read(controller)?, cpu_seconds(pid)?, cpu_seconds(simulator)?, stats.reports());
     let window_start = Instant::now();
-    lock(&stats.ack_ms).clear();
+    // Only the answers read in the window count.
+    stats.take_ack_latencies();
     let window_end = window_start + plan.window;
     while Instant::now() < window_end {
         tokio::time::sleep_until(window_end.min(Instant::now() + PROGRESS)).await;
-        if let (Ok(now), Ok(cpu)) = (Counters::read(controller), cpu_seconds(&pid)) {
+        if let (Ok(now), Ok(cpu)) = (Counters::read(controller), cpu_seconds(pid)) {
             let d = now.since(&cloud_start);
             eprintln!(
                 "    {:>4.0} s: {} report messages, {} reports, {} status writes, {} reconciles, controller CPU {:.1} s",
@@ -848,10 +739,10 @@ async fn measure(
         }
     }
     let (cloud_end, cpu_end, sim_end, sent_end) =
-        (Counters::read(controller)?, cpu_seconds(&pid)?, cpu_seconds("self")?, stats.sent());
+        (Counters::read(controller)?, cpu_seconds(pid)?, cpu_seconds(simulator)?, stats.reports());
     let window = window_start.elapsed();
-    let rss = rss(controller.pid())?;
-    others.extend(other_controllers(controller.pid()));
+    let rss = rss(pid)?;
+    others.extend(other_controllers(pid));
     if !others.is_empty() {
         others.sort_unstable();
         others.dedup();
@@ -867,36 +758,39 @@ async fn measure(
         load_average(),
         std::thread::available_parallelism().map_or(0, usize::from)
     ));
-    let mut ack_ms = std::mem::take(&mut *lock(&stats.ack_ms));
+    let mut ack_ms: Vec<f64> = stats.take_ack_latencies().iter().map(|d| d.as_secs_f64() * 1000.0).collect();
 
     // Every report must be answered; wait for the answers to the last ones.
-    let _ = control.send(Control::Drain);
+    let _ = simulated.control.send(Control::Drain);
     let drain_deadline = Instant::now() + DRAIN_LIMIT;
-    let unanswered = |s: &Sent| s.report_messages - s.answered - s.errors;
-    while unanswered(&stats.sent()) > 0 && Instant::now() < drain_deadline {
+    while stats.reports().unanswered() > 0 && Instant::now() < drain_deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let total = stats.sent();
-    if unanswered(&total) > 0 {
+    let total = stats.reports();
+    if total.unanswered() > 0 {
         notes.push(format!(
-            "{label}: {} of {} report messages got no answer within {} s after the window",
-            unanswered(&total),
-            total.report_messages,
+            "{label}: {} of {} report messages got no ack within {} s after the window (a direct report the cloud \
+             refuses stays unanswered: the edgehub sends it again)",
+            total.unanswered(),
+            total.messages,
             DRAIN_LIMIT.as_secs()
         ));
     }
     if total.acked != total.reports {
         notes.push(format!("{label}: the cloud acknowledged {} of the {} reports sent", total.acked, total.reports));
     }
-    if total.errors > 0 {
-        notes.push(format!("{label}: the cloud answered {} report messages with an Error", total.errors));
+    if total.failed > 0 {
+        notes.push(format!(
+            "{label}: {} batches were answered with an Error or lost with their session; their reports went again",
+            total.failed
+        ));
     }
     if total.refused > 0 {
-        let reasons = lock(&stats.refusals);
+        let reasons = stats.refusals();
         notes.push(format!(
             "{label}: the cloud refused {} relayed reports, {} of them in the window (e.g. {})",
             total.refused,
-            sent_end.refused - sent_start.refused,
+            sent_end.since(&sent_start).refused,
             reasons.first().map_or("", String::as_str)
         ));
     }
@@ -909,23 +803,12 @@ async fn measure(
             Counters::PATHS[other]
         ));
     }
-    let trouble = stats.trouble();
-    if !trouble.is_empty() {
+    if let Some(trouble) = trouble(stats) {
         notes.push(format!("{label}: {trouble}"));
     }
     ack_ms.sort_by(f64::total_cmp);
     let p50 = ack_ms.get(ack_ms.len().saturating_sub(1) / 2).copied().unwrap_or_default();
     let max = ack_ms.last().copied().unwrap_or_default();
-    let in_window = Sent {
-        report_messages: sent_end.report_messages - sent_start.report_messages,
-        reports: sent_end.reports - sent_start.reports,
-        report_bytes: sent_end.report_bytes - sent_start.report_bytes,
-        answered: sent_end.answered - sent_start.answered,
-        acked: sent_end.acked - sent_start.acked,
-        errors: sent_end.errors - sent_start.errors,
-        refused: sent_end.refused - sent_start.refused,
-        keepalives: sent_end.keepalives - sent_start.keepalives,
-    };
     eprintln!(
         "    {} report messages, {} reports at the cloud in {:.1} s",
         cloud.messages[cloud.path(mode)],
@@ -939,7 +822,7 @@ async fn measure(
         cpu: cpu_end - cpu_start,
         rss,
         simulator_cpu: sim_end - sim_start,
-        in_window,
+        in_window: sent_end.since(&sent_start),
         total,
         ack_p50: p50,
         ack_max: max,
@@ -975,15 +858,15 @@ async fn settle(controller: &Controller) -> String {
 }
 
 /// Waits until the controller's EdgeNode of every node of `fleet` shows the role its
-/// reports carry (the first of each network is its supernode).
+/// reports carry (the last of each network is its supernode).
 async fn wait_fleet_roles(nodes: &Api<EdgeNode>, fleet: &Fleet) -> Result<(), String> {
     let want: HashMap<&str, NodeRole> = fleet
         .names
         .iter()
         .enumerate()
         .map(|(i, name)| {
-            let first = fleet.members(fleet.network_of(i)).start == i;
-            (name.as_str(), if first { NodeRole::Supernode } else { NodeRole::Member })
+            let supernode = fleet.supernode(fleet.network_of(i)) == i;
+            (name.as_str(), if supernode { NodeRole::Supernode } else { NodeRole::Member })
         })
         .collect();
     let deadline = Instant::now() + SETTLE_LIMIT;
@@ -1111,303 +994,15 @@ async fn remove_nodes(cluster: &Cluster, controller: &mut Controller, names: &[S
     }
 }
 
-/// One simulated node: a real session that acks every change, reports as its role says
-/// and keeps the session alive.
-struct SimNode {
-    config: EdgeConfig,
-    role: Role,
-    interval: Duration,
-    stats: Arc<Stats>,
-    control: watch::Receiver<Control>,
-    /// Outbox seq of the last report, per node (only the node itself, or a supernode's members).
-    seqs: HashMap<String, i64>,
-    /// Report messages awaiting their answer: id -> (reports carried, sent at).
-    pending: HashMap<String, (u64, Instant)>,
-    /// A supernode's relay queue, as the agent's.
-    queue: Queue,
-    counter: u64,
-    /// Every node of this node's network, and whether the cloud's membership listed them all yet.
-    network: Arc<BTreeSet<String>>,
-    membership_complete: bool,
-}
-
-impl SimNode {
-    fn name(&self) -> &str {
-        &self.config.node.name
-    }
-
-    /// Connects (holding one of `permits` until welcomed, retrying until `deadline`), then serves.
-    async fn run(mut self, permits: Arc<Semaphore>, deadline: Instant) {
-        let ws = {
-            let Ok(_permit) = permits.acquire().await else { return };
-            match self.join(deadline).await {
-                Ok(ws) => ws,
-                Err(reason) => {
-                    Stats::note(&self.stats.failed, format!("{}: {reason}", self.name()));
-                    return;
-                }
-            }
-        };
-        self.stats.connected.fetch_add(1, Ordering::Relaxed);
-        if let Some(reason) = self.serve(ws).await {
-            Stats::note(&self.stats.closed, format!("{}: {reason}", self.name()));
-        }
-    }
-
-    async fn join(&self, deadline: Instant) -> Result<Ws, String> {
-        let mut last = "no attempt before the deadline".to_string();
-        while Instant::now() < deadline {
-            match tokio::time::timeout_at(deadline, self.handshake()).await {
-                Ok(Ok(ws)) => return Ok(ws),
-                Ok(Err(e)) => last = e,
-                Err(_) => return Err(format!("timed out; last error: {last}")),
-            }
-            tokio::time::sleep_until(deadline.min(Instant::now() + Duration::from_secs(1))).await;
-        }
-        Err(last)
-    }
-
-    /// Dials, says hello holding nothing (the cloud registers the node from it), reads the welcome.
-    async fn handshake(&self) -> Result<Ws, String> {
-        let mut ws = edgehub::dial(&self.config).await.map_err(|e| e.to_string())?;
-        let mut hello = edgehub::hello(&self.config, Default::default());
-        hello.agent_version = format!("bench-{}", hello.agent_version);
-        let hello = Message::new("h-0".into(), now_ms(), Operation::NodeConnection, CONNECTION_RESOURCE, hello);
-        send(&mut ws, &hello).await?;
-        let frame = tokio::time::timeout(Duration::from_secs(15), ws.next())
-            .await
-            .map_err(|_| "no welcome within 15 s".to_string())?
-            .ok_or("closed before the welcome")?
-            .map_err(|e| e.to_string())?;
-        let msg = protocol::decode(&frame.into_text().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-        match msg.operation {
-            Operation::NodeConnection => Ok(ws),
-            Operation::Error => Err(error_message(&msg)),
-            other => Err(format!("expected a welcome, got {other:?}")),
-        }
-    }
-
-    fn next_id(&mut self, prefix: &str) -> String {
-        self.counter += 1;
-        format!("{prefix}{}", self.counter)
-    }
-
-    /// Serves until told to stop (`None`) or the session ends (the reason).
-    async fn serve(&mut self, mut ws: Ws) -> Option<String> {
-        let mut next_report: Option<Instant> = None;
-        let mut keepalive_at = Instant::now() + KEEPALIVE;
-        loop {
-            let report_due = async move {
-                match next_report {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                biased;
-                changed = self.control.changed() => {
-                    let command = *self.control.borrow_and_update();
-                    match (changed, command) {
-                        (Err(_), _) | (_, Control::Stop) => {
-                            let _ = ws.close(None).await;
-                            return None;
-                        }
-                        (_, Control::Report(go)) => next_report = self.phase().map(|phase| go + phase),
-                        (_, Control::Drain) => next_report = None,
-                        (_, Control::Idle) => {}
-                    }
-                }
-                frame = ws.next() => {
-                    let text = match frame {
-                        Some(Ok(Frame::Text(text))) => text,
-                        Some(Ok(Frame::Close(_))) | None => return Some("closed by the cloudhub".into()),
-                        Some(Ok(_)) => continue,
-                        Some(Err(e)) => return Some(format!("stream failed: {e}")),
-                    };
-                    match protocol::decode(&text) {
-                        Ok(msg) => {
-                            if let Err(e) = self.received(&mut ws, msg).await {
-                                return Some(e);
-                            }
-                        }
-                        Err(e) => Stats::note(&self.stats.cloud_errors, format!("{}: undecodable message: {e}", self.name())),
-                    }
-                }
-                _ = report_due => {
-                    let sent = match &self.role {
-                        Role::Direct { .. } => self.report(&mut ws).await,
-                        Role::Supernode { .. } => self.batch(&mut ws).await,
-                        Role::Member => Ok(()),
-                    };
-                    if let Err(e) = sent {
-                        return Some(format!("report failed: {e}"));
-                    }
-                    keepalive_at = Instant::now() + KEEPALIVE;
-                    next_report = next_report.map(|at| at + self.interval);
-                }
-                _ = tokio::time::sleep_until(keepalive_at) => {
-                    let id = self.next_id("k-");
-                    let ping = Message::new(id, now_ms(), Operation::Keepalive, CONNECTION_RESOURCE, ());
-                    if let Err(e) = send(&mut ws, &ping).await {
-                        return Some(format!("keepalive failed: {e}"));
-                    }
-                    self.stats.keepalives.fetch_add(1, Ordering::Relaxed);
-                    keepalive_at = Instant::now() + KEEPALIVE;
-                }
-            }
-        }
-    }
-
-    /// The node's phase in the interval; `None` for a member, which never reports.
-    fn phase(&self) -> Option<Duration> {
-        match &self.role {
-            Role::Direct { phase } | Role::Supernode { phase, .. } => Some(*phase),
-            Role::Member => None,
-        }
-    }
-
-    /// A message from the cloud: a change is acked at once (as after a commit), an answer
-    /// to a report is counted.
-    async fn received(&mut self, ws: &mut Ws, msg: Message) -> Result<(), String> {
-        if msg.operation.is_change() {
-            if !self.membership_complete && msg.resource == Membership::resource(&self.config.node.network) {
-                let listed: BTreeSet<String> = match msg.body() {
-                    Ok(Body::Insert(Change::Membership(m)) | Body::Update(Change::Membership(m))) => {
-                        m.members.into_iter().map(|m| m.name).collect()
-                    }
-                    _ => BTreeSet::new(),
-                };
-                if self.network.is_subset(&listed) {
-                    self.membership_complete = true;
-                    self.stats.complete_memberships.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            let id = self.next_id("a-");
-            let mut ack = Message::new(id, now_ms(), Operation::Response, &msg.resource, ()).answering(&msg.id);
-            ack.resource_version = msg.resource_version.clone();
-            send(ws, &ack).await.map_err(|e| format!("ack failed: {e}"))?;
-            self.stats.changes_acked.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
-        }
-        let answered = msg.parent_id.as_ref().and_then(|p| self.pending.remove_entry(p));
-        match (msg.operation, answered) {
-            (Operation::Response, Some((id, (reports, sent)))) => {
-                self.stats.answered.fetch_add(1, Ordering::Relaxed);
-                lock(&self.stats.ack_ms).push(sent.elapsed().as_secs_f64() * 1000.0);
-                if msg.resource == BATCH_RESOURCE {
-                    let ack = match msg.body() {
-                        Ok(Body::Response(Answer::Batch(ack))) => ack,
-                        other => return Err(format!("invalid batch ack: {other:?}")),
-                    };
-                    self.stats.acked.fetch_add(ack.acked.len() as u64, Ordering::Relaxed);
-                    self.stats.refused.fetch_add(ack.refused.len() as u64, Ordering::Relaxed);
-                    for (report, reason) in ack.refused.iter().take(1) {
-                        Stats::note(&self.stats.refusals, format!("{}: {reason}", report.node));
-                    }
-                    // What a real supernode does with the answer: acked and refused reports
-                    // leave the queue; the rest would go again with the next batch.
-                    let done = self.queue.answered(&id, &ack);
-                    if done.len() as u64 != reports {
-                        Stats::note(
-                            &self.stats.cloud_errors,
-                            format!("{}: batch {id} of {reports} reports answered for {}", self.name(), done.len()),
-                        );
-                    }
-                } else {
-                    self.stats.acked.fetch_add(reports, Ordering::Relaxed);
-                }
-            }
-            (Operation::Error, Some((id, _))) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                if msg.resource == BATCH_RESOURCE {
-                    self.queue.failed(&id);
-                }
-                let reason = error_message(&msg);
-                Stats::note(&self.stats.cloud_errors, format!("{}: report {id} refused: {reason}", self.name()));
-            }
-            (Operation::Error, None) => {
-                let reason = error_message(&msg);
-                Stats::note(&self.stats.cloud_errors, format!("{}: {reason}", self.name()));
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
-    /// The next outbox seq of `node`.
-    fn seq(&mut self, node: &str) -> i64 {
-        let seq = self.seqs.entry(node.to_owned()).or_insert(0);
-        *seq += 1;
-        *seq
-    }
-
-    /// Sends this node's own status, as the edgehub sends an outbox entry.
-    async fn report(&mut self, ws: &mut Ws) -> Result<(), String> {
-        let name = self.name().to_owned();
-        let seq = self.seq(&name);
-        let id = format!("{OUTBOX_ID_PREFIX}{seq}");
-        let msg = Message::new(id.clone(), now_ms(), Operation::MetaSync, STATUS_RESOURCE, status(None));
-        let bytes = send(ws, &msg).await?;
-        self.pending.insert(id, (1, Instant::now()));
-        self.count(1, bytes);
-        Ok(())
-    }
-
-    /// Queues every member's status (its own included) in the relay queue and sends one batch.
-    async fn batch(&mut self, ws: &mut Ws) -> Result<(), String> {
-        let Role::Supernode { members, .. } = &self.role else { return Ok(()) };
-        let members = members.clone();
-        let supernode = members[0].clone();
-        for node in &members {
-            let role = if *node == supernode { NodeRole::Supernode } else { NodeRole::Member };
-            let view = ClusterView { role, supernode: Some(supernode.clone()) };
-            let content = serde_json::to_value(status(Some(view))).map_err(|e| e.to_string())?;
-            let seq = self.seq(node);
-            let report = RelayedReport {
-                node: node.clone(),
-                seq,
-                operation: Operation::MetaSync,
-                resource: STATUS_RESOURCE.into(),
-                content,
-                created_ms: now_ms(),
-            };
-            self.queue.push(report).map_err(|e| e.to_string())?;
-        }
-        let id = self.next_id("b-");
-        let Some(batch) = self.queue.take_batch(&id, MAX_BATCH_ENTRIES, MAX_BATCH_BYTES) else { return Ok(()) };
-        let reports = batch.entries.len() as u64;
-        let msg = Message::new(id.clone(), now_ms(), Operation::MetaSync, BATCH_RESOURCE, batch);
-        let bytes = send(ws, &msg).await?;
-        self.pending.insert(id, (reports, Instant::now()));
-        self.count(reports, bytes);
-        Ok(())
-    }
-
-    fn count(&self, reports: u64, bytes: usize) {
-        self.stats.report_messages.fetch_add(1, Ordering::Relaxed);
-        self.stats.reports.fetch_add(reports, Ordering::Relaxed);
-        self.stats.report_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-    }
-}
-
-/// A node's status with [`INSTANCES`] ready instances, as a real agent reports it.
-fn status(cluster: Option<ClusterView>) -> StatusReport {
-    let instances = (0..INSTANCES)
+/// The [`INSTANCES`] Ready instances every simulated node runs, for reports of a realistic size.
+fn instances() -> Vec<InstanceReport> {
+    (0..INSTANCES)
         .map(|j| {
             let resource = format!("bench/microservice/service-{j}");
             let version = format!("1-3f9c1d2e-8a47-4b6e-9c0d-{j:012x}");
-            InstanceReport { ports: vec![8080], ..InstanceReport::new(&resource, &version, protocol::Phase::Ready) }
+            InstanceReport { ports: vec![8080], ..InstanceReport::new(&resource, &version, Phase::Ready) }
         })
-        .collect();
-    StatusReport { taken_ms: now_ms(), instances, cluster }
-}
-
-/// Sends `msg`; returns the bytes of its frame.
-async fn send(ws: &mut Ws, msg: &Message) -> Result<usize, String> {
-    let text = protocol::encode(msg).map_err(|e| e.to_string())?;
-    let bytes = text.len();
-    ws.send(Frame::text(text)).await.map_err(|e| e.to_string())?;
-    Ok(bytes)
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1720,13 +1315,5 @@ async fn wait_roles(nodes: &Api<EdgeNode>, live: &[&str], supernode: &str, limit
             ));
         }
         tokio::time::sleep(POLL).await;
-    }
-}
-
-/// The message of an Error from the cloud.
-fn error_message(msg: &Message) -> String {
-    match msg.body() {
-        Ok(Body::Error(refusal)) => refusal.message,
-        other => format!("{other:?}"),
     }
 }

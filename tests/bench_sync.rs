@@ -8,7 +8,7 @@
 
 use supermesh_agent::metamanager::store::{Change, Store};
 use supermesh_agent::metamanager::MAX_BATCH;
-use supermesh_protocol::Assignment;
+use supermesh_protocol::{Assignment, MICROSERVICE};
 
 /// Upserts written in each of the two store modes.
 const UPSERTS: usize = 5000;
@@ -114,7 +114,7 @@ fn upsert(i: usize) -> Result<Change, String> {
     let value = serde_json::to_string(&assignment).map_err(|e| e.to_string())?;
     Ok(Change::Upsert {
         key: assignment.resource(),
-        res_type: protocol::MICROSERVICE.into(),
+        res_type: MICROSERVICE.into(),
         version: assignment.version(),
         value,
     })

@@ -20,11 +20,13 @@ pub struct Aggregate {
     pub degraded: Option<(&'static str, String)>,
 }
 
-/// Aggregates the `reports` of placed nodes for a microservice whose current version is `version`.
-pub fn aggregate(version: &str, reports: &[(String, InstanceReport)]) -> Aggregate {
-    let mut agg = Aggregate { reported: reports.len() as i32, ..Aggregate::default() };
+/// Aggregates the `reports` of placed nodes (node name, its instance) for a microservice
+/// whose current version is `version`. Borrows them: a fleet-wide microservice has as many as nodes.
+pub fn aggregate<'a>(version: &str, reports: impl IntoIterator<Item = (&'a str, &'a InstanceReport)>) -> Aggregate {
+    let mut agg = Aggregate::default();
     let mut failing: Vec<UnhealthyInstance> = Vec::new();
     for (node, r) in reports {
+        agg.reported += 1;
         if r.ready {
             agg.ready += 1;
             if r.version == version {
@@ -33,7 +35,7 @@ pub fn aggregate(version: &str, reports: &[(String, InstanceReport)]) -> Aggrega
         }
         if r.phase.is_failing() {
             failing.push(UnhealthyInstance {
-                node: node.clone(),
+                node: node.to_owned(),
                 phase: r.phase.as_str().to_owned(),
                 restarts: r.restarts as i32,
                 message: r.message.clone(),
@@ -93,24 +95,24 @@ mod tests {
 
     #[test]
     fn counts_ready_and_available_instances() {
-        let reports = vec![
+        let reports = [
             ("n1".to_string(), report("a", "v2", Phase::Ready, true, 0)),
             ("n2".to_string(), report("a", "v1", Phase::Ready, true, 0)),
             ("n3".to_string(), report("a", "v2", Phase::Running, false, 0)),
         ];
-        let agg = aggregate("v2", &reports);
+        let agg = aggregate("v2", reports.iter().map(|(n, r)| (n.as_str(), r)));
         assert_eq!((agg.reported, agg.ready, agg.available), (3, 2, 1));
         assert_eq!(agg.degraded, None);
     }
 
     #[test]
     fn crash_loops_are_degraded_with_restart_counts() {
-        let reports = vec![
+        let reports = [
             ("n1".to_string(), report("a", "v", Phase::Backoff, false, 4)),
             ("n2".to_string(), report("a", "v", Phase::Backoff, false, 7)),
             ("n3".to_string(), report("a", "v", Phase::Ready, true, 0)),
         ];
-        let agg = aggregate("v", &reports);
+        let agg = aggregate("v", reports.iter().map(|(n, r)| (n.as_str(), r)));
         let (reason, message) = agg.degraded.unwrap();
         assert_eq!(reason, "CrashLoop");
         assert!(message.contains("n2 restarted 7 times: exited with code 3"), "{message}");
@@ -122,7 +124,7 @@ mod tests {
     fn the_unhealthy_list_is_bounded() {
         let reports: Vec<_> =
             (0..50).map(|i| (format!("n{i:02}"), report("a", "v", Phase::Failed, false, 1))).collect();
-        let agg = aggregate("v", &reports);
+        let agg = aggregate("v", reports.iter().map(|(n, r)| (n.as_str(), r)));
         assert_eq!(agg.unhealthy.len(), MicroserviceStatus::MAX_UNHEALTHY);
         assert_eq!(agg.degraded.unwrap().0, "InstanceFailed");
     }

@@ -31,6 +31,27 @@ pub fn node(name: &str, account: &str, network: &str) -> EdgeNode {
     EdgeNode::new(name, serde_json::from_value(json!({"account": account, "network": network})).unwrap())
 }
 
+/// An EdgeNode `name` on `network` with a status: Ready or not, reporting itself supernode or not.
+pub fn node_with_status(name: &str, network: &str, ready: bool, supernode: bool) -> EdgeNode {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+    use supermesh_api::names::condition::READY;
+    let mut n = node(name, "a", network);
+    let mut status = supermesh_api::EdgeNodeStatus::default();
+    if ready {
+        status.conditions.push(Condition {
+            type_: READY.into(),
+            status: "True".into(),
+            reason: "AgentReady".into(),
+            message: String::new(),
+            observed_generation: None,
+            last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        });
+    }
+    status.role = supernode.then_some(supermesh_protocol::NodeRole::Supernode);
+    n.status = Some(status);
+    n
+}
+
 /// A Microservice `team/name` in `mesh` at `generation`, with `extra` spec fields.
 pub fn microservice(name: &str, mesh: &str, generation: i64, extra: Value) -> Microservice {
     let mut spec = json!({"mesh": mesh, "command": ["srv"]});

@@ -3,6 +3,7 @@
 
 pub mod aggregator;
 pub mod cloudhub;
+pub mod clusters;
 pub mod coalesce;
 pub mod conditions;
 pub mod context;

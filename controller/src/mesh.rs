@@ -1,36 +1,34 @@
 //! Mesh reconciler: validate the spec, count members and microservices, summarise
 //! clusters; members and counts are read from the fleet index.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
-use supermesh_api::mesh::{ClusterStatus, MeshStatus};
+use supermesh_api::mesh::MeshStatus;
 use supermesh_api::names::condition::*;
 use supermesh_api::Mesh;
-use supermesh_protocol::NodeRole;
 use tracing::instrument;
 
+use crate::clusters::Summary;
 use crate::conditions::{self, Wanted};
 use crate::context::{reconcile_in_finalizer, Context, RESYNC};
-use crate::index::{Key, MemberStatus, MeshInputs};
+use crate::index::{Key, MeshInputs};
 use crate::Result;
 
 /// The status of `mesh` given its members (or why its spec is invalid) and the
 /// number of microservices naming it.
 pub fn status_for(mesh: &Mesh, inputs: &MeshInputs) -> MeshStatus {
     let old = mesh.status.clone().unwrap_or_default();
-    let (members, wanted) = match &inputs.members {
-        Ok(members) => {
-            let (cluster_count, clusters) = clusters(members);
-            let message = format!("{} nodes in {cluster_count} clusters", members.len());
-            (Some((members.len() as i32, cluster_count, clusters)), Wanted::new(READY, true, MESH_VALID, message))
+    let (summary, wanted) = match &inputs.members {
+        Ok(summary) => {
+            let message = format!("{} nodes in {} clusters", summary.nodes, summary.count);
+            (Some(summary.clone()), Wanted::new(READY, true, MESH_VALID, message))
         }
         Err(e) => (None, Wanted::new(READY, false, INVALID_SPEC, e.0.clone())),
     };
-    let (node_count, cluster_count, clusters) = members.unwrap_or_default();
+    let Summary { nodes: node_count, count: cluster_count, list: clusters } = summary.unwrap_or_default();
     let elected: Vec<&str> = clusters.iter().filter_map(|c| c.supernode.as_deref()).collect();
     MeshStatus {
         supernodes: (!elected.is_empty()).then(|| elected.join(",")),
@@ -41,47 +39,6 @@ pub fn status_for(mesh: &Mesh, inputs: &MeshInputs) -> MeshStatus {
         clusters,
         conditions: conditions::merge(&old.conditions, vec![wanted], mesh.metadata.generation),
     }
-}
-
-/// Number of per-network clusters of member nodes, and their summaries, largest first, bounded.
-fn clusters(members: &[MemberStatus]) -> (i32, Vec<ClusterStatus>) {
-    let mut by_network: BTreeMap<&str, Vec<&MemberStatus>> = BTreeMap::new();
-    for node in members {
-        by_network.entry(node.network.as_str()).or_default().push(node);
-    }
-    let mut list: Vec<ClusterStatus> = by_network
-        .into_iter()
-        .map(|(network, nodes)| ClusterStatus {
-            network: network.to_owned(),
-            supernode: supernode(&nodes),
-            members: nodes.len() as i32,
-            ready: nodes.iter().filter(|n| n.status.ready).count() as i32,
-        })
-        .collect();
-    let count = list.len() as i32;
-    list.sort_by(|a, b| b.members.cmp(&a.members).then_with(|| a.network.cmp(&b.network)));
-    list.truncate(MeshStatus::MAX_CLUSTERS);
-    (count, list)
-}
-
-/// The supernode of one cluster's `nodes`: the member its Ready members name most
-/// (ties to the first name), else a Ready member that reports itself supernode.
-fn supernode(nodes: &[&MemberStatus]) -> Option<String> {
-    let ready: Vec<&MemberStatus> = nodes.iter().copied().filter(|n| n.status.ready).collect();
-    let mut votes: BTreeMap<&str, usize> = nodes.iter().map(|n| (n.name.as_str(), 0)).collect();
-    for named in ready.iter().filter_map(|n| n.status.supernode.as_deref()) {
-        if let Some(count) = votes.get_mut(named) {
-            *count += 1;
-        }
-    }
-    // `max_by` keeps the last of equal elements: iterate names in reverse so the first name wins ties.
-    let named = votes.into_iter().rev().filter(|(_, v)| *v > 0).max_by(|a, b| a.1.cmp(&b.1)).map(|(name, _)| name);
-    named.map(str::to_owned).or_else(|| {
-        let mut claiming: Vec<&str> =
-            ready.iter().filter(|n| n.status.role == Some(NodeRole::Supernode)).map(|n| n.name.as_str()).collect();
-        claiming.sort();
-        claiming.first().map(|n| (*n).to_owned())
-    })
 }
 
 /// Reconciles one Mesh.
@@ -119,46 +76,25 @@ async fn apply(api: Api<Mesh>, mesh: Arc<Mesh>, ctx: Arc<Context>) -> Result<Act
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::{NodeStatusView, NodeView};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+    use crate::clusters::{summarize, MemberStatus};
+    use crate::fixtures::node_with_status as node;
+    use crate::view::{NodeStatusView, NodeView};
     use serde_json::json;
+    use supermesh_api::mesh::ClusterStatus;
     use supermesh_api::{EdgeNode, Microservice};
-
-    fn member(n: &EdgeNode) -> MemberStatus {
-        MemberStatus { name: n.name_any(), network: n.spec.network.clone(), status: NodeStatusView::from(n) }
-    }
 
     /// The status of `mesh` as the index would feed it: its members among `nodes`.
     fn status_of(mesh: &Mesh, nodes: &[EdgeNode], microservices: &[&Microservice]) -> MeshStatus {
-        let views: Vec<NodeView> = nodes.iter().map(NodeView::from).collect();
-        let members = crate::placement::mesh_members(&mesh.spec, &views).map(|members| {
-            members.iter().filter_map(|v| nodes.iter().find(|n| n.name_any() == v.name)).map(member).collect()
+        let views: Vec<(NodeView, NodeStatusView)> = nodes.iter().map(|n| (n.into(), n.into())).collect();
+        let admitted: Vec<NodeView> = views.iter().map(|(v, _)| v.clone()).collect();
+        let members = crate::placement::mesh_members(&mesh.spec, &admitted).map(|members| {
+            summarize(members.iter().filter_map(|m| {
+                let (view, status) = views.iter().find(|(v, _)| v.name == m.name)?;
+                Some(MemberStatus { name: &view.name, network: &view.network, status })
+            }))
         });
         let microservices = microservices.iter().filter(|m| m.spec.mesh == mesh.name_any()).count() as i32;
         status_for(mesh, &MeshInputs { members, microservices })
-    }
-
-    fn following(mut n: EdgeNode, supernode: &str) -> EdgeNode {
-        n.status.as_mut().unwrap().supernode = Some(supernode.into());
-        n
-    }
-
-    fn node(name: &str, network: &str, ready: bool, supernode: bool) -> EdgeNode {
-        let mut n = EdgeNode::new(name, serde_json::from_value(json!({"account": "a", "network": network})).unwrap());
-        let mut status = supermesh_api::EdgeNodeStatus::default();
-        if ready {
-            status.conditions.push(Condition {
-                type_: READY.into(),
-                status: "True".into(),
-                reason: "AgentReady".into(),
-                message: String::new(),
-                observed_generation: None,
-                last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
-            });
-        }
-        status.role = supernode.then_some(NodeRole::Supernode);
-        n.status = Some(status);
-        n
     }
 
     #[test]
@@ -201,44 +137,6 @@ mod tests {
         assert_eq!(s.node_count, 100);
         assert_eq!(s.clusters.len(), MeshStatus::MAX_CLUSTERS);
         assert_eq!(s.cluster_count, 100, "the count is not bounded");
-    }
-
-    fn chosen(nodes: &[EdgeNode]) -> Option<String> {
-        let members: Vec<MemberStatus> = nodes.iter().map(member).collect();
-        supernode(&members.iter().collect::<Vec<_>>())
-    }
-
-    #[test]
-    fn the_supernode_is_the_one_most_ready_members_follow() {
-        // b claims the role but the Ready majority follows a (a split view during failover).
-        let nodes = [
-            following(node("a", "lan", true, true), "a"),
-            following(node("b", "lan", true, true), "b"),
-            following(node("c", "lan", true, false), "a"),
-            following(node("d", "lan", false, false), "b"),
-            following(node("e", "lan", false, false), "b"),
-        ];
-        assert_eq!(chosen(&nodes).as_deref(), Some("a"), "votes of members that are not Ready do not count");
-    }
-
-    #[test]
-    fn ties_go_to_the_first_name_and_only_members_can_be_chosen() {
-        let nodes = [
-            following(node("b", "lan", true, true), "b"),
-            following(node("a", "lan", true, true), "a"),
-            following(node("c", "lan", true, false), "gone"),
-        ];
-        assert_eq!(chosen(&nodes).as_deref(), Some("a"));
-        let only_outsider = [following(node("c", "lan", true, false), "gone")];
-        assert_eq!(chosen(&only_outsider), None);
-    }
-
-    #[test]
-    fn without_votes_a_ready_node_claiming_the_role_is_the_supernode() {
-        let nodes = [node("z", "lan", true, true), node("y", "lan", false, true), node("x", "lan", true, false)];
-        assert_eq!(chosen(&nodes).as_deref(), Some("z"), "y is not Ready");
-        let nobody = [node("y", "lan", false, true), node("x", "lan", true, false)];
-        assert_eq!(chosen(&nobody), None);
     }
 }
 

@@ -101,8 +101,8 @@ async fn apply(api: Api<Microservice>, msvc: Arc<Microservice>, ctx: Arc<Context
     let Some(inputs) = ctx.index.microservice(&Key::of(&*msvc)) else {
         return Ok(Action::requeue(Duration::from_secs(1)));
     };
-    let plan = inputs.plan;
-    let agg = match &plan {
+    let plan = &*inputs.plan;
+    let agg = match plan {
         Plan::Placed(p) => {
             let agg = inputs.aggregate;
             // Right after a start, agents are still reconnecting: an incomplete picture may
@@ -113,7 +113,7 @@ async fn apply(api: Api<Microservice>, msvc: Arc<Microservice>, ctx: Arc<Context
         }
         Plan::Blocked { .. } => Some(Aggregate::default()),
     };
-    let status = status_for(&msvc, &plan, agg.as_ref());
+    let status = status_for(&msvc, plan, agg.as_ref());
     let old = msvc.status.clone().unwrap_or_default();
     let old_reason = conditions::reason(&old.conditions, READY).map(str::to_owned);
     let new_reason = conditions::reason(&status.conditions, READY).unwrap_or_default();
@@ -131,7 +131,7 @@ async fn apply(api: Api<Microservice>, msvc: Arc<Microservice>, ctx: Arc<Context
     {
         ctx.publish(&*msvc, true, &reason, message).await;
     }
-    match &plan {
+    match plan {
         Plan::Blocked { reason, message } if old_reason.as_deref() != Some(*reason) => {
             ctx.publish(&*msvc, true, reason, message.clone()).await;
         }

@@ -1,6 +1,8 @@
 //! Typed message bodies: one enum per operation, decoded from the envelope's
 //! operation, resource and content in one place, and built back into envelopes.
 
+use std::sync::Arc;
+
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -275,8 +277,8 @@ fn decode_report(op: Operation, resource: &str, content: &serde_json::Value) -> 
 /// fleet-wide update serializes the content once, not once per node.
 #[derive(Debug)]
 pub struct Prepared {
-    /// Resource string.
-    pub resource: String,
+    /// Resource string, shared by every node's desired state that holds it.
+    pub resource: Arc<str>,
     /// Version the agent stores.
     pub version: String,
     content: Box<RawValue>,
@@ -287,7 +289,7 @@ impl Prepared {
     pub fn new(change: &Change) -> Prepared {
         let text = change.to_json().to_string();
         let content = RawValue::from_string(text).unwrap_or_else(|_| RawValue::NULL.to_owned());
-        Prepared { resource: change.resource(), version: change.version(), content }
+        Prepared { resource: change.resource().into(), version: change.version(), content }
     }
 
     /// Bytes of the encoded content.
@@ -451,7 +453,7 @@ mod tests {
     fn a_prepared_change_frames_like_an_ordinary_message() {
         let change = Change::Assignment(Box::new(assignment()));
         let prepared = Prepared::new(&change);
-        assert_eq!((prepared.resource.as_str(), prepared.version.as_str()), ("team/microservice/web", "2-u"));
+        assert_eq!((&*prepared.resource, prepared.version.as_str()), ("team/microservice/web", "2-u"));
         let frame = prepared.frame("c1-1", None, 9, Operation::Insert).unwrap();
         let decoded = decode(&frame).unwrap();
         assert_eq!(decoded.resource_version.as_deref(), Some("2-u"));

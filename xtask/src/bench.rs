@@ -18,14 +18,14 @@ const BENCHES: &[Bench] = &[
     Bench {
         name: "sync",
         cluster: false,
-        about:
-            "the agent's metamanager store on a real SQLite file: upserts/s with one transaction per message \
+        about: "the agent's metamanager store on a real SQLite file: upserts/s with one transaction per message \
          and batched",
     },
     Bench {
         name: "scale",
         cluster: true,
-        about: "the cloud side as the fleet grows (--agents 1000,5000,10000): time for all agents to connect, controller \
+        about:
+            "the cloud side as the fleet grows (--agents 1000,5000,10000): time for all agents to connect, controller \
          CPU and memory at rest, change-to-ack latency of one spec change to every node, status writes per 1,000 \
          status changes; simulated agents built on the agent's own edgehub",
     },

@@ -13,6 +13,8 @@ pub fn run(extra: &[String]) -> Result<()> {
     shell::run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     step("generated CRDs match the Rust types");
     crate::crdgen::run(true)?;
+    step("the agent links no Kubernetes client or types");
+    agent_is_kube_free()?;
     // The end-to-end tests put agents in network namespaces (`ip`) and run Python microservices.
     shell::ensure_program("ip", "iproute2")?;
     shell::ensure_program("python3", "python3")?;
@@ -35,6 +37,20 @@ pub fn run(extra: &[String]) -> Result<()> {
         step("tests");
         shell::run(tests.args(extra).env("KUBECONFIG", kubeconfig).env(crate::compat::ENV, &previous))
     })
+}
+
+/// The agent speaks the wire protocol only: its dependency tree has neither kube nor
+/// k8s-openapi, so that no CRD change reaches devices unless the protocol changes too.
+fn agent_is_kube_free() -> Result<()> {
+    let tree = shell::output(cargo().args(["tree", "-p", "supermesh-agent", "-e", "normal", "--prefix", "none"]))?;
+    let kube: Vec<&str> = tree
+        .lines()
+        .filter(|l| l.starts_with("kube") || l.starts_with("k8s-openapi") || l.starts_with("supermesh-api"))
+        .collect();
+    if !kube.is_empty() {
+        anyhow::bail!("supermesh-agent depends on {}: it must depend on supermesh-protocol only", kube.join(", "));
+    }
+    Ok(())
 }
 
 fn step(name: &str) {

@@ -133,11 +133,11 @@ impl Delivery {
         }
         let mut wanted: Vec<(Operation, String, String, Option<Arc<Prepared>>)> = Vec::new();
         for (resource, prepared) in &desired.resources {
-            if view.get(resource.as_str()).copied().flatten() == Some(prepared.version.as_str()) {
+            if view.get(&**resource).copied().flatten() == Some(prepared.version.as_str()) {
                 continue;
             }
-            let operation = if self.held.contains_key(resource) { Operation::Update } else { Operation::Insert };
-            wanted.push((operation, resource.clone(), prepared.version.clone(), Some(prepared.clone())));
+            let operation = if self.held.contains_key(&**resource) { Operation::Update } else { Operation::Insert };
+            wanted.push((operation, resource.to_string(), prepared.version.clone(), Some(prepared.clone())));
         }
         for (resource, version) in &view {
             if let (Some(version), false) = (version, desired.resources.contains_key(*resource)) {

@@ -9,6 +9,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use kube::api::PostParams;
 use kube::{Api, Client};
 use supermesh_api::edgenode::EdgeNodeSpec;
+use supermesh_api::names::FINALIZER;
 use supermesh_api::EdgeNode;
 use supermesh_protocol::Hello;
 use tokio::sync::Semaphore;
@@ -55,7 +56,10 @@ async fn create(client: &Client, hello: &Hello) -> Result<(), kube::Error> {
         unschedulable: false,
     };
     let api: Api<EdgeNode> = Api::all(client.clone());
-    match api.create(&PostParams::default(), &EdgeNode::new(&hello.node, spec)).await {
+    let mut node = EdgeNode::new(&hello.node, spec);
+    // Born with the finalizer its reconcile would add: one write less per new node.
+    node.metadata.finalizers = Some(vec![FINALIZER.to_owned()]);
+    match api.create(&PostParams::default(), &node).await {
         Ok(_) => {
             info!(node = %hello.node, network = %hello.network, "registered a new EdgeNode");
             Ok(())

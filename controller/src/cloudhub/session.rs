@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as Frame;
 use tracing::{debug, info, warn};
 
-use super::delivery::{is_membership, Delivery};
+use super::delivery::{is_membership, Delivery, Outgoing};
 use super::reports::{judge_batch, outbox_seq, Intake};
 use super::{registration, resolve_peer_address, Shared, Ws};
 use crate::index::{NodeDesired, SessionInfo};
@@ -31,6 +31,9 @@ use crate::metrics::ReportPath;
 const RATE_PER_SECOND: u32 = 50;
 /// How long the agent has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the index hears that an agent is alive: the session knows it to the frame,
+/// the index (for `lastHeartbeatTime`, written every few minutes) needs much less.
+const LIVENESS_EVERY: Duration = Duration::from_secs(30);
 
 /// Runs the session of `node` until the stream ends, is superseded or goes silent.
 pub(super) async fn run(mut ws: Ws, node: String, peer: SocketAddr, shared: Shared) {
@@ -76,6 +79,7 @@ pub(super) async fn run(mut ws: Ws, node: String, peer: SocketAddr, shared: Shar
         asked: BTreeMap::new(),
         last_heard: Instant::now(),
         last_sent: Instant::now(),
+        last_told: Instant::now(),
         budget: RateLimiter::direct(
             Quota::per_second(NonZeroU32::new(RATE_PER_SECOND).expect("not zero")).allow_burst(burst),
         ),
@@ -134,6 +138,8 @@ struct Session {
     asked: BTreeMap<String, oneshot::Sender<Message>>,
     last_heard: Instant,
     last_sent: Instant,
+    /// When the index last heard this agent is alive.
+    last_told: Instant,
     budget: DefaultDirectRateLimiter,
     protocol: ProtocolVersion,
 }
@@ -146,13 +152,14 @@ impl Session {
         mut queries: tokio::sync::mpsc::Receiver<(Message, oneshot::Sender<Message>)>,
     ) -> &'static str {
         let keepalive = self.shared.hub.keepalive();
-        let welcome = Welcome { keepalive_seconds: keepalive.as_secs(), pending: 0, protocol: self.protocol };
-        let welcome = Body::NodeConnection(Connection::Welcome(welcome));
-        if self.send_body(CONNECTION_RESOURCE, &welcome, None).await.is_err() {
-            return "send failed";
-        }
         let current = desired.borrow_and_update().clone();
-        if self.sync(&current).await.is_err() {
+        let pending = self.delivery.plan(&current, std::time::Instant::now());
+        let welcome =
+            Welcome { keepalive_seconds: keepalive.as_secs(), pending: pending.len() as u64, protocol: self.protocol };
+        let welcome = Body::NodeConnection(Connection::Welcome(welcome));
+        if self.send_body(CONNECTION_RESOURCE, &welcome, None).await.is_err()
+            || self.send_changes(pending).await.is_err()
+        {
             return "send failed";
         }
         loop {
@@ -208,13 +215,25 @@ impl Session {
 
     fn heard(&mut self) {
         self.last_heard = Instant::now();
-        self.shared.index.heard(&self.node, self.id);
+        if self.last_told.elapsed() >= LIVENESS_EVERY {
+            self.last_told = self.last_heard;
+            self.shared.index.heard(&self.node, self.id);
+        }
     }
 
     /// Sends what the agent lacks of `desired`.
     async fn sync(&mut self, desired: &NodeDesired) -> Result<(), String> {
-        let metrics = &self.shared.metrics;
-        for out in self.delivery.plan(desired, std::time::Instant::now()) {
+        let planned = self.delivery.plan(desired, std::time::Instant::now());
+        self.send_changes(planned).await
+    }
+
+    /// Sends planned changes, flushed once.
+    async fn send_changes(&mut self, planned: Vec<Outgoing>) -> Result<(), String> {
+        if planned.is_empty() {
+            return Ok(());
+        }
+        let metrics = self.shared.metrics.clone();
+        for out in planned {
             let frame = match &out.content {
                 Some(content) => content.frame(&out.id, None, now_ms(), out.operation),
                 None => encode(
@@ -223,8 +242,7 @@ impl Session {
                 ),
             };
             let frame = frame.map_err(|e| e.to_string())?;
-            self.ws.send(Frame::text(frame)).await.map_err(|e| e.to_string())?;
-            self.last_sent = Instant::now();
+            self.ws.feed(Frame::text(frame)).await.map_err(|e| e.to_string())?;
             if is_membership(&out.resource) {
                 metrics.memberships_sent.inc();
             } else {
@@ -234,6 +252,8 @@ impl Session {
                 }
             }
         }
+        self.ws.flush().await.map_err(|e| e.to_string())?;
+        self.last_sent = Instant::now();
         Ok(())
     }
 

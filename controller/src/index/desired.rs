@@ -12,6 +12,6 @@ pub struct NodeDesired {
     /// False until the index holds a complete listing of every kind and has placed
     /// every microservice: until then nothing may be sent (nor deleted).
     pub complete: bool,
-    /// By resource string.
-    pub resources: BTreeMap<String, Arc<Prepared>>,
+    /// By resource string (shared with the change itself: publishing copies no strings).
+    pub resources: BTreeMap<Arc<str>, Arc<Prepared>>,
 }

@@ -30,8 +30,8 @@ use supermesh_api::mesh::MeshSpec;
 use supermesh_api::microservice::MicroserviceSpec;
 use supermesh_api::{EdgeNode, Mesh, Microservice};
 use supermesh_protocol::{
-    Change, ClusterView, Endpoint, ErrorCode, ErrorContent, InstanceReport, Membership, NodeInfo, Prepared,
-    ResourceRef, Scope, StatusReport, MICROSERVICE,
+    Change, ClusterView, Endpoint, ErrorCode, ErrorContent, InstanceReport, NodeInfo, Prepared, ResourceRef, Scope,
+    StatusReport, MICROSERVICE,
 };
 use tokio::sync::{watch, Notify};
 
@@ -39,6 +39,7 @@ pub use crate::view::{NodeStatusView, NodeView, SessionInfo};
 pub use desired::NodeDesired;
 
 use crate::aggregator::{aggregate, Aggregate};
+use crate::clusters::{summarize, MemberStatus, Summary};
 use crate::discovery;
 use crate::membership;
 use crate::metrics::Metrics;
@@ -135,7 +136,8 @@ struct MsvcEntry {
     deleting: bool,
     spec: MicroserviceSpec,
     prepared: Arc<Prepared>,
-    plan: Plan,
+    /// Shared with the reconciler that reads it: a fleet-wide plan names every node.
+    plan: Arc<Plan>,
 }
 
 #[derive(Default)]
@@ -166,7 +168,7 @@ struct State {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MicroserviceInputs {
     /// Where it runs, or why it cannot.
-    pub plan: Plan,
+    pub plan: Arc<Plan>,
     /// What the nodes it runs on report about it.
     pub aggregate: Aggregate,
 }
@@ -182,22 +184,11 @@ pub struct NodeInputs {
     pub cluster: Option<ClusterView>,
 }
 
-/// One member of a mesh, as mesh status reads it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MemberStatus {
-    /// EdgeNode name.
-    pub name: String,
-    /// Its network.
-    pub network: String,
-    /// Its EdgeNode's status.
-    pub status: NodeStatusView,
-}
-
 /// Inputs of a Mesh's status.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MeshInputs {
-    /// Its members in name order, or why its spec is invalid.
-    pub members: Result<Vec<MemberStatus>, placement::InvalidSpec>,
+    /// Its members summed up by network cluster, or why its spec is invalid.
+    pub members: Result<Summary, placement::InvalidSpec>,
     /// Microservices of its namespace that name it.
     pub microservices: i32,
 }
@@ -405,21 +396,23 @@ impl Index {
         if entry.report.as_ref().is_some_and(|old| old.taken_ms >= report.taken_ms) {
             return false;
         }
-        let placed: BTreeSet<String> = entry.assigned.iter().map(Key::resource).collect();
-        report.instances.retain(|i| placed.contains(&i.resource) || held.is_some_and(|h| h.contains_key(&i.resource)));
+        // What is placed on the node is what it was last published to hold.
+        let placed = entry.desired.borrow().clone();
+        report.instances.retain(|i| {
+            placed.resources.contains_key(i.resource.as_str()) || held.is_some_and(|h| h.contains_key(&i.resource))
+        });
         let old = entry.report.take().unwrap_or_default();
-        let changed = changed_instances(&old.instances, &report.instances);
         let recount = counts(&old) != counts(&report);
         let role_changed = old.cluster != report.cluster;
-        entry.report = Some(report);
-        for resource in changed {
-            if let Some((namespace, name)) = ResourceRef::microservice(&resource) {
+        for resource in changed_instances(&old.instances, &report.instances) {
+            if let Some((namespace, name)) = ResourceRef::microservice(resource) {
                 let key = Key::new(namespace, name);
                 if s.microservices.contains_key(&key) {
                     self.triggers.microservice(&key);
                 }
             }
         }
+        entry.report = Some(report);
         // An election shows at once; counts that a rollout moves and moves back, later.
         if role_changed {
             self.triggers.node_now(node);
@@ -515,18 +508,12 @@ impl Index {
     pub fn microservice(&self, key: &Key) -> Option<MicroserviceInputs> {
         let s = self.lock();
         let m = s.microservices.get(key)?;
-        let resource = key.resource();
-        let reports: Vec<(String, InstanceReport)> = m
-            .plan
-            .nodes()
-            .iter()
-            .filter_map(|n| {
-                let report = s.nodes.get(n)?.report.as_ref()?;
-                let instance = report.instances.iter().find(|i| i.resource == resource)?;
-                Some((n.clone(), instance.clone()))
-            })
-            .collect();
-        Some(MicroserviceInputs { plan: m.plan.clone(), aggregate: aggregate(&m.prepared.version, &reports) })
+        let resource = &*m.prepared.resource;
+        let reports = m.plan.nodes().iter().filter_map(|n| {
+            let report = s.nodes.get(n)?.report.as_ref()?;
+            Some((n.as_str(), report.instances.iter().find(|i| i.resource == resource)?))
+        });
+        Some(MicroserviceInputs { plan: m.plan.clone(), aggregate: aggregate(&m.prepared.version, reports) })
     }
 
     /// The nodes Microservice `key` is placed on.
@@ -551,15 +538,10 @@ impl Index {
         let s = self.lock();
         let mesh = s.meshes.get(key)?;
         let members = match &mesh.rule {
-            Ok(_) => Ok(mesh
-                .members
-                .iter()
-                .filter_map(|n| {
-                    let e = s.nodes.get(n)?;
-                    let view = e.view.as_ref()?;
-                    Some(MemberStatus { name: n.clone(), network: view.network.clone(), status: e.status.clone() })
-                })
-                .collect()),
+            Ok(_) => Ok(summarize(mesh.members.iter().filter_map(|n| {
+                let e = s.nodes.get(n)?;
+                Some(MemberStatus { name: n, network: &e.view.as_ref()?.network, status: &e.status })
+            }))),
             Err(e) => Err(e.clone()),
         };
         let microservices = s.by_mesh.get(key).map_or(0, BTreeSet::len) as i32;
@@ -594,13 +576,13 @@ fn counts(report: &StatusReport) -> (i32, i32) {
     (running, ready)
 }
 
-/// Resources whose instance differs between two reports (or is in only one).
-fn changed_instances(old: &[InstanceReport], new: &[InstanceReport]) -> BTreeSet<String> {
-    let before: HashMap<&str, &InstanceReport> = old.iter().map(|i| (i.resource.as_str(), i)).collect();
-    let after: HashMap<&str, &InstanceReport> = new.iter().map(|i| (i.resource.as_str(), i)).collect();
-    let mut changed: BTreeSet<String> =
-        new.iter().filter(|i| before.get(i.resource.as_str()) != Some(i)).map(|i| i.resource.clone()).collect();
-    changed.extend(old.iter().filter(|i| !after.contains_key(i.resource.as_str())).map(|i| i.resource.clone()));
+/// Resources whose instance differs between two reports (or is in only one). A node runs a
+/// handful of instances: comparing each with each costs less than indexing them.
+fn changed_instances<'a>(old: &'a [InstanceReport], new: &'a [InstanceReport]) -> Vec<&'a str> {
+    let find = |list: &'a [InstanceReport], resource: &str| list.iter().find(|i| i.resource == resource);
+    let mut changed: Vec<&str> =
+        new.iter().filter(|i| find(old, &i.resource) != Some(i)).map(|i| i.resource.as_str()).collect();
+    changed.extend(old.iter().filter(|i| find(new, &i.resource).is_none()).map(|i| i.resource.as_str()));
     changed
 }
 
@@ -766,7 +748,7 @@ impl State {
                     deleting,
                     spec: msvc.spec.clone(),
                     prepared,
-                    plan: Plan::default(),
+                    plan: Arc::default(),
                 };
                 self.microservices.insert(key.clone(), entry);
                 if self.ready() {
@@ -834,13 +816,13 @@ impl State {
             };
             placement::plan(&key.namespace, &key.name, &m.spec, state, m.plan.nodes())
         };
-        if plan == m.plan {
+        if plan == *m.plan {
             return;
         }
         let old = m.plan.nodes().clone();
         self.assign(ix, key, &old, plan.nodes());
         if let Some(m) = self.microservices.get_mut(key) {
-            m.plan = plan;
+            m.plan = Arc::new(plan);
         }
         ix.triggers.microservice(key);
     }
@@ -900,7 +882,7 @@ impl State {
         }
         for name in std::mem::take(&mut self.dirty_nodes) {
             let Some(e) = self.nodes.get(&name) else { continue };
-            let mut resources: BTreeMap<String, Arc<Prepared>> = e
+            let mut resources: BTreeMap<Arc<str>, Arc<Prepared>> = e
                 .assigned
                 .iter()
                 .filter_map(|k| self.microservices.get(k))
@@ -909,23 +891,19 @@ impl State {
                 .collect();
             let membership = e.network().and_then(|n| self.networks.get(n)).and_then(|n| n.prepared.clone());
             if let Some(m) = membership {
-                resources.insert(Membership::resource(e.network().unwrap_or_default()), m);
+                resources.insert(m.resource.clone(), m);
             }
             // A node without an EdgeNode is sent nothing: it is being registered.
             let desired = NodeDesired { complete: e.view.is_some(), resources };
-            e.desired.send_if_modified(|old| {
-                let same = old.complete == desired.complete
+            let same = {
+                let old = e.desired.borrow();
+                old.complete == desired.complete
                     && old.resources.len() == desired.resources.len()
-                    && old
-                        .resources
-                        .iter()
-                        .zip(&desired.resources)
-                        .all(|((r1, p1), (r2, p2))| r1 == r2 && Arc::ptr_eq(p1, p2));
-                if !same {
-                    *old = Arc::new(NodeDesired { complete: desired.complete, resources: desired.resources.clone() });
-                }
-                !same
-            });
+                    && old.resources.values().zip(desired.resources.values()).all(|(a, b)| Arc::ptr_eq(a, b))
+            };
+            if !same {
+                e.desired.send_replace(Arc::new(desired));
+            }
         }
     }
 }

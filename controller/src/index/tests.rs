@@ -11,7 +11,7 @@ use crate::fixtures::{listed, mesh, microservice as msvc, new_index, node, sessi
 
 /// Resource strings and versions a node is published to hold.
 fn held(rx: &watch::Receiver<Arc<NodeDesired>>) -> Vec<(String, String)> {
-    rx.borrow().resources.iter().map(|(r, p)| (r.clone(), p.version.clone())).collect()
+    rx.borrow().resources.iter().map(|(r, p)| (r.to_string(), p.version.clone())).collect()
 }
 
 /// Drains what the index asked so far of one controller.
@@ -44,7 +44,10 @@ fn nothing_is_complete_until_every_kind_is_listed_and_placed() {
     assert!(a.has_changed().unwrap());
     let desired = a.borrow_and_update().clone();
     assert!(desired.complete);
-    assert_eq!(desired.resources.keys().collect::<Vec<_>>(), ["_/membership/lan", "team/microservice/web"]);
+    assert_eq!(
+        desired.resources.keys().map(|k| &**k).collect::<Vec<_>>(),
+        ["_/membership/lan", "team/microservice/web"]
+    );
 }
 
 #[test]
@@ -58,7 +61,7 @@ fn a_microservice_reaches_exactly_the_nodes_its_mesh_admits() {
     assert!(held(&b).iter().all(|(r, _)| !r.contains("microservice")), "another account's node runs nothing");
     assert_eq!(index.placed(&Key::new("team", "web")), BTreeSet::from(["a".into(), "c".into()]));
     let inputs = index.microservice(&Key::new("team", "web")).unwrap();
-    assert!(matches!(inputs.plan, Plan::Placed(ref p) if p.candidates == 2));
+    assert!(matches!(*inputs.plan, Plan::Placed(ref p) if p.candidates == 2));
     assert_eq!(index.node("a").counts.desired, 1);
     assert_eq!(drained(&mut t.microservices), BTreeSet::from(["web".to_string()]));
     assert!(held(&c).iter().any(|(r, v)| r == "team/microservice/web" && v == "1-uid-web"));
@@ -230,7 +233,7 @@ fn a_blocked_microservice_runs_nowhere_until_its_mesh_appears() {
     listed(&index, vec![], vec![node("a", "acme", "lan")], vec![msvc("web", "m", 1, json!({}))]);
     let inputs = index.microservice(&Key::new("team", "web")).unwrap();
     assert!(
-        matches!(inputs.plan, Plan::Blocked { reason, .. } if reason == supermesh_api::names::condition::MESH_NOT_FOUND)
+        matches!(*inputs.plan, Plan::Blocked { reason, .. } if reason == supermesh_api::names::condition::MESH_NOT_FOUND)
     );
     drained(&mut t.microservices);
     index.mesh_event(&watcher::Event::Apply(mesh("m", json!({"type": "Account", "account": "acme"}))));
