@@ -5,7 +5,8 @@
 //!
 //! A simulated instance goes Starting → Ready `ready_after` after its assignment
 //! arrives, as a real one would go through its start and first health check;
-//! each phase change is a status report in the outbox, and a start is an event.
+//! phase changes become a status report in the outbox after the agent's own
+//! coalescing delay ([`metasync::COALESCE`]), and a start is an event.
 //!
 //! Full status reports follow a [`Control`] that a benchmark shares with its fleet,
 //! each agent at its own phase of the status interval. They go upstream as the
@@ -20,13 +21,14 @@ use std::time::Duration;
 
 use supermesh_agent::edgehub::{self, Device, Signals};
 use supermesh_agent::metamanager::store::OutboxEntry;
+use supermesh_agent::metasync;
 use supermesh_agent::supernode::relay::Queue;
 use supermesh_protocol::{
     encode, now_ms, Answer, Body, Change, ClusterView, ErrorCode, ErrorContent, EventReport, InstanceEvent,
     InstanceReport, LogQuery, Membership, Message, NodeRole, Operation, Phase, RelayedReport, Report, ResourceRef,
     StatusReport, BATCH_RESOURCE, OUTBOX_ID_PREFIX, STATUS_RESOURCE,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -334,6 +336,8 @@ impl Agent {
             uplink,
             control,
             online: AtomicBool::new(false),
+            status_changed: AtomicBool::new(false),
+            status_notify: Notify::new(),
         });
         let hub = tokio::spawn(edgehub::run(config, device.clone(), outbound, signals));
         let lifecycle = tokio::spawn(lifecycle(device.clone(), started, spec.ready_after, spec.status_interval, phase));
@@ -358,7 +362,13 @@ async fn lifecycle(
     };
     let mut next_status = due(*control.borrow_and_update());
     let mut relay_at = None;
+    let mut coalesced_at = None;
     let mut controlled = true;
+    // A supernode relays its cluster's reports shortly after its own.
+    let reported = |device: &SimDevice| {
+        device.report_status();
+        device.is_supernode().then(|| Instant::now() + COALESCE.min(interval / 2))
+    };
     loop {
         tokio::select! {
             changed = control.changed(), if controlled => match changed {
@@ -367,10 +377,17 @@ async fn lifecycle(
                 Err(_) => controlled = false,
             },
             () = until(next_status) => {
-                device.report_status();
+                relay_at = reported(&device).or(relay_at);
                 next_status = next_status.map(|at| at + interval);
-                if device.is_supernode() {
-                    relay_at = Some(Instant::now() + COALESCE.min(interval / 2));
+            }
+            // As the agent's MetaSync: phase changes are reported together, a moment after the first.
+            () = device.status_notify.notified(), if coalesced_at.is_none() => {
+                coalesced_at = Some(Instant::now() + metasync::COALESCE);
+            }
+            () = until(coalesced_at) => {
+                coalesced_at = None;
+                if device.status_changed.load(Ordering::Relaxed) {
+                    relay_at = reported(&device).or(relay_at);
                 }
             }
             () = until(relay_at) => {
@@ -417,6 +434,9 @@ pub struct SimDevice {
     control: watch::Receiver<Control>,
     /// Whether its link is up: what a supernode hands the edgehub offline is dropped.
     online: AtomicBool,
+    /// Whether an instance changed since its last status report, and the lifecycle's wake-up.
+    status_changed: AtomicBool,
+    status_notify: Notify,
 }
 
 /// An outbox entry, and when it first went over the device's own link.
@@ -502,6 +522,7 @@ impl SimDevice {
 
     /// Queues a full status report, superseding an unsent one.
     fn report_status(&self) {
+        self.status_changed.store(false, Ordering::Relaxed);
         let instances = lock(&self.instances).values().cloned().collect();
         let report = StatusReport { taken_ms: now_ms(), instances, cluster: self.view() };
         self.enqueue(STATUS_RESOURCE, serde_json::to_string(&report).unwrap_or_default(), true);
@@ -529,7 +550,8 @@ impl SimDevice {
             self.enqueue(resource, serde_json::to_string(&event).unwrap_or_default(), false);
             self.stats.events.fetch_add(1, Ordering::Relaxed);
         }
-        self.report_status();
+        self.status_changed.store(true, Ordering::Relaxed);
+        self.status_notify.notify_one();
     }
 
     /// Runs `version` of `resource`: Starting now, Ready when the lifecycle says so.
