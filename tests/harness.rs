@@ -244,6 +244,12 @@ impl Controller {
         let _ = self.child.wait();
     }
 
+    /// Kills the controller with SIGKILL, as a lost Pod or machine would go.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// The controller's whole log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -17,10 +17,12 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use supermesh_api::names::{CONTROLLER_MANAGER, FINALIZER};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::index::Index;
 use crate::metrics::Metrics;
+use crate::replicas::Replicas;
 use crate::{Error, Result};
 
 /// Everything a reconcile needs: the client, Events, metrics and the fleet index.
@@ -33,8 +35,20 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// The fleet index: placements, reports, memberships and liveness.
     pub index: Arc<Index>,
+    /// What this replica reconciles.
+    pub role: Role,
     /// Retry backoff of the objects whose reconcile failed, by object.
     retries: Mutex<HashMap<String, ExponentialBackoff>>,
+}
+
+/// What a replica reconciles: Meshes and Microservices while it holds the controller
+/// Lease, and the EdgeNodes of the nodes it serves (it holds their sessions and reports).
+#[derive(Clone)]
+pub struct Role {
+    /// True while this replica holds the controller Lease.
+    pub leader: watch::Receiver<bool>,
+    /// The live replicas, and which serves which node.
+    pub replicas: Replicas,
 }
 
 /// Retries after failed reconciles: 200 ms doubling up to 60 s, with jitter, so that
@@ -47,8 +61,18 @@ const RETRY: ExponentialBuilder = ExponentialBuilder::new()
 
 impl Context {
     /// A context for reconciles.
-    pub fn new(client: Client, recorder: Recorder, metrics: Arc<Metrics>, index: Arc<Index>) -> Context {
-        Context { client, recorder, metrics, index, retries: Mutex::default() }
+    pub fn new(client: Client, recorder: Recorder, metrics: Arc<Metrics>, index: Arc<Index>, role: Role) -> Context {
+        Context { client, recorder, metrics, index, role, retries: Mutex::default() }
+    }
+
+    /// Whether this replica reconciles Meshes and Microservices now.
+    pub fn leads(&self) -> bool {
+        *self.role.leader.borrow()
+    }
+
+    /// Whether this replica reconciles the EdgeNode of `node`.
+    pub fn serves(&self, node: &str) -> bool {
+        self.role.replicas.elsewhere(node).is_none()
     }
 
     fn failure_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {

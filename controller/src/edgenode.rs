@@ -97,6 +97,10 @@ fn addresses(session: &SessionInfo) -> Vec<NodeAddress> {
 /// Reconciles one EdgeNode.
 #[instrument(skip_all, fields(name = %node.name_any()))]
 pub async fn reconcile(node: Arc<EdgeNode>, ctx: Arc<Context>) -> Result<Action> {
+    // Another replica holds its agent's session and reports: that one writes its status.
+    if !ctx.serves(&node.name_any()) {
+        return Ok(Action::await_change());
+    }
     let api: Api<EdgeNode> = Api::all(ctx.client.clone());
     // Nothing to clean up: the index stopped placing anything on the node when its deletion began.
     reconcile_in_finalizer(api.clone(), node, ctx, |n, c| apply(api, n, c), |_, _| async { Ok(Action::await_change()) })

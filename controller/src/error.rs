@@ -45,6 +45,10 @@ pub enum Error {
     #[error("cannot listen for agents on {0}: {1}")]
     Listen(String, #[source] std::io::Error),
 
+    /// The controller Lease could not be set up.
+    #[error("the controller Lease (which replica reconciles Meshes and Microservices): {0}")]
+    Lease(String),
+
     /// A watch stream ended with an error the controller cannot recover from.
     #[error("{0} controller stopped: {1}")]
     ControllerStopped(&'static str, String),
@@ -99,6 +103,7 @@ impl Error {
             Error::Http(..) | Error::Listen(..) => "http",
             Error::Pki(_) | Error::NamespaceMissing(_) => "pki",
             Error::ControllerStopped(..) => "controller",
+            Error::Lease(_) => "lease",
         }
     }
 }

@@ -14,9 +14,10 @@ use serde_json::{json, Value};
 use supermesh_api::names::{CONTROLLER_MANAGER, FINALIZER};
 use supermesh_api::{EdgeNode, Mesh, Microservice};
 
-use crate::context::Context;
+use crate::context::{Context, Role};
 use crate::index::{Index, SessionInfo, Triggers};
 use crate::metrics::Metrics;
+use crate::replicas::{Replica, Replicas};
 
 /// A Mesh `team/name` of `spec`.
 pub fn mesh(name: &str, spec: Value) -> Mesh {
@@ -165,6 +166,9 @@ pub fn context(index: Arc<Index>) -> (Arc<Context>, ApiServer) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let recorder = Recorder::new(client.clone(), Reporter { controller: CONTROLLER_MANAGER.into(), instance: None });
-    let ctx = Context::new(client, recorder, Arc::new(Metrics::default()), index);
+    // The only replica, and the leader.
+    let me = Replica { id: "replica-0".into(), address: "127.0.0.1:10350".into() };
+    let role = Role { leader: tokio::sync::watch::channel(true).1, replicas: Replicas::alone(client.clone(), me) };
+    let ctx = Context::new(client, recorder, Arc::new(Metrics::default()), index, role);
     (Arc::new(ctx), ApiServer(handle))
 }

@@ -20,6 +20,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod microservice;
 pub mod placement;
+pub mod replicas;
 pub mod run;
 pub mod view;
 pub mod wire;

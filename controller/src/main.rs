@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
+use supermesh_controller::replicas::Replica;
 use supermesh_controller::run::{run, Settings};
 use tracing_subscriber::EnvFilter;
 
@@ -37,6 +38,13 @@ struct Args {
     /// Seconds between keepalives on idle agent streams; a stream silent for three is dead.
     #[arg(long, default_value_t = supermesh_controller::cloudhub::KEEPALIVE_SECONDS)]
     keepalive_seconds: u64,
+    /// This replica's id, unique among the controller's replicas (in a cluster, the Pod name).
+    #[arg(long, env = "POD_NAME")]
+    replica_id: Option<String>,
+    /// `host:port` where agents reach this replica's cloudhub when another replica sends
+    /// them here (default: POD_IP, else the first --cloudhub-name, with the cloudhub port).
+    #[arg(long, env = "SUPERMESH_ADVERTISE_ADDRESS")]
+    advertise_address: Option<String>,
     /// Log filter, for example `info` or `supermesh_controller=debug,kube=info`.
     #[arg(long, env = "SUPERMESH_LOG", default_value = "info")]
     log_level: String,
@@ -69,6 +77,22 @@ async fn main() -> ExitCode {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
     }
+    let port = args.cloudhub_addr.port();
+    let advertised_host = std::env::var("POD_IP")
+        .ok()
+        .filter(|ip| !ip.is_empty())
+        .or_else(|| args.cloudhub_names.first().cloned())
+        .or_else(|| (!args.cloudhub_addr.ip().is_unspecified()).then(|| args.cloudhub_addr.ip().to_string()))
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let bracketed = if advertised_host.contains(':') { format!("[{advertised_host}]") } else { advertised_host };
+    let replica = Replica {
+        id: args.replica_id.unwrap_or_else(|| format!("{}-{}", hostname(), rand::random::<u32>() % 1_000_000)),
+        address: args.advertise_address.unwrap_or_else(|| format!("{bracketed}:{port}")),
+    };
+    if !supermesh_protocol::names::is_dns1123_subdomain(&replica.id) {
+        eprintln!("error: --replica-id {:?} must be a DNS-1123 name (it names a Lease)", replica.id);
+        return ExitCode::from(2);
+    }
     let settings = Settings {
         metrics_addr: args.metrics_addr,
         install_crds: args.install_crds,
@@ -78,6 +102,7 @@ async fn main() -> ExitCode {
         max_agents: args.max_agents,
         reconnect_grace: std::time::Duration::from_secs(args.reconnect_grace_seconds),
         keepalive: std::time::Duration::from_secs(args.keepalive_seconds),
+        replica,
     };
     match run(settings).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -85,5 +110,15 @@ async fn main() -> ExitCode {
             tracing::error!("{e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// This machine's host name in lower case, or `controller` when it has none usable.
+fn hostname() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_lowercase();
+    if supermesh_protocol::names::is_dns1123_subdomain(&name) && name.len() <= 40 {
+        name
+    } else {
+        "controller".into()
     }
 }

@@ -41,9 +41,12 @@ pub fn status_for(mesh: &Mesh, inputs: &MeshInputs) -> MeshStatus {
     }
 }
 
-/// Reconciles one Mesh.
+/// Reconciles one Mesh, on the replica holding the controller Lease.
 #[instrument(skip_all, fields(namespace = %mesh.namespace().unwrap_or_default(), name = %mesh.name_any()))]
 pub async fn reconcile(mesh: Arc<Mesh>, ctx: Arc<Context>) -> Result<Action> {
+    if !ctx.leads() {
+        return Ok(Action::await_change());
+    }
     let api: Api<Mesh> = Api::namespaced(ctx.client.clone(), &mesh.namespace().unwrap_or_default());
     reconcile_in_finalizer(
         api.clone(),

@@ -95,6 +95,12 @@ pub struct Metrics {
     pub events_published: Counter,
     /// Objects skipped because they do not match their kind's schema, by kind.
     pub invalid_objects: Family<KindLabels, Counter>,
+    /// Agents sent to the replica that serves their node.
+    pub redirects: Counter,
+    /// 1 while this replica holds the controller Lease (reconciles Meshes and Microservices).
+    pub leader: Gauge,
+    /// Controller replicas this one sees live, itself included.
+    pub replicas: Gauge,
 }
 
 impl Default for Metrics {
@@ -141,6 +147,11 @@ impl Default for Metrics {
         registry.register("cloudhub_status_reports", "Instance status reports received", status_reports.clone());
         let agents = Gauge::default();
         registry.register("cloudhub_agents", "Agents connected now", agents.clone());
+        let redirects = Counter::default();
+        registry.register("cloudhub_redirects", "Agents sent to the replica that serves their node", redirects.clone());
+        let [leader, replicas] = std::array::from_fn(|_| Gauge::default());
+        registry.register("leader", "1 while this replica holds the controller Lease", leader.clone());
+        registry.register("replicas", "Controller replicas seen live, this one included", replicas.clone());
         let mut product_registry = Registry::with_prefix("supermesh");
         let [report_messages, report_bytes, reports] =
             std::array::from_fn(|_| Family::<PathLabels, Counter>::default());
@@ -176,6 +187,9 @@ impl Default for Metrics {
             events_dropped,
             events_published,
             invalid_objects,
+            redirects,
+            leader,
+            replicas,
         }
     }
 }

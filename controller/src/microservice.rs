@@ -89,9 +89,12 @@ pub fn status_for(msvc: &Microservice, plan: &Plan, agg: Option<&Aggregate>) -> 
     }
 }
 
-/// Reconciles one Microservice.
+/// Reconciles one Microservice, on the replica holding the controller Lease.
 #[instrument(skip_all, fields(namespace = %msvc.namespace().unwrap_or_default(), name = %msvc.name_any()))]
 pub async fn reconcile(msvc: Arc<Microservice>, ctx: Arc<Context>) -> Result<Action> {
+    if !ctx.leads() {
+        return Ok(Action::await_change());
+    }
     let api: Api<Microservice> = Api::namespaced(ctx.client.clone(), &msvc.namespace().unwrap_or_default());
     reconcile_in_finalizer(api.clone(), msvc, ctx, |m, c| apply(api.clone(), m, c), cleanup).await
 }

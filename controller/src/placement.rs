@@ -187,7 +187,8 @@ fn rendezvous(key: &str, nodes: &[&String], count: usize) -> BTreeSet<String> {
     weighted.into_iter().take(count).map(|(_, n)| n.clone()).collect()
 }
 
-fn weight(key: &str, node: &str) -> u64 {
+/// The rendezvous weight of `node` for `key`: stable across builds and machines.
+pub(crate) fn weight(key: &str, node: &str) -> u64 {
     let digest = Sha256::new().chain_update(key).chain_update([0u8]).chain_update(node).finalize();
     u64::from_be_bytes(digest[..8].try_into().expect("a SHA-256 digest has 32 bytes"))
 }

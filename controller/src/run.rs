@@ -13,14 +13,17 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource};
+use kube_lease_manager::LeaseManagerBuilder;
 use serde::de::DeserializeOwned;
 use supermesh_api::names::CONTROLLER_MANAGER;
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::coalesce::coalesce;
-use crate::context::{error_policy, Context};
+use crate::context::{error_policy, Context, Role};
 use crate::index::Index;
 use crate::metrics::Metrics;
+use crate::replicas::{Replica, Replicas, Ring};
 use crate::{cloudhub, crds, edgenode, http, mesh, microservice, Error, Result};
 
 /// Settings of a controller run.
@@ -42,6 +45,8 @@ pub struct Settings {
     pub reconnect_grace: Duration,
     /// Time between keepalives on idle agent streams.
     pub keepalive: Duration,
+    /// This replica: its id and where agents reach its cloudhub.
+    pub replica: Replica,
 }
 
 /// Events a shared watch may hold for its slowest consumer before the watch waits.
@@ -58,6 +63,11 @@ const COUNTS_COALESCE: Duration = Duration::from_secs(10);
 const CONCURRENT_RECONCILES: u16 = 16;
 /// Network memberships are rebuilt at most this often, so a burst of connects is one update.
 const MEMBERSHIP_COALESCE: Duration = Duration::from_millis(250);
+/// The Lease whose holder reconciles Meshes and Microservices.
+pub const LEADER_LEASE: &str = "supermesh-controller";
+/// How long the leader's claim lasts without renewal, and how early before that it renews.
+const LEADER_LEASE_SECONDS: u64 = 15;
+const LEADER_GRACE_SECONDS: u64 = 5;
 
 /// Runs the controller until SIGINT or SIGTERM.
 pub async fn run(settings: Settings) -> Result<()> {
@@ -67,12 +77,30 @@ pub async fn run(settings: Settings) -> Result<()> {
     crds::ensure(&client, settings.install_crds).await?;
     let listener = http::bind(settings.metrics_addr).await?;
     let agents = cloudhub::bind(settings.cloudhub_addr).await?;
-    let pki = cloudhub::pki::load(&client, &settings.namespace, &settings.cloudhub_names).await?;
+    // Agents sent here by another replica dial the address this one announces.
+    let mut names = settings.cloudhub_names.clone();
+    let (host, _) = split_host_port(&settings.replica.address);
+    if !names.iter().any(|n| n == host) {
+        names.push(host.to_owned());
+    }
+    let pki = cloudhub::pki::load(&client, &settings.namespace, &names).await?;
     info!(addr = %settings.cloudhub_addr, namespace = %settings.namespace, "cloudhub listening for agents");
 
     let metrics = Arc::new(Metrics::default());
     let (index, triggers) = Index::new(pki.token_secret.clone(), settings.reconnect_grace, metrics.clone());
     tokio::spawn(index.clone().run_memberships(MEMBERSHIP_COALESCE));
+    let replicas = Replicas::start(client.clone(), &settings.namespace, settings.replica.clone());
+    let leadership = LeaseManagerBuilder::new(client.clone(), LEADER_LEASE)
+        .with_namespace(&settings.namespace)
+        .with_identity(&settings.replica.id)
+        .with_field_manager(CONTROLLER_MANAGER)
+        .with_duration(LEADER_LEASE_SECONDS)
+        .with_grace(LEADER_GRACE_SECONDS)
+        .build()
+        .await
+        .map_err(|e| Error::Lease(e.to_string()))?;
+    let (leader, leadership) = leadership.watch().await;
+    let role_follower = tokio::spawn(follow_role(leader.clone(), replicas.subscribe(), index.clone(), metrics.clone()));
 
     let (meshes, mesh_cache, mesh_watch) = shared_watch(&client, &metrics, "Mesh", {
         let ix = index.clone();
@@ -94,7 +122,16 @@ pub async fn run(settings: Settings) -> Result<()> {
     let recorder = Recorder::new(client.clone(), reporter);
     let hub = Arc::new(cloudhub::Hub::new(settings.max_agents, settings.keepalive));
     let events = cloudhub::events::spawn(recorder.clone(), metrics.clone());
-    tokio::spawn(cloudhub::serve(agents, pki, hub.clone(), index.clone(), events, metrics.clone(), client.clone()));
+    let serving = cloudhub::Serving {
+        pki,
+        hub: hub.clone(),
+        index: index.clone(),
+        events,
+        metrics: metrics.clone(),
+        client: client.clone(),
+        replicas: replicas.clone(),
+    };
+    tokio::spawn(cloudhub::serve(agents, serving));
     let state = http::State { metrics: metrics.clone(), index: index.clone(), hub };
     tokio::spawn(async move {
         if let Err(e) = http::serve(listener, state).await {
@@ -106,20 +143,28 @@ pub async fn run(settings: Settings) -> Result<()> {
         ready.wait_synced().await;
         info!("every kind listed and every microservice placed: controller ready");
     });
-    let ctx = Arc::new(Context::new(client, recorder, metrics, index));
+    let role = Role { leader: leader.clone(), replicas: replicas.clone() };
+    let ctx = Arc::new(Context::new(client, recorder, metrics, index, role));
 
     let bounded = kube::runtime::controller::Config::default().concurrency(CONCURRENT_RECONCILES);
+    // The leader reconciles every Microservice and Mesh when it takes the Lease; every replica
+    // reconciles the EdgeNodes it serves, all of them again when the live replicas change.
     let msvc_ctrl = Controller::for_shared_stream(msvcs, msvc_cache)
         .with_config(bounded.clone())
-        .reconcile_on(coalesce(triggers.microservices, STATUS_COALESCE));
+        .reconcile_on(coalesce(triggers.microservices, STATUS_COALESCE))
+        .reconcile_all_on(became_leader(leader.clone()));
     let mesh_ctrl = Controller::for_shared_stream(meshes, mesh_cache)
         .with_config(bounded.clone())
-        .reconcile_on(coalesce(triggers.meshes, STATUS_COALESCE));
+        .reconcile_on(coalesce(triggers.meshes, STATUS_COALESCE))
+        .reconcile_all_on(became_leader(leader.clone()));
     let node_triggers = futures::stream::select(
         coalesce(triggers.nodes_now, CONNECTION_COALESCE),
         coalesce(triggers.nodes_later, COUNTS_COALESCE),
     );
-    let node_ctrl = Controller::for_shared_stream(nodes, node_cache).with_config(bounded).reconcile_on(node_triggers);
+    let node_ctrl = Controller::for_shared_stream(nodes, node_cache)
+        .with_config(bounded)
+        .reconcile_on(node_triggers)
+        .reconcile_all_on(changes(replicas.subscribe()).map(|_| ()));
 
     info!("starting the Mesh, EdgeNode and Microservice controllers");
     futures::join!(
@@ -127,8 +172,74 @@ pub async fn run(settings: Settings) -> Result<()> {
         drain("Mesh", mesh_ctrl.shutdown_on_signal().run(mesh::reconcile, error_policy, ctx.clone())),
         drain("EdgeNode", node_ctrl.shutdown_on_signal().run(edgenode::reconcile, error_policy, ctx)),
     );
+    // Hand over at once: the others take this replica's nodes and, if it led, the Lease.
+    replicas.leave().await;
+    // With its last receiver gone, the Lease's keeper releases it and ends.
+    role_follower.abort();
+    let _ = role_follower.await;
+    drop(leader);
+    if let Ok(Err(e)) = leadership.await {
+        warn!(error = %e, "cannot release the controller Lease; another replica takes it when it runs out");
+    }
     info!("controller stopped");
     Ok(())
+}
+
+/// Every change of `values`, starting with the next one.
+fn changes<T: Clone + Send + Sync + 'static>(values: watch::Receiver<T>) -> impl Stream<Item = T> + Send + 'static {
+    futures::stream::unfold(values, |mut values| async move {
+        values.changed().await.ok()?;
+        let value = values.borrow_and_update().clone();
+        Some((value, values))
+    })
+}
+
+/// A tick each time this replica takes the controller Lease.
+fn became_leader(leader: watch::Receiver<bool>) -> impl Stream<Item = ()> + Send + 'static {
+    changes(leader).filter_map(|leads| std::future::ready(leads.then_some(())))
+}
+
+/// Follows this replica's role: the leader and replica gauges, and the index's reconnect
+/// grace, restarted whenever a replica leaves: its nodes come to the others, and their
+/// agents are reconnecting, so none turns Connected=False meanwhile.
+async fn follow_role(
+    mut leader: watch::Receiver<bool>,
+    mut ring: watch::Receiver<Arc<Ring>>,
+    index: Arc<Index>,
+    metrics: Arc<Metrics>,
+) {
+    let mut before = ring.borrow_and_update().clone();
+    metrics.replicas.set(before.replicas().len() as i64);
+    metrics.leader.set(i64::from(*leader.borrow_and_update()));
+    loop {
+        tokio::select! {
+            Ok(()) = leader.changed() => {
+                let leads = *leader.borrow_and_update();
+                metrics.leader.set(i64::from(leads));
+                match leads {
+                    true => info!("this replica holds the controller Lease: it reconciles Meshes and Microservices"),
+                    false => info!("another replica holds the controller Lease"),
+                }
+            }
+            Ok(()) = ring.changed() => {
+                let now = ring.borrow_and_update().clone();
+                if before.replicas().iter().any(|r| !now.replicas().iter().any(|n| n.id == r.id)) {
+                    index.restart_grace();
+                }
+                metrics.replicas.set(now.replicas().len() as i64);
+                before = now;
+            }
+            else => return,
+        }
+    }
+}
+
+/// The host and port of `host:port` (an IPv6 host in brackets loses them).
+fn split_host_port(address: &str) -> (&str, &str) {
+    match address.rsplit_once(':') {
+        Some((host, port)) => (host.trim_matches(['[', ']']), port),
+        None => (address, ""),
+    }
 }
 
 /// The one watch of kind `K`: every event goes to `index` first, then to the

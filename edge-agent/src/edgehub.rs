@@ -20,7 +20,7 @@ use supermesh_protocol::names::ca_fingerprint;
 use supermesh_protocol::{
     decode, encode, now_ms, Answer, Body, Connection, ConnectionState, ErrorCode, ErrorContent, Hello, LogChunk,
     LogQuery, Message, ProtocolVersion, Query, ResourceRef, CONNECTION_RESOURCE, CONNECT_PATH, MAX_LOG_CHUNK,
-    MAX_MESSAGE_BYTES, MICROSERVICE, NODE_HEADER,
+    MAX_MESSAGE_BYTES, MICROSERVICE, MOVED_CLOSE_CODE, MOVED_STATUS, NODE_HEADER,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
@@ -68,6 +68,9 @@ pub enum LinkError {
     /// The stream broke or went silent.
     #[error("the stream to the cloudhub ended: {0}")]
     Lost(String),
+    /// Another controller replica serves this node: the cloudhub at this address.
+    #[error("another controller replica serves this node, at {0}")]
+    Moved(String),
 }
 
 /// The device side of the link: where the cloud's changes go and reports come from.
@@ -164,22 +167,53 @@ pub async fn run<D: Device>(
         }
     };
     let mut delays = Reconnect::default();
+    // The replica the cloud sent this node to, how many redirects in a row led there, and
+    // how many such replicas in a row could not be reached.
+    let (mut moved_to, mut hops, mut detours) = (None::<String>, 0, 0);
     loop {
-        let wait = match connect(&config, &connector).await {
+        let redirected = moved_to.is_some();
+        let address = moved_to.take().unwrap_or_else(|| config.cloud.address.clone());
+        let wait = match connect(&config, &address, &connector).await {
             Ok(ws) => {
                 device.connected(true);
-                let ended = Session::new(ws, &config, &*device, &signals).run(&mut outbound).await;
+                let ended = Session::new(ws, &config, &address, &*device, &signals).run(&mut outbound).await;
                 device.connected(false);
-                warn!(reason = %ended, "disconnected from the cloud; instances keep running");
                 delays = Reconnect::default();
-                delays.next()
+                (hops, detours) = (0, 0);
+                match ended {
+                    LinkError::Moved(to) => {
+                        info!(from = %address, to = %to, "the cloud handed this node to another replica");
+                        moved_to = Some(to);
+                        Duration::ZERO
+                    }
+                    ended => {
+                        warn!(reason = %ended, "disconnected from the cloud; instances keep running");
+                        delays.next()
+                    }
+                }
+            }
+            // Replicas that disagree for a moment must not bounce a node forever: after a few
+            // redirects in a row it backs off and starts again from its configured address.
+            Err(LinkError::Moved(to)) if hops < MAX_REDIRECTS => {
+                debug!(from = %address, to = %to, "redirected to the replica that serves this node");
+                hops += 1;
+                moved_to = Some(to);
+                Duration::ZERO
             }
             Err(LinkError::Refused { status, reason, retry_after }) => {
                 error!(status, %reason, "the cloud refused this node");
                 let next = delays.next();
                 retry_after.unwrap_or(next)
             }
+            // The replica it was sent to is gone, and the others will know within seconds:
+            // ask them again soon instead of backing off further each time.
+            Err(e) if redirected && detours < MAX_DETOURS => {
+                debug!(error = %e, "the replica this node was sent to is unreachable; asking again");
+                (hops, detours) = (0, detours + 1);
+                Duration::from_millis(rand::random_range(500..1500))
+            }
             Err(e) => {
+                hops = 0;
                 let next = delays.next();
                 warn!(error = %e, attempt = delays.attempts, "cannot connect to the cloud");
                 next
@@ -198,7 +232,7 @@ pub async fn run<D: Device>(
 pub async fn dial(config: &EdgeConfig) -> Result<Ws, LinkError> {
     let connector = connector(&config.cloud.token.ca_hash)
         .map_err(|e| LinkError::Unreachable(config.cloud.address.clone(), e.to_string()))?;
-    connect(config, &connector).await
+    connect(config, &config.cloud.address, &connector).await
 }
 
 /// The hello an agent with `config` sends on connect: who it is, and the versions it holds.
@@ -280,9 +314,9 @@ impl Reconnect {
     }
 }
 
-async fn connect(config: &EdgeConfig, connector: &TlsConnector) -> Result<Ws, LinkError> {
-    let address = &config.cloud.address;
-    let unreachable = |e: &dyn std::fmt::Display| LinkError::Unreachable(address.clone(), e.to_string());
+/// Opens a stream to the cloudhub at `address` as `config` says.
+async fn connect(config: &EdgeConfig, address: &str, connector: &TlsConnector) -> Result<Ws, LinkError> {
+    let unreachable = |e: &dyn std::fmt::Display| LinkError::Unreachable(address.to_owned(), e.to_string());
     let host = address.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(address);
     let server_name = ServerName::try_from(host.to_owned()).map_err(|e| unreachable(&e))?;
     let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(address))
@@ -301,6 +335,13 @@ async fn connect(config: &EdgeConfig, connector: &TlsConnector) -> Result<Ws, Li
         .max_frame_size(Some(2 * MAX_MESSAGE_BYTES));
     match tokio_tungstenite::client_async_with_config(request, tls, Some(ws_config)).await {
         Ok((ws, _)) => Ok(ws),
+        Err(WsError::Http(response)) if response.status().as_u16() == MOVED_STATUS => {
+            let location = response.headers().get("location").and_then(|v| v.to_str().ok()).unwrap_or_default();
+            match supermesh_protocol::moved_address(location) {
+                Some(to) => Err(LinkError::Moved(to.to_owned())),
+                None => Err(unreachable(&format!("a redirect to {location:?}, which names no cloudhub"))),
+            }
+        }
         Err(WsError::Http(response)) => {
             let reason = response.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
             let retry_after = response
@@ -321,10 +362,18 @@ const OUTBOX_ID: &str = "o-";
 /// Prefix of the ids of a supernode's report batches.
 const BATCH_ID: &str = "b-";
 
+/// Redirects followed in a row before the agent backs off.
+const MAX_REDIRECTS: u32 = 3;
+/// Unreachable replicas it was sent to, in a row, before the agent backs off: replicas
+/// notice one gone within seconds (see the controller's `replicas`).
+const MAX_DETOURS: u32 = 15;
+
 /// One connected session.
 struct Session<'a, D> {
     ws: Ws,
     config: &'a EdgeConfig,
+    /// The cloudhub it is connected to.
+    address: &'a str,
     device: &'a D,
     signals: &'a Signals,
     /// Outbox entries sent and not yet acknowledged, by seq.
@@ -337,10 +386,11 @@ struct Session<'a, D> {
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 impl<'a, D: Device> Session<'a, D> {
-    fn new(ws: Ws, config: &'a EdgeConfig, device: &'a D, signals: &'a Signals) -> Self {
+    fn new(ws: Ws, config: &'a EdgeConfig, address: &'a str, device: &'a D, signals: &'a Signals) -> Self {
         Session {
             ws,
             config,
+            address,
             device,
             signals,
             unacked: BTreeSet::new(),
@@ -365,6 +415,9 @@ impl<'a, D: Device> Session<'a, D> {
                     Some(Ok(Frame::Text(text))) => {
                         self.last_heard = Instant::now();
                         if let Err(e) = self.receive(&text).await { return e; }
+                    }
+                    Some(Ok(Frame::Close(Some(close)))) if u16::from(close.code) == MOVED_CLOSE_CODE => {
+                        return LinkError::Moved(close.reason.to_string());
                     }
                     Some(Ok(Frame::Close(_))) | None => return LinkError::Lost("closed by the cloud".into()),
                     Some(Ok(_)) => self.last_heard = Instant::now(),
@@ -411,7 +464,7 @@ impl<'a, D: Device> Session<'a, D> {
         };
         self.keepalive = Duration::from_secs(welcome.keepalive_seconds.max(1));
         self.last_heard = Instant::now();
-        info!(cloud = %self.config.cloud.address, held, protocol = %welcome.protocol, "connected to the cloud");
+        info!(cloud = %self.address, held, protocol = %welcome.protocol, "connected to the cloud");
         Ok(())
     }
 

@@ -59,8 +59,9 @@ pub use location::Location;
 pub use log::{LogChunk, LogQuery, MAX_LOG_CHUNK};
 pub use membership::{Member, Membership};
 pub use message::{
-    decode, encode, CodecError, ErrorCode, ErrorContent, Message, Operation, ProtocolVersion, ResourceError,
-    ResourceRef, CONNECT_PATH, MAX_MESSAGE_BYTES, NODE_HEADER, PROTOCOL_MAJOR, PROTOCOL_MINOR,
+    decode, encode, moved_address, moved_location, CodecError, ErrorCode, ErrorContent, Message, Operation,
+    ProtocolVersion, ResourceError, ResourceRef, CONNECT_PATH, MAX_MESSAGE_BYTES, MOVED_CLOSE_CODE, MOVED_STATUS,
+    NODE_HEADER, PROTOCOL_MAJOR, PROTOCOL_MINOR,
 };
 pub use status::{
     ClusterView, EventReport, FailureReason, InstanceEvent, InstanceReport, NodeRole, Phase, StatusReport,

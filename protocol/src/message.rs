@@ -16,6 +16,23 @@ pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 pub const CONNECT_PATH: &str = "/v1/connect";
 /// Header of the upgrade request that names the connecting node.
 pub const NODE_HEADER: &str = "x-supermesh-node";
+/// HTTP status of an upgrade refused because another controller replica serves the
+/// node; its `Location` ([`moved_location`]) names that replica's cloudhub.
+pub const MOVED_STATUS: u16 = 307;
+/// WebSocket close code with which a replica hands a connected node over to another
+/// replica; the close reason is that replica's cloudhub address (`host:port`).
+pub const MOVED_CLOSE_CODE: u16 = 4307;
+
+/// The `Location` of a redirect to the cloudhub at `address` (`host:port`).
+pub fn moved_location(address: &str) -> String {
+    format!("wss://{address}{CONNECT_PATH}")
+}
+
+/// The cloudhub address (`host:port`) a redirect's `Location` names, if it names one.
+pub fn moved_address(location: &str) -> Option<&str> {
+    let address = location.strip_prefix("wss://")?.strip_suffix(CONNECT_PATH)?;
+    (!address.is_empty() && !address.contains(['/', '?', '#', '@'])).then_some(address)
+}
 /// Longest resource string accepted.
 const MAX_RESOURCE_LEN: usize = 512;
 /// Longest message id accepted.
@@ -329,6 +346,23 @@ impl ErrorContent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redirect_names_a_cloudhub_address_and_nothing_else() {
+        let location = moved_location("10.0.0.7:10350");
+        assert_eq!(location, "wss://10.0.0.7:10350/v1/connect");
+        assert_eq!(moved_address(&location), Some("10.0.0.7:10350"));
+        assert_eq!(moved_address("wss://[fd00::7]:10350/v1/connect"), Some("[fd00::7]:10350"));
+        for other in [
+            "https://a:1/v1/connect",
+            "wss:///v1/connect",
+            "wss://a/b:1/v1/connect",
+            "wss://u@a:1/v1/connect",
+            "wss://a:1/",
+        ] {
+            assert_eq!(moved_address(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn resource_strings_split_like_kubeedge() {

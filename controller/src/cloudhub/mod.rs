@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use rand::Rng;
 use supermesh_protocol::names::is_dns1123_subdomain;
-use supermesh_protocol::{now_ms, Body, Message, Query, CONNECT_PATH, MAX_MESSAGE_BYTES, NODE_HEADER};
+use supermesh_protocol::{moved_location, now_ms, Body, Message, Query, CONNECT_PATH, MAX_MESSAGE_BYTES, NODE_HEADER};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::index::Index;
 use crate::metrics::Metrics;
+use crate::replicas::Replicas;
 use events::Events;
 use pki::{token_matches, Pki};
 
@@ -141,23 +142,38 @@ struct Shared {
     client: kube::Client,
     /// Bounds the EdgeNode creations of first connections.
     registrations: Arc<Semaphore>,
+    /// Which replica serves which node.
+    replicas: Replicas,
 }
 
-/// Accepts agents on `listener` until the process ends.
-pub async fn serve(
-    listener: TcpListener,
-    pki: Pki,
-    hub: Arc<Hub>,
-    index: Arc<Index>,
-    events: Events,
-    metrics: Arc<Metrics>,
-    client: kube::Client,
-) {
+/// What the cloudhub serves agents with.
+pub struct Serving {
+    /// Its CA, serving certificate and bootstrap token.
+    pub pki: Pki,
+    /// Its sessions.
+    pub hub: Arc<Hub>,
+    /// The fleet index.
+    pub index: Arc<Index>,
+    /// Where instance events go.
+    pub events: Events,
+    /// The controller's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Registers EdgeNodes.
+    pub client: kube::Client,
+    /// Which replica serves which node.
+    pub replicas: Replicas,
+}
+
+/// Accepts agents on `listener` until the process ends, once it knows the other replicas:
+/// an agent of a node another replica serves is sent there.
+pub async fn serve(listener: TcpListener, serving: Serving) {
+    let Serving { pki, hub, index, events, metrics, client, replicas } = serving;
+    replicas.wait_synced().await;
     let acceptor = TlsAcceptor::from(pki.tls.clone());
     let secret: Arc<str> = pki.token_secret.into();
     let handshakes = Arc::new(Semaphore::new(CONCURRENT_HANDSHAKES));
     let registrations = Arc::new(Semaphore::new(CONCURRENT_REGISTRATIONS));
-    let shared = Shared { hub, index, events, metrics, client, registrations };
+    let shared = Shared { hub, index, events, metrics, client, registrations, replicas };
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(conn) => conn,
@@ -171,11 +187,15 @@ pub async fn serve(
             (acceptor.clone(), secret.clone(), shared.clone(), handshakes.clone());
         tokio::spawn(async move {
             let Ok(permit) = handshakes.acquire_owned().await else { return };
-            let accepted =
-                tokio::time::timeout(Duration::from_secs(10), handshake(acceptor, tcp, &secret, &shared.hub));
+            let accepted = tokio::time::timeout(Duration::from_secs(10), handshake(acceptor, tcp, &secret, &shared));
             let (ws, name) = match accepted.await {
                 Ok(Ok(accepted)) => accepted,
-                Ok(Err(reason)) => {
+                Ok(Err(Refusal::Redirected(node))) => {
+                    debug!(%peer, %node, "agent sent to the replica that serves its node");
+                    shared.metrics.redirects.inc();
+                    return;
+                }
+                Ok(Err(Refusal::Refused(reason))) => {
                     info!(%peer, %reason, "agent connection refused");
                     return;
                 }
@@ -188,6 +208,14 @@ pub async fn serve(
             session::run(ws, name, peer, shared).await;
         });
     }
+}
+
+/// Why an agent's connection was not taken.
+enum Refusal {
+    /// Another replica serves its node, named here: the agent was sent there.
+    Redirected(String),
+    /// Anything else, with the reason.
+    Refused(String),
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
@@ -204,10 +232,12 @@ async fn handshake(
     acceptor: TlsAcceptor,
     tcp: tokio::net::TcpStream,
     secret: &str,
-    hub: &Hub,
-) -> Result<(Ws, String), String> {
-    let tls = acceptor.accept(tcp).await.map_err(|e| format!("TLS handshake failed: {e}"))?;
+    shared: &Shared,
+) -> Result<(Ws, String), Refusal> {
+    let hub = &shared.hub;
+    let tls = acceptor.accept(tcp).await.map_err(|e| Refusal::Refused(format!("TLS handshake failed: {e}")))?;
     let mut node = String::new();
+    let mut redirected = false;
     let full = hub.connected() >= hub.max_agents;
     // tungstenite's handshake callback fixes this signature, large error type included.
     #[allow(clippy::result_large_err)]
@@ -238,6 +268,17 @@ async fn handshake(
                 ),
             ));
         }
+        if let Some(owner) = shared.replicas.elsewhere(name) {
+            // Only an agent that proved its token learns where the others are.
+            if let Ok(location) = moved_location(&owner.address).parse() {
+                let mut r = refuse(StatusCode::TEMPORARY_REDIRECT, format!("replica {} serves node {name}", owner.id));
+                r.headers_mut().insert("location", location);
+                redirected = true;
+                node = name.to_owned();
+                return Err(r);
+            }
+            warn!(replica = %owner.id, address = %owner.address, "a replica announces an address that is no URL; serving its node here");
+        }
         if full {
             let mut r = refuse(StatusCode::SERVICE_UNAVAILABLE, "cloudhub is at its agent limit".into());
             let wait = rand::rng().random_range(5..60).to_string();
@@ -247,9 +288,13 @@ async fn handshake(
         node = name.to_owned();
         Ok(resp)
     };
-    let ws = tokio_tungstenite::accept_hdr_async_with_config(tls, check, Some(websocket_config()))
-        .await
-        .map_err(|e| format!("WebSocket upgrade refused: {e}"))?;
+    let ws =
+        tokio_tungstenite::accept_hdr_async_with_config(tls, check, Some(websocket_config())).await.map_err(|e| {
+            match redirected {
+                true => Refusal::Redirected(std::mem::take(&mut node)),
+                false => Refusal::Refused(format!("WebSocket upgrade refused: {e}")),
+            }
+        })?;
     Ok((ws, node))
 }
 

@@ -15,9 +15,11 @@ use k8s_openapi::jiff::Timestamp;
 use supermesh_protocol::{
     decode, encode, now_ms, Answer, Body, Connection, EndpointsAnswer, ErrorCode, ErrorContent, Hello, Message,
     NodesAnswer, Operation, ProtocolVersion, Query, Report, ResourceRef, Welcome, BATCH_RESOURCE, CONNECTION_RESOURCE,
+    MOVED_CLOSE_CODE,
 };
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message as Frame;
 use tracing::{debug, info, warn};
 
@@ -26,6 +28,7 @@ use super::reports::{judge_batch, outbox_seq, Intake};
 use super::{registration, resolve_peer_address, Shared, Ws};
 use crate::index::{NodeDesired, SessionInfo};
 use crate::metrics::ReportPath;
+use crate::replicas::Replica;
 
 /// Agent-initiated messages (not answers) allowed per second, with a burst of twice that.
 const RATE_PER_SECOND: u32 = 50;
@@ -84,6 +87,7 @@ pub(super) async fn run(mut ws: Ws, node: String, peer: SocketAddr, shared: Shar
             Quota::per_second(NonZeroU32::new(RATE_PER_SECOND).expect("not zero")).allow_burst(burst),
         ),
         protocol,
+        moved: None,
     };
     let outcome = session.serve(desired, registered.superseded, registered.queries).await;
     if let Some(registration) = registration {
@@ -92,7 +96,9 @@ pub(super) async fn run(mut ws: Ws, node: String, peer: SocketAddr, shared: Shar
     shared.index.disconnect(&node, registered.id);
     shared.hub.unregister(&node, registered.id);
     info!(%node, reason = outcome, "agent disconnected");
-    let _ = session.ws.close(None).await;
+    // A node handed over to another replica is told where to go.
+    let close = session.moved.map(|to| CloseFrame { code: MOVED_CLOSE_CODE.into(), reason: to.address.into() });
+    let _ = session.ws.close(close).await;
 }
 
 /// Reads the hello and the protocol version both sides speak; refuses with a code and reason.
@@ -142,6 +148,8 @@ struct Session {
     last_told: Instant,
     budget: DefaultDirectRateLimiter,
     protocol: ProtocolVersion,
+    /// The replica the node was handed over to, when the live replicas changed.
+    moved: Option<Replica>,
 }
 
 impl Session {
@@ -152,6 +160,7 @@ impl Session {
         mut queries: tokio::sync::mpsc::Receiver<(Message, oneshot::Sender<Message>)>,
     ) -> &'static str {
         let keepalive = self.shared.hub.keepalive();
+        let mut ring = self.shared.replicas.subscribe();
         let current = desired.borrow_and_update().clone();
         let pending = self.delivery.plan(&current, std::time::Instant::now());
         let welcome =
@@ -177,6 +186,13 @@ impl Session {
                     if self.sync(&current).await.is_err() { return "send failed"; }
                 }
                 _ = superseded.notified() => return "superseded by a newer connection of the same node",
+                Ok(()) = ring.changed() => {
+                    ring.borrow_and_update();
+                    if let Some(owner) = self.shared.replicas.elsewhere(&self.node) {
+                        self.moved = Some(owner);
+                        return "handed over to another controller replica";
+                    }
+                }
                 Some((mut query, reply)) = queries.recv() => {
                     query.id = self.delivery.next_id();
                     self.asked.retain(|_, waiting| !waiting.is_closed());

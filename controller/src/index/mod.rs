@@ -17,7 +17,7 @@ mod node;
 mod seqs;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
@@ -209,7 +209,8 @@ pub struct Index {
     /// Derives every network's cluster key.
     secret: String,
     metrics: Arc<Metrics>,
-    started: Instant,
+    /// When the reconnect grace began: at the start, and when nodes came from another replica.
+    grace_from: Mutex<Instant>,
     grace: Duration,
     synced: watch::Sender<bool>,
     memberships: Notify,
@@ -228,7 +229,7 @@ impl Index {
             triggers: Senders { microservices, nodes_now, nodes_later, meshes },
             secret,
             metrics,
-            started: Instant::now(),
+            grace_from: Mutex::new(Instant::now()),
             grace,
             synced: watch::Sender::new(false),
             memberships: Notify::new(),
@@ -253,14 +254,22 @@ impl Index {
         let _ = self.synced.subscribe().wait_for(|s| *s).await;
     }
 
-    /// Whether agents have had time to reconnect since this controller started.
+    /// Whether agents have had time to reconnect since this controller started or last
+    /// took nodes over from another replica.
     pub fn grace_over(&self) -> bool {
-        self.started.elapsed() >= self.grace
+        self.grace_left().is_zero()
     }
 
     /// Time left of the reconnect grace (zero once it is over).
     pub fn grace_left(&self) -> Duration {
-        self.grace.saturating_sub(self.started.elapsed())
+        let from = *self.grace_from.lock().unwrap_or_else(PoisonError::into_inner);
+        self.grace.saturating_sub(from.elapsed())
+    }
+
+    /// Starts the reconnect grace again: nodes of a replica that left come to this one, and
+    /// their agents are reconnecting.
+    pub fn restart_grace(&self) {
+        *self.grace_from.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
     }
 
     // ---- fed by the watches ----
