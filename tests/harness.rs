@@ -382,8 +382,23 @@ pub fn peer_registry(addr: &str, node: &str, network: &str, token: &str) -> Opti
     (code == 200).then(|| serde_json::from_str(&answer).ok()).flatten()
 }
 
+/// A port free now for TCP and UDP, never handed out before by this process, and below
+/// the kernel's ephemeral range (32768 and up): a port the kernel picks for an outgoing
+/// connection meanwhile (agents and controllers open many) can never take it first.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    let mut random = std::fs::File::open("/dev/urandom").expect("urandom");
+    loop {
+        let mut buf = [0u8; 2];
+        std::io::Read::read_exact(&mut random, &mut buf).expect("random");
+        let port = 20_000 + u16::from_le_bytes(buf) % 12_000;
+        let free = TcpListener::bind(("0.0.0.0", port)).is_ok() && std::net::UdpSocket::bind(("0.0.0.0", port)).is_ok();
+        if free && !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A copy of the current kubeconfig whose users act as `user`.

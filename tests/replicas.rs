@@ -1,7 +1,8 @@
 //! Several controller replicas against the real API server, with real agents:
 //! nodes spread over the replicas, agents sent to the replica that serves them,
-//! and the loss of a replica moving its nodes to the others with nothing resent,
-//! no instance restarted and no EdgeNode turning Connected=False.
+//! the Microservice status counting every node whichever replica serves it, and the
+//! loss of a replica moving its nodes to the others with nothing resent, no instance
+//! restarted, no EdgeNode turning Connected=False and no count dropping.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -10,15 +11,16 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams};
 use kube::runtime::{watcher, WatchStreamExt};
-use supermesh_api::EdgeNode;
+use supermesh_api::{EdgeNode, Microservice};
 use supermesh_tests::{
-    apply_yaml, free_port, join_token, kubectl, microservice, unique, Agent, Cluster, Controller, Launch, AGENTS,
+    apply_yaml, free_port, http, join_token, kubectl, microservice, unique, Agent, Cluster, Controller, Launch, AGENTS,
     CONTROLLER_NAMESPACE, SENT,
 };
 
 const REPLICAS: usize = 3;
 const NODES: usize = 9;
 const RESENT: &str = "supermesh_controller_cloudhub_changes_resent_total";
+const RECEIVED: &str = "supermesh_controller_reports_received_total";
 
 fn served(controller: &Controller) -> usize {
     controller.metric(AGENTS, "").unwrap_or(0.0) as usize
@@ -74,11 +76,47 @@ async fn a_lost_replica_hands_its_nodes_over_without_a_flap_a_resend_or_a_restar
         first.wait_until("the instance running", || agent.instance_pid(&key).is_some()).await;
     }
     let pids: Vec<Option<i32>> = agents.iter().map(|a| a.instance_pid(&key)).collect();
+    // The leader counts the instances of every node, whichever replica took its reports.
+    let msvcs: Api<Microservice> = Api::namespaced(cluster.client.clone(), &ns);
+    let ready = |m: &Microservice| m.status.as_ref().map_or(0, |s| s.ready_instances) as usize;
+    first.wait_for(&msvcs, "svc", "every instance counted ready", |m| ready(m) == NODES).await;
+
+    // A device knows the bootstrap secret, not the key replicas sign forwards with: a forward
+    // it forges (every instance of node 0 gone) is refused and changes nothing.
+    let received = |c: &Controller| c.metric(RECEIVED, "").unwrap_or(0.0);
+    let before: Vec<f64> = controllers.iter().map(received).collect();
+    assert!(before.iter().sum::<f64>() > 0.0, "no replica took the reports of another");
+    let secret = token.split_once('.').map(|(_, s)| s).unwrap_or_default();
+    let forged = serde_json::json!({
+        "from": "intruder",
+        "reports": { &agents[0].name: { "takenMs": i64::MAX / 2, "instances": [] } },
+    });
+    let body = serde_json::to_vec(&forged).unwrap();
+    let signature = supermesh_protocol::peer::sign(secret, &body);
+    for controller in &controllers {
+        let headers = [("x-supermesh-replica-signature", signature.as_str()), ("content-type", "application/json")];
+        let answer = http(&controller.metrics_addr, "POST", "/replica/v1/reports", &headers, &body);
+        assert_eq!(answer.map(|(code, _)| code), Some(403), "a forged forward was not refused");
+    }
+    assert_eq!(controllers.iter().map(received).collect::<Vec<_>>(), before, "a forged report was taken");
+    assert_eq!(ready(&msvcs.get("svc").await.unwrap()), NODES);
 
     // Record every Connected=False of these nodes from here on.
     let names: BTreeSet<String> = agents.iter().map(|a| a.name.clone()).collect();
     let flapped = Arc::new(Mutex::new(Vec::<String>::new()));
     let seen_marker = Arc::new(Mutex::new(false));
+    let fewest_ready = Arc::new(Mutex::new(NODES));
+    let count_watch = {
+        let fewest_ready = fewest_ready.clone();
+        let stream = watcher(msvcs.clone(), watcher::Config::default()).applied_objects();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(Ok(msvc)) = stream.next().await {
+                let mut fewest = fewest_ready.lock().unwrap();
+                *fewest = (*fewest).min(ready(&msvc));
+            }
+        })
+    };
     let watch = {
         let (names, flapped, seen_marker) = (names.clone(), flapped.clone(), seen_marker.clone());
         let stream = watcher(nodes.clone(), watcher::Config::default()).applied_objects();
@@ -120,7 +158,9 @@ async fn a_lost_replica_hands_its_nodes_over_without_a_flap_a_resend_or_a_restar
     kubectl(&["label", "edgenode", &agents[0].name, "replicas-test-marker=1"]);
     first.wait_until("the EdgeNode watch to catch up", || *seen_marker.lock().unwrap()).await;
     watch.abort();
+    count_watch.abort();
     assert_eq!(*flapped.lock().unwrap(), Vec::<String>::new(), "EdgeNodes turned Connected=False meanwhile");
+    assert_eq!(*fewest_ready.lock().unwrap(), NODES, "the ready count dropped while nodes moved");
     let sent_after: f64 = survivors.iter().map(|&i| controllers[i].metric(SENT, "").unwrap_or(0.0)).sum();
     assert_eq!(sent_after, sent_before, "the survivors sent changes the moved agents already held");
     for &i in &survivors {

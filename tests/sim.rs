@@ -133,6 +133,8 @@ pub struct Stats {
     pub changes: AtomicU64,
     /// Instance phase changes put in status reports.
     pub status_changes: AtomicU64,
+    /// Instances (re)started because a change of their microservice arrived.
+    pub starts: AtomicU64,
     /// Reports (status and events, direct or relayed) the cloud acknowledged.
     pub reports_acked: AtomicU64,
     /// Events put in outboxes.
@@ -556,6 +558,7 @@ impl SimDevice {
 
     /// Runs `version` of `resource`: Starting now, Ready when the lifecycle says so.
     fn run(&self, resource: String, version: String) {
+        self.stats.starts.fetch_add(1, Ordering::Relaxed);
         self.set_phase(&resource, Some((version.clone(), Phase::Starting)));
         let _ = self.starts.send((resource, version));
     }

@@ -167,7 +167,7 @@ pub fn context(index: Arc<Index>) -> (Arc<Context>, ApiServer) {
     let client = Client::new(service, "default");
     let recorder = Recorder::new(client.clone(), Reporter { controller: CONTROLLER_MANAGER.into(), instance: None });
     // The only replica, and the leader.
-    let me = Replica { id: "replica-0".into(), address: "127.0.0.1:10350".into() };
+    let me = Replica { id: "replica-0".into(), address: "127.0.0.1:10350".into(), peer: "127.0.0.1:8080".into() };
     let role = Role { leader: tokio::sync::watch::channel(true).1, replicas: Replicas::alone(client.clone(), me) };
     let ctx = Context::new(client, recorder, Arc::new(Metrics::default()), index, role);
     (Arc::new(ctx), ApiServer(handle))

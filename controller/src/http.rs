@@ -1,19 +1,23 @@
-//! HTTP endpoints: `/metrics` (Prometheus text), `/healthz` and `/readyz`.
+//! HTTP endpoints: `/metrics` (Prometheus text), `/healthz` and `/readyz`, and the
+//! endpoint other replicas forward their agents' reports to (signed, see `forward`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State as AxumState};
-use axum::http::{header, StatusCode};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State as AxumState};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use supermesh_protocol::{Answer, Body, LogQuery, ResourceRef, LOG};
 use tokio::net::TcpListener;
 
 use crate::cloudhub::Hub;
+use crate::forward;
 use crate::index::{Index, Key};
 use crate::metrics::Metrics;
+use crate::replicas::Replicas;
 use crate::{Error, Result};
 
 /// What the HTTP side reads; written by the controller.
@@ -25,6 +29,10 @@ pub struct State {
     pub index: Arc<Index>,
     /// Agent sessions, which answer log queries.
     pub hub: Arc<Hub>,
+    /// The live replicas.
+    pub replicas: Replicas,
+    /// The key forwards from other replicas are signed with.
+    pub forward_key: Arc<str>,
 }
 
 /// Binds the listener now, so that a taken port fails the start with a clear error.
@@ -39,6 +47,7 @@ pub async fn serve(listener: TcpListener, state: State) -> std::io::Result<()> {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/logs/{namespace}/{name}", get(logs))
+        .route(forward::PATH, post(forwarded).layer(DefaultBodyLimit::max(forward::MAX_BODY)))
         .with_state(state);
     axum::serve(listener, app).await
 }
@@ -80,6 +89,21 @@ async fn logs(
         Ok(Ok(other)) => fail(StatusCode::BAD_GATEWAY, format!("node {node} answered a {:?}", other.operation())),
         Ok(Err(e)) => fail(StatusCode::BAD_GATEWAY, format!("node {node} answered badly: {e}")),
         Err(reason) => fail(StatusCode::SERVICE_UNAVAILABLE, reason),
+    }
+}
+
+/// Reports another replica took from its agents.
+async fn forwarded(AxumState(state): AxumState<State>, headers: HeaderMap, body: Bytes) -> impl IntoResponse {
+    let signature = headers.get(forward::SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    match forward::receive(&state.index, &state.replicas, &state.forward_key, &body, signature) {
+        Ok(taken) => {
+            state.metrics.reports_received.inc_by(taken as u64);
+            (StatusCode::OK, String::new())
+        }
+        Err(reason) => {
+            forward::refused(&reason);
+            (StatusCode::FORBIDDEN, reason)
+        }
     }
 }
 

@@ -13,6 +13,7 @@ pub mod edgenode;
 pub mod error;
 #[cfg(test)]
 pub mod fixtures;
+pub mod forward;
 pub mod http;
 pub mod index;
 pub mod membership;

@@ -45,6 +45,10 @@ struct Args {
     /// them here (default: POD_IP, else the first --cloudhub-name, with the cloudhub port).
     #[arg(long, env = "SUPERMESH_ADVERTISE_ADDRESS")]
     advertise_address: Option<String>,
+    /// `host:port` where the other replicas reach this one's HTTP endpoint to forward
+    /// reports (default: the advertised host with the metrics port).
+    #[arg(long, env = "SUPERMESH_PEER_ADDRESS")]
+    peer_address: Option<String>,
     /// Log filter, for example `info` or `supermesh_controller=debug,kube=info`.
     #[arg(long, env = "SUPERMESH_LOG", default_value = "info")]
     log_level: String,
@@ -88,6 +92,7 @@ async fn main() -> ExitCode {
     let replica = Replica {
         id: args.replica_id.unwrap_or_else(|| format!("{}-{}", hostname(), rand::random::<u32>() % 1_000_000)),
         address: args.advertise_address.unwrap_or_else(|| format!("{bracketed}:{port}")),
+        peer: args.peer_address.unwrap_or_else(|| format!("{bracketed}:{}", args.metrics_addr.port())),
     };
     if !supermesh_protocol::names::is_dns1123_subdomain(&replica.id) {
         eprintln!("error: --replica-id {:?} must be a DNS-1123 name (it names a Lease)", replica.id);

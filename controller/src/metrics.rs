@@ -101,6 +101,10 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Controller replicas this one sees live, itself included.
     pub replicas: Gauge,
+    /// Status reports forwarded to other replicas (one per peer that took the forward).
+    pub reports_forwarded: Counter,
+    /// Status reports other replicas forwarded here that were newer than what was held.
+    pub reports_received: Counter,
 }
 
 impl Default for Metrics {
@@ -152,6 +156,9 @@ impl Default for Metrics {
         let [leader, replicas] = std::array::from_fn(|_| Gauge::default());
         registry.register("leader", "1 while this replica holds the controller Lease", leader.clone());
         registry.register("replicas", "Controller replicas seen live, this one included", replicas.clone());
+        let [reports_forwarded, reports_received] = std::array::from_fn(|_| Counter::default());
+        registry.register("reports_forwarded", "Status reports forwarded to other replicas", reports_forwarded.clone());
+        registry.register("reports_received", "Status reports taken from other replicas", reports_received.clone());
         let mut product_registry = Registry::with_prefix("supermesh");
         let [report_messages, report_bytes, reports] =
             std::array::from_fn(|_| Family::<PathLabels, Counter>::default());
@@ -190,6 +197,8 @@ impl Default for Metrics {
             redirects,
             leader,
             replicas,
+            reports_forwarded,
+            reports_received,
         }
     }
 }

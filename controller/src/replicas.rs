@@ -36,6 +36,8 @@ use crate::placement::weight;
 pub const REPLICA_LABEL: &str = "supermesh.io/controller-replica";
 /// Annotation of a replica's Lease: where agents reach its cloudhub (`host:port`).
 pub const ADDRESS_ANNOTATION: &str = "supermesh.io/cloudhub-address";
+/// Annotation of a replica's Lease: where the other replicas reach its HTTP endpoint.
+pub const PEER_ANNOTATION: &str = "supermesh.io/peer-address";
 /// A replica whose Lease has not changed for this long is gone.
 pub const ANNOUNCE_DURATION: Duration = Duration::from_secs(6);
 /// Prefix of the name of a replica's Lease.
@@ -50,6 +52,8 @@ pub struct Replica {
     pub id: String,
     /// `host:port` of its cloudhub, as agents dial it.
     pub address: String,
+    /// `host:port` of its HTTP endpoint, as the other replicas reach it.
+    pub peer: String,
 }
 
 /// The live replicas, and which of them serves each node.
@@ -169,7 +173,8 @@ fn announced(lease: &Lease) -> Option<Replica> {
     lease.labels().get(REPLICA_LABEL)?;
     let id = lease.spec.as_ref()?.holder_identity.clone().filter(|id| !id.is_empty())?;
     let address = lease.annotations().get(ADDRESS_ANNOTATION).filter(|a| !a.is_empty())?.clone();
-    Some(Replica { id, address })
+    let peer = lease.annotations().get(PEER_ANNOTATION).cloned().unwrap_or_default();
+    Some(Replica { id, address, peer })
 }
 
 /// The Lease in which `me` announces itself, renewed now.
@@ -180,7 +185,7 @@ fn announcement(me: &Replica, duration: Duration) -> Lease {
         "metadata": {
             "name": lease_name(&me.id),
             "labels": { REPLICA_LABEL: "true", "app.kubernetes.io/name": "supermesh-controller" },
-            "annotations": { ADDRESS_ANNOTATION: me.address },
+            "annotations": { ADDRESS_ANNOTATION: me.address, PEER_ANNOTATION: me.peer },
         },
         "spec": {
             "holderIdentity": me.id,
@@ -330,7 +335,7 @@ mod tests {
     use super::*;
 
     fn replica(id: &str) -> Replica {
-        Replica { id: id.into(), address: format!("{id}.example:10350") }
+        Replica { id: id.into(), address: format!("{id}.example:10350"), peer: format!("{id}.example:8080") }
     }
 
     fn nodes() -> Vec<String> {
@@ -391,7 +396,7 @@ mod tests {
         let mut seen = Seen::default();
         seen.apply(&lease("b", "2026-01-01T00:00:00Z"), start, wall);
         assert_eq!(seen.ring(&me, start).replicas().len(), 2);
-        let restarted = Replica { id: "a2".into(), address: replica("b").address };
+        let restarted = Replica { id: "a2".into(), ..replica("b") };
         assert_eq!(
             seen.ring(&restarted, start).replicas(),
             std::slice::from_ref(&restarted),

@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::coalesce::coalesce;
 use crate::context::{error_policy, Context, Role};
+use crate::forward::{self, Forwarder};
 use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::replicas::{Replica, Replicas, Ring};
@@ -122,6 +123,8 @@ pub async fn run(settings: Settings) -> Result<()> {
     let recorder = Recorder::new(client.clone(), reporter);
     let hub = Arc::new(cloudhub::Hub::new(settings.max_agents, settings.keepalive));
     let events = cloudhub::events::spawn(recorder.clone(), metrics.clone());
+    let forward_key = forward::key(&pki.ca_key_pem);
+    let forwarder = Forwarder::start(index.clone(), replicas.clone(), forward_key.clone(), metrics.clone());
     let serving = cloudhub::Serving {
         pki,
         hub: hub.clone(),
@@ -130,9 +133,16 @@ pub async fn run(settings: Settings) -> Result<()> {
         metrics: metrics.clone(),
         client: client.clone(),
         replicas: replicas.clone(),
+        forward: forwarder,
     };
     tokio::spawn(cloudhub::serve(agents, serving));
-    let state = http::State { metrics: metrics.clone(), index: index.clone(), hub };
+    let state = http::State {
+        metrics: metrics.clone(),
+        index: index.clone(),
+        hub,
+        replicas: replicas.clone(),
+        forward_key: forward_key.into(),
+    };
     tokio::spawn(async move {
         if let Err(e) = http::serve(listener, state).await {
             warn!(error = %e, "metrics server stopped");

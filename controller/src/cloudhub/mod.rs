@@ -27,6 +27,7 @@ use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::{debug, info, warn};
 
+use crate::forward::Forwarder;
 use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::replicas::Replicas;
@@ -144,6 +145,8 @@ struct Shared {
     registrations: Arc<Semaphore>,
     /// Which replica serves which node.
     replicas: Replicas,
+    /// Hands the statuses taken to the other replicas.
+    forward: Forwarder,
 }
 
 /// What the cloudhub serves agents with.
@@ -162,18 +165,20 @@ pub struct Serving {
     pub client: kube::Client,
     /// Which replica serves which node.
     pub replicas: Replicas,
+    /// Hands the statuses taken to the other replicas.
+    pub forward: Forwarder,
 }
 
 /// Accepts agents on `listener` until the process ends, once it knows the other replicas:
 /// an agent of a node another replica serves is sent there.
 pub async fn serve(listener: TcpListener, serving: Serving) {
-    let Serving { pki, hub, index, events, metrics, client, replicas } = serving;
+    let Serving { pki, hub, index, events, metrics, client, replicas, forward } = serving;
     replicas.wait_synced().await;
     let acceptor = TlsAcceptor::from(pki.tls.clone());
     let secret: Arc<str> = pki.token_secret.into();
     let handshakes = Arc::new(Semaphore::new(CONCURRENT_HANDSHAKES));
     let registrations = Arc::new(Semaphore::new(CONCURRENT_REGISTRATIONS));
-    let shared = Shared { hub, index, events, metrics, client, registrations, replicas };
+    let shared = Shared { hub, index, events, metrics, client, registrations, replicas, forward };
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(conn) => conn,

@@ -31,6 +31,8 @@ pub struct Pki {
     pub token_secret: String,
     /// The full join token, `<ca fingerprint>.<secret>`.
     pub join_token: String,
+    /// The CA's private key in PEM: replicas derive the key they sign forwards with from it.
+    pub ca_key_pem: String,
 }
 
 fn ca_params() -> CertificateParams {
@@ -75,7 +77,8 @@ pub async fn load(client: &Client, namespace: &str, names: &[String]) -> Result<
         })?;
         String::from_utf8(bytes).map_err(|e| pki_error(key, e))
     };
-    let ca_key = KeyPair::from_pem(&field(&ca, "tls.key")?).map_err(|e| pki_error("reading the CA key", e))?;
+    let ca_key_pem = field(&ca, "tls.key")?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| pki_error("reading the CA key", e))?;
     let ca_der = pem_to_der(&field(&ca, "tls.crt")?)?;
     let issuer = Issuer::new(ca_params(), ca_key);
 
@@ -111,7 +114,7 @@ pub async fn load(client: &Client, namespace: &str, names: &[String]) -> Result<
         "stringData": {"joinToken": join},
     });
     secrets.patch(TOKEN_SECRET, &PatchParams::apply(CONTROLLER_MANAGER), &Patch::Apply(patch)).await?;
-    Ok(Pki { tls: Arc::new(tls), token_secret, join_token: join })
+    Ok(Pki { tls: Arc::new(tls), token_secret, join_token: join, ca_key_pem })
 }
 
 /// Creates Secret `name` in `namespace`, or returns the one another replica created first.

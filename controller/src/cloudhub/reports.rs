@@ -7,6 +7,7 @@ use supermesh_protocol::{BatchAck, Report, ReportBatch, OUTBOX_ID_PREFIX};
 use tracing::debug;
 
 use super::events::Events;
+use crate::forward::Forwarder;
 use crate::index::Index;
 use crate::metrics::Metrics;
 
@@ -83,6 +84,8 @@ pub struct Intake<'a> {
     pub events: &'a Events,
     /// Counts what was taken.
     pub metrics: &'a Metrics,
+    /// Hands the statuses taken to the other replicas.
+    pub forward: &'a Forwarder,
 }
 
 impl Intake<'_> {
@@ -100,7 +103,10 @@ impl Intake<'_> {
         match report {
             Report::Status(status) => {
                 self.metrics.status_reports.inc();
-                if !self.index.take_status(node, status, held) {
+                let forwarded = status.clone();
+                if self.index.take_status(node, status, held) {
+                    self.forward.report(node, &forwarded);
+                } else {
                     self.metrics.reports_duplicate.inc();
                 }
             }

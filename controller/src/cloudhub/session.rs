@@ -229,6 +229,12 @@ impl Session {
         }
     }
 
+    /// Where this session's reports go.
+    fn intake<'a>(&'a self, metrics: &'a crate::metrics::Metrics) -> Intake<'a> {
+        let shared = &self.shared;
+        Intake { index: &shared.index, events: &shared.events, metrics, forward: &shared.forward }
+    }
+
     fn heard(&mut self) {
         self.last_heard = Instant::now();
         if self.last_told.elapsed() >= LIVENESS_EVERY {
@@ -333,7 +339,7 @@ impl Session {
             Body::MetaSync(Report::Batch(batch)) => {
                 metrics.reports_received(ReportPath::Batch, text.len(), batch.entries.len());
                 let (taken, ack) = judge_batch(&self.node, batch, |n| self.shared.index.network_of(n));
-                let intake = Intake { index: &self.shared.index, events: &self.shared.events, metrics: &metrics };
+                let intake = self.intake(&metrics);
                 for relayed in taken {
                     let held = (relayed.node == self.node).then(|| self.delivery.held());
                     intake.take(&relayed.node, Some(relayed.seq), &relayed.resource, relayed.report, held);
@@ -345,7 +351,7 @@ impl Session {
             }
             Body::MetaSync(report) => {
                 metrics.reports_received(ReportPath::Direct, text.len(), 1);
-                let intake = Intake { index: &self.shared.index, events: &self.shared.events, metrics: &metrics };
+                let intake = self.intake(&metrics);
                 let held = Some(self.delivery.held());
                 intake.take(&self.node, outbox_seq(&msg.id), &msg.resource, report, held);
                 self.send_body(&msg.resource, &Body::Response(Answer::Ack), Some(&msg.id)).await

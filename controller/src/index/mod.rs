@@ -525,6 +525,13 @@ impl Index {
         Some(MicroserviceInputs { plan: m.plan.clone(), aggregate: aggregate(&m.prepared.version, reports) })
     }
 
+    /// The latest status report of every node `keep` accepts, by node.
+    pub fn reports(&self, keep: impl Fn(&str) -> bool) -> BTreeMap<String, StatusReport> {
+        let s = self.lock();
+        let held = s.nodes.iter().filter(|(name, _)| keep(name));
+        held.filter_map(|(name, e)| Some((name.clone(), e.report.clone()?))).collect()
+    }
+
     /// The nodes Microservice `key` is placed on.
     pub fn placed(&self, key: &Key) -> BTreeSet<String> {
         self.lock().microservices.get(key).map(|m| m.plan.nodes().clone()).unwrap_or_default()
