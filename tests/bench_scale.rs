@@ -313,11 +313,7 @@ async fn measure(
         };
         agents.push(sim::Agent::start(&spec, stats.clone())?);
     }
-    while replicas.metric(AGENTS) != n as f64 {
-        phase_limit(start, "the controller to count every agent")?;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let connect = start.elapsed();
+    let connect = all_served(replicas, n, start, "the controller to count every agent").await?;
     eprintln!("    {n} connected in {:.1} s", connect.as_secs_f64());
     // Synced: every agent holds the fleet's 4 microservices on every node and its account's 4.
     let fleet_key = |i: usize| format!("{ns}/microservice/fleet-{i}");
@@ -415,12 +411,8 @@ async fn measure(
 /// Restarts the one replica and waits until every agent is back.
 async fn restart(replicas: &mut Replicas, n: usize) -> Result<After, String> {
     replicas.live[0].restart();
-    let restarted = Instant::now();
-    while replicas.metric(AGENTS) != n as f64 {
-        phase_limit(restarted, "every agent to reconnect after a controller restart")?;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let reconnect = restarted.elapsed();
+    let reconnect =
+        all_served(replicas, n, Instant::now(), "every agent to reconnect after a controller restart").await?;
     eprintln!("    {n} reconnected {:.1} s after a controller restart", reconnect.as_secs_f64());
     quiet(replicas, n).await?;
     Ok(After::Restart { reconnect, sent: replicas.metric(SENT) })
@@ -462,11 +454,7 @@ async fn loss(cluster: &Cluster, replicas: &mut Replicas, names: &[String], stat
     replicas.kill(victim);
     let sent_before = replicas.metric(SENT);
     let lost = Instant::now();
-    while replicas.metric(AGENTS) != n as f64 {
-        phase_limit(lost, "the other replicas to serve every agent of the lost one")?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let served_again = lost.elapsed();
+    let served_again = all_served(replicas, n, lost, "the other replicas to serve every agent of the lost one").await?;
     eprintln!("    {moved} agents of the lost replica served again after {:.1} s", served_again.as_secs_f64());
     // Once the watch has seen a label written now, it has seen every earlier change.
     kubectl(&["label", "edgenode", &names[0], &format!("{marker}=1")]);
@@ -479,6 +467,15 @@ async fn loss(cluster: &Cluster, replicas: &mut Replicas, names: &[String], stat
     let sent = replicas.metric(SENT) - sent_before;
     let restarted = stats.starts.load(Ordering::Relaxed) - starts_before;
     Ok(After::Loss { moved, served_again, disconnected, sent, restarted })
+}
+
+/// Waits until the replicas serve `n` agents; the time since `since`.
+async fn all_served(replicas: &Replicas, n: usize, since: Instant, what: &str) -> Result<Duration, String> {
+    while replicas.metric(AGENTS) != n as f64 {
+        phase_limit(since, what)?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(since.elapsed())
 }
 
 fn phase_limit(since: Instant, what: &str) -> Result<(), String> {
