@@ -76,6 +76,13 @@ async fn a_lost_replica_hands_its_nodes_over_without_a_flap_a_resend_or_a_restar
         first.wait_until("the instance running", || agent.instance_pid(&key).is_some()).await;
     }
     let pids: Vec<Option<i32>> = agents.iter().map(|a| a.instance_pid(&key)).collect();
+    // Any replica reads the log of an instance on any node: one that does not serve the
+    // node passes the request on to the one that does.
+    for agent in &agents {
+        let path = format!("/logs/{ns}/svc?node={}&tail=5", agent.name);
+        let answer = first.http_get(&path);
+        assert_eq!(answer.as_ref().map(|(code, _)| *code), Some(200), "{path}: {answer:?}");
+    }
     // The leader counts the instances of every node, whichever replica took its reports.
     let msvcs: Api<Microservice> = Api::namespaced(cluster.client.clone(), &ns);
     let ready = |m: &Microservice| m.status.as_ref().map_or(0, |s| s.ready_instances) as usize;

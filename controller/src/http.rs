@@ -10,6 +10,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
+use supermesh_protocol::names::is_dns1123_subdomain;
 use supermesh_protocol::{Answer, Body, LogQuery, ResourceRef, LOG};
 use tokio::net::TcpListener;
 
@@ -64,13 +65,18 @@ struct LogParams {
     offset: Option<u64>,
 }
 
+/// Header of a request one replica passes on to the replica that serves the node.
+const PASSED_ON: &str = "x-supermesh-passed-on";
+
 /// An instance's log, read from its node's agent through the cloudhub. The node
 /// defaults to the first one the microservice is placed on; the offset to follow
-/// from comes back in `x-supermesh-offset`.
+/// from comes back in `x-supermesh-offset`. When another replica serves the node,
+/// the request is passed on to it (once).
 async fn logs(
     AxumState(state): AxumState<State>,
     Path((namespace, name)): Path<(String, String)>,
     Query(params): Query<LogParams>,
+    headers: HeaderMap,
 ) -> axum::response::Response {
     let fail = |code: StatusCode, message: String| (code, message + "\n").into_response();
     let placed = state.index.placed(&Key::new(&namespace, &name));
@@ -78,6 +84,18 @@ async fn logs(
         Some(node) => node,
         None => return fail(StatusCode::NOT_FOUND, format!("{namespace}/{name} runs on no node")),
     };
+    if ![&namespace, &name, &node].into_iter().all(|n| is_dns1123_subdomain(n)) {
+        return fail(StatusCode::BAD_REQUEST, format!("{namespace}/{name} on node {node}: not Kubernetes names"));
+    }
+    if let Some(owner) = state.replicas.elsewhere(&node).filter(|_| !headers.contains_key(PASSED_ON)) {
+        let mut url = format!("http://{}/logs/{namespace}/{name}?node={node}", owner.peer);
+        for (key, value) in [("tail", params.tail), ("offset", params.offset)] {
+            if let Some(value) = value {
+                url.push_str(&format!("&{key}={value}"));
+            }
+        }
+        return pass_on(url).await;
+    }
     let resource = ResourceRef::string(&namespace, LOG, &name);
     let query = LogQuery { tail: params.tail, offset: params.offset };
     match state.hub.query(&node, &resource, supermesh_protocol::Query::Log(query)).await.map(|answer| answer.body()) {
@@ -89,6 +107,43 @@ async fn logs(
         Ok(Ok(other)) => fail(StatusCode::BAD_GATEWAY, format!("node {node} answered a {:?}", other.operation())),
         Ok(Err(e)) => fail(StatusCode::BAD_GATEWAY, format!("node {node} answered badly: {e}")),
         Err(reason) => fail(StatusCode::SERVICE_UNAVAILABLE, reason),
+    }
+}
+
+/// Passes a log request on to the replica at `url` and returns its answer as it is.
+async fn pass_on(url: String) -> axum::response::Response {
+    let answered = tokio::task::spawn_blocking(move || {
+        let http: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(std::time::Duration::from_secs(15)))
+            .http_status_as_error(false)
+            .proxy(None)
+            .build()
+            .into();
+        let mut response = http.get(&url).header(PASSED_ON, "1").call().map_err(|e| format!("{url}: {e}"))?;
+        let status = response.status().as_u16();
+        let kept = ["x-supermesh-offset", "x-supermesh-node"]
+            .into_iter()
+            .filter_map(|h| Some((h, response.headers().get(h)?.to_str().ok()?.to_owned())))
+            .collect::<Vec<_>>();
+        let body = response.body_mut().read_to_string().map_err(|e| format!("{url}: {e}"))?;
+        Ok::<_, String>((status, kept, body))
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    match answered {
+        Ok((status, kept, body)) => {
+            let mut response = (StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY), body).into_response();
+            for (name, value) in kept {
+                if let Ok(value) = value.parse() {
+                    response.headers_mut().insert(name, value);
+                }
+            }
+            response
+        }
+        Err(e) => {
+            (StatusCode::BAD_GATEWAY, format!("the replica that serves the node did not answer: {e}\n")).into_response()
+        }
     }
 }
 
