@@ -211,13 +211,15 @@ pub struct Replicas {
 }
 
 impl Replicas {
-    /// Announces `me` in `namespace` and follows the other replicas' announcements.
-    pub fn start(client: Client, namespace: &str, me: Replica) -> Replicas {
+    /// Announces `me` in `namespace` and follows the other replicas' announcements, calling
+    /// `left` whenever a replica leaves, before anyone hears of the new ring: its nodes are
+    /// coming to the others.
+    pub fn start(client: Client, namespace: &str, me: Replica, left: impl Fn() + Send + 'static) -> Replicas {
         let leases: Api<Lease> = Api::namespaced(client, namespace);
         let (ring_tx, ring) = watch::channel(Arc::new(Ring::new(vec![me.clone()])));
         let (synced_tx, synced) = watch::channel(false);
         tokio::spawn(announce(leases.clone(), me.clone()));
-        tokio::spawn(follow(leases.clone(), me.clone(), ring_tx, synced_tx));
+        tokio::spawn(follow(leases.clone(), me.clone(), ring_tx, synced_tx, left));
         Replicas { me, ring, synced, leases }
     }
 
@@ -288,7 +290,13 @@ async fn announce(leases: Api<Lease>, me: Replica) {
 
 /// Follows the replicas' announcements, publishing the ring whenever it changes:
 /// on a watch event, and when a Lease that stopped changing runs out.
-async fn follow(leases: Api<Lease>, me: Replica, ring: watch::Sender<Arc<Ring>>, synced: watch::Sender<bool>) {
+async fn follow(
+    leases: Api<Lease>,
+    me: Replica,
+    ring: watch::Sender<Arc<Ring>>,
+    synced: watch::Sender<bool>,
+    left: impl Fn(),
+) {
     let config = watcher::Config::default().labels(REPLICA_LABEL);
     let mut events = watcher(leases.clone(), config).default_backoff().boxed();
     let mut seen = Seen::default();
@@ -324,6 +332,9 @@ async fn follow(leases: Api<Lease>, me: Replica, ring: watch::Sender<Arc<Ring>>,
             }
             let ids: Vec<&str> = now.replicas().iter().map(|r| r.id.as_str()).collect();
             info!(replicas = ?ids, "the live controller replicas changed");
+            if current.replicas().iter().any(|r| !ids.contains(&r.id.as_str())) {
+                left();
+            }
             *current = Arc::new(now.clone());
             true
         });

@@ -90,7 +90,13 @@ pub async fn run(settings: Settings) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
     let (index, triggers) = Index::new(pki.token_secret.clone(), settings.reconnect_grace, metrics.clone());
     tokio::spawn(index.clone().run_memberships(MEMBERSHIP_COALESCE));
-    let replicas = Replicas::start(client.clone(), &settings.namespace, settings.replica.clone());
+    // When a replica leaves, its nodes come to the others and their agents are reconnecting:
+    // the reconnect grace starts again before anything reconciles them, so no EdgeNode turns
+    // Connected=False and no count drops meanwhile.
+    let replicas = Replicas::start(client.clone(), &settings.namespace, settings.replica.clone(), {
+        let index = index.clone();
+        move || index.restart_grace()
+    });
     let leadership = LeaseManagerBuilder::new(client.clone(), LEADER_LEASE)
         .with_namespace(&settings.namespace)
         .with_identity(&settings.replica.id)
@@ -101,7 +107,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         .await
         .map_err(|e| Error::Lease(e.to_string()))?;
     let (leader, leadership) = leadership.watch().await;
-    let role_follower = tokio::spawn(follow_role(leader.clone(), replicas.subscribe(), index.clone(), metrics.clone()));
+    let role_follower = tokio::spawn(follow_role(leader.clone(), replicas.subscribe(), metrics.clone()));
 
     let (meshes, mesh_cache, mesh_watch) = shared_watch(&client, &metrics, "Mesh", {
         let ix = index.clone();
@@ -209,17 +215,9 @@ fn became_leader(leader: watch::Receiver<bool>) -> impl Stream<Item = ()> + Send
     changes(leader).filter_map(|leads| std::future::ready(leads.then_some(())))
 }
 
-/// Follows this replica's role: the leader and replica gauges, and the index's reconnect
-/// grace, restarted whenever a replica leaves: its nodes come to the others, and their
-/// agents are reconnecting, so none turns Connected=False meanwhile.
-async fn follow_role(
-    mut leader: watch::Receiver<bool>,
-    mut ring: watch::Receiver<Arc<Ring>>,
-    index: Arc<Index>,
-    metrics: Arc<Metrics>,
-) {
-    let mut before = ring.borrow_and_update().clone();
-    metrics.replicas.set(before.replicas().len() as i64);
+/// Follows this replica's role in its gauges: whether it leads, how many replicas are live.
+async fn follow_role(mut leader: watch::Receiver<bool>, mut ring: watch::Receiver<Arc<Ring>>, metrics: Arc<Metrics>) {
+    metrics.replicas.set(ring.borrow_and_update().replicas().len() as i64);
     metrics.leader.set(i64::from(*leader.borrow_and_update()));
     loop {
         tokio::select! {
@@ -232,12 +230,7 @@ async fn follow_role(
                 }
             }
             Ok(()) = ring.changed() => {
-                let now = ring.borrow_and_update().clone();
-                if before.replicas().iter().any(|r| !now.replicas().iter().any(|n| n.id == r.id)) {
-                    index.restart_grace();
-                }
-                metrics.replicas.set(now.replicas().len() as i64);
-                before = now;
+                metrics.replicas.set(ring.borrow_and_update().replicas().len() as i64);
             }
             else => return,
         }
