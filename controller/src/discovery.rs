@@ -4,6 +4,7 @@
 
 use std::cmp::Ordering;
 
+use supermesh_protocol::names::host_of;
 use supermesh_protocol::{Endpoint, Location, NodeInfo, ResourceRef, Scope, MICROSERVICE};
 
 use crate::view::{NodeStatusView, NodeView};
@@ -14,13 +15,6 @@ pub const MAX_ANSWER: usize = 1000;
 /// The host at which a node is reachable: that of its Peer address, else its InternalIP.
 pub fn address(status: &NodeStatusView) -> Option<String> {
     status.peer_address.as_deref().and_then(host_of).or(status.internal_ip.as_deref()).map(str::to_owned)
-}
-
-/// The host of `host:port` (`[v6]:port` gives `v6`).
-fn host_of(address: &str) -> Option<&str> {
-    let (host, _port) = address.rsplit_once(':')?;
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-    (!host.is_empty()).then_some(host)
 }
 
 fn distance(from: Option<&Location>, to: Option<&Location>) -> Option<f64> {

@@ -105,6 +105,11 @@ impl Forwarder {
         forwarder
     }
 
+    /// Whether other replicas are live, to forward reports to.
+    pub fn has_peers(&self) -> bool {
+        !self.lock().by_peer.is_empty()
+    }
+
     /// Queues `report` of `node` for the other replicas.
     pub fn report(&self, node: &str, report: &StatusReport) {
         self.lock().push(node, report);

@@ -224,6 +224,7 @@ impl Replicas {
     }
 
     /// A lone replica that announces nothing and sees nobody (tests).
+    #[cfg(test)]
     pub fn alone(client: Client, me: Replica) -> Replicas {
         let (_, ring) = watch::channel(Arc::new(Ring::new(vec![me.clone()])));
         Replicas { me, ring, synced: watch::channel(true).1, leases: Api::default_namespaced(client) }

@@ -16,6 +16,7 @@ use kube::{Api, Client, Resource};
 use kube_lease_manager::LeaseManagerBuilder;
 use serde::de::DeserializeOwned;
 use supermesh_api::names::CONTROLLER_MANAGER;
+use supermesh_protocol::names::host_of;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -80,7 +81,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let agents = cloudhub::bind(settings.cloudhub_addr).await?;
     // Agents sent here by another replica dial the address this one announces.
     let mut names = settings.cloudhub_names.clone();
-    let (host, _) = split_host_port(&settings.replica.address);
+    let host = host_of(&settings.replica.address).unwrap_or(&settings.replica.address);
     if !names.iter().any(|n| n == host) {
         names.push(host.to_owned());
     }
@@ -234,14 +235,6 @@ async fn follow_role(mut leader: watch::Receiver<bool>, mut ring: watch::Receive
             }
             else => return,
         }
-    }
-}
-
-/// The host and port of `host:port` (an IPv6 host in brackets loses them).
-fn split_host_port(address: &str) -> (&str, &str) {
-    match address.rsplit_once(':') {
-        Some((host, port)) => (host.trim_matches(['[', ']']), port),
-        None => (address, ""),
     }
 }
 

@@ -317,7 +317,7 @@ impl Reconnect {
 /// Opens a stream to the cloudhub at `address` as `config` says.
 async fn connect(config: &EdgeConfig, address: &str, connector: &TlsConnector) -> Result<Ws, LinkError> {
     let unreachable = |e: &dyn std::fmt::Display| LinkError::Unreachable(address.to_owned(), e.to_string());
-    let host = address.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(address);
+    let host = supermesh_protocol::names::host_of(address).unwrap_or(address);
     let server_name = ServerName::try_from(host.to_owned()).map_err(|e| unreachable(&e))?;
     let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(address))
         .await

@@ -17,6 +17,22 @@ pub fn is_dns1123_subdomain(name: &str) -> bool {
     !name.is_empty() && name.len() <= MAX_NAME_LEN && name.split('.').all(label_ok)
 }
 
+/// The host of a `host:port` address (`[v6]:port` and `[v6]` give `v6`), or `None` when
+/// `address` is not one (a bare name, a bare IPv6 address, an empty host or port).
+pub fn host_of(address: &str) -> Option<&str> {
+    let (host, port) = match address.strip_prefix('[') {
+        Some(rest) => {
+            let (host, after) = rest.split_once(']')?;
+            match after {
+                "" => return (!host.is_empty()).then_some(host),
+                after => (host, after.strip_prefix(':')?),
+            }
+        }
+        None => address.rsplit_once(':').filter(|(host, _)| !host.contains(':'))?,
+    };
+    (!host.is_empty() && !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit())).then_some(host)
+}
+
 /// Lower-case hex SHA-256 of a DER certificate: how a join token pins the cloud's CA.
 pub fn ca_fingerprint(der: &[u8]) -> String {
     use sha2::Digest;
@@ -32,6 +48,17 @@ pub fn join_token(ca_der: &[u8], secret: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_of_an_address_is_found_only_in_host_port() {
+        assert_eq!(host_of("10.0.0.7:10360"), Some("10.0.0.7"));
+        assert_eq!(host_of("[fe80::1]:10360"), Some("fe80::1"));
+        assert_eq!(host_of("[fe80::1]"), Some("fe80::1"));
+        assert_eq!(host_of("pi.local:1"), Some("pi.local"));
+        for other in ["fe80::1", "pi.local", ":10360", "pi:", "pi:x", "[]:1", "[fe80::1]x"] {
+            assert_eq!(host_of(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn node_names_are_dns_1123_subdomains() {

@@ -103,9 +103,12 @@ impl Intake<'_> {
         match report {
             Report::Status(status) => {
                 self.metrics.status_reports.inc();
-                let forwarded = status.clone();
+                // A copy only for other replicas: a lone replica takes reports without one.
+                let forwarded = self.forward.has_peers().then(|| status.clone());
                 if self.index.take_status(node, status, held) {
-                    self.forward.report(node, &forwarded);
+                    if let Some(forwarded) = forwarded {
+                        self.forward.report(node, &forwarded);
+                    }
                 } else {
                     self.metrics.reports_duplicate.inc();
                 }

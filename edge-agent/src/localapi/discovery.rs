@@ -101,13 +101,7 @@ fn nearer(a: Option<f64>, b: Option<f64>) -> Ordering {
 
 /// The host of a `host:port` address (`[v6]:port` gives `v6`); anything else as it is.
 pub fn host_of(address: &str) -> String {
-    if let Some((host, _)) = address.strip_prefix('[').and_then(|rest| rest.split_once(']')) {
-        return host.to_owned();
-    }
-    match address.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => host.to_owned(),
-        _ => address.to_owned(),
-    }
+    supermesh_protocol::names::host_of(address).unwrap_or(address).to_owned()
 }
 
 /// The members of a cluster registry as nodes of its network.
