@@ -208,7 +208,8 @@ async fn bad_messages_get_an_error_reply_and_lose_nothing() {
         id = site.id
     );
     let config = supermesh_agent::config::parse(&yaml, "edge.yaml").unwrap();
-    let mut ws = supermesh_agent::edgehub::dial(&config).await.expect("dial the cloudhub");
+    let identity = supermesh_agent::identity::Identity::load(None, config.cloud.token.as_ref().map(|t| &t.0)).unwrap();
+    let mut ws = supermesh_agent::edgehub::dial(&config, &identity).await.expect("enroll and dial the cloudhub");
     let hello = Hello {
         node: name.clone(),
         account: format!("acct-{}", site.id),
@@ -248,12 +249,13 @@ async fn bad_messages_get_an_error_reply_and_lose_nothing() {
 #[tokio::test]
 async fn a_wrong_bootstrap_token_is_refused_with_a_clear_reason() {
     let site = Site::new("bad-token").await;
-    let (fingerprint, _) = site.token.split_once('.').unwrap();
-    let wrong = format!("{fingerprint}.not-the-cluster-secret");
+    // The right token id with a wrong secret.
+    let wrong = format!("{}0123456789abcdef", &site.token[..site.token.len() - 16]);
+    assert_ne!(wrong, site.token);
     let name = format!("intruder-{}", site.id);
     let agent = Agent::start(&name, "net", "acct", &site.controller.cloudhub_addr, &wrong);
     site.controller
-        .wait_until("the agent to log the refusal", || agent.log().contains("bootstrap token rejected"))
+        .wait_until("the agent to log the refusal", || agent.log().contains("was presented with a wrong secret"))
         .await;
     assert!(agent.log().contains("401"), "the refusal carries its status:\n{}", agent.log());
     let nodes: Api<EdgeNode> = Api::all(site.cluster.client.clone());

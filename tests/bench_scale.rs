@@ -252,7 +252,7 @@ async fn row(cluster: &Cluster, n: usize, r: usize) -> Result<Row, String> {
     apply_yaml(&msvcs.join("---\n"), &["-n", &ns])?;
     let mut replicas = Replicas::start(n, r).await?;
     // Published by the first controller started on the cluster.
-    let token = join_token(&cluster.client).await;
+    let token = join_token().await;
     let idle_rss = replicas.rss()?;
     let names: Vec<String> = (0..n).map(|i| format!("scale-{id}-{i:05}")).collect();
     let result = measure(cluster, &token, &mut replicas, &ns, &names, idle_rss).await;

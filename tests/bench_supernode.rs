@@ -550,7 +550,7 @@ async fn load_run(
     fleet: &Fleet,
     notes: &mut Vec<String>,
 ) -> Result<LoadFigures, String> {
-    let token = join_token(&cluster.client).await;
+    let token = join_token().await;
     let simulated = connect(controller, mode, plan, fleet, &token).await?;
     measure(cluster, controller, mode, plan, fleet, &simulated, notes).await
 }
@@ -1095,7 +1095,7 @@ async fn failover_bench(cluster: &Cluster, plan: &Plan) -> FailoverReport {
     let mut notes = Vec::new();
     let mut controller = Controller::start("bench-supernode-failover");
     controller.wait_ready().await;
-    let token = join_token(&cluster.client).await;
+    let token = join_token().await;
     let id = unique();
     let (network, account) = (format!("bench-failover-{id}"), format!("bench-{id}"));
     let extra = "meta: {sync: {podstatus: {interval: 2}}}";
@@ -1107,7 +1107,8 @@ async fn failover_bench(cluster: &Cluster, plan: &Plan) -> FailoverReport {
     }
     let names: Vec<String> = agents.iter().map(|a| a.name.clone()).collect();
     let mut others = other_controllers(controller.pid());
-    let rounds = rounds(cluster, &mut agents, &token, plan, &mut notes).await;
+    let root = supermesh_tests::cluster_key_root(&cluster.client).await;
+    let rounds = rounds(cluster, &mut agents, &root, plan, &mut notes).await;
     others.extend(other_controllers(controller.pid()));
     if !others.is_empty() {
         others.sort_unstable();
@@ -1137,7 +1138,7 @@ async fn failover_bench(cluster: &Cluster, plan: &Plan) -> FailoverReport {
 async fn rounds(
     cluster: &Cluster,
     agents: &mut [Agent],
-    token: &str,
+    root: &str,
     plan: &Plan,
     notes: &mut Vec<String>,
 ) -> Result<Vec<Round>, String> {
@@ -1146,7 +1147,7 @@ async fn rounds(
     let started = Instant::now();
     let mut supernode = loop {
         let live: Vec<&Agent> = agents.iter().collect();
-        if let Some(s) = agreed(&live, token, &killed_names(agents, &killed)).map(|(s, _)| s) {
+        if let Some(s) = agreed(&live, root, &killed_names(agents, &killed)).map(|(s, _)| s) {
             break s;
         }
         if started.elapsed() > ELECTION_LIMIT {
@@ -1154,7 +1155,7 @@ async fn rounds(
                 "the {} agents did not agree on a supernode within {} s (registries: {})",
                 agents.len(),
                 ELECTION_LIMIT.as_secs(),
-                describe(&live, token)
+                describe(&live, root)
             ));
         }
         tokio::time::sleep(POLL).await;
@@ -1180,7 +1181,7 @@ async fn rounds(
         let survivors: Vec<usize> = (0..agents.len()).filter(|i| *i != victim && !killed.contains(i)).collect();
         // Heartbeat counts just before the kill.
         let before: HashMap<usize, u64> =
-            survivors.iter().filter_map(|&i| agents[i].registry(token).map(|r| (i, r.heartbeats))).collect();
+            survivors.iter().filter_map(|&i| agents[i].registry(root).map(|r| (i, r.heartbeats))).collect();
         let kill = Instant::now();
         agents[victim].kill9();
         killed.insert(victim);
@@ -1191,7 +1192,7 @@ async fn rounds(
         while (successor.is_none() || cloud.is_none()) && kill.elapsed() < FAILOVER_LIMIT {
             if successor.is_none() {
                 let live: Vec<&Agent> = survivors.iter().map(|&i| &agents[i]).collect();
-                if let Some((name, registries)) = agreed(&live, token, &gone) {
+                if let Some((name, registries)) = agreed(&live, root, &gone) {
                     let taken = survivors
                         .iter()
                         .zip(&registries)
@@ -1226,7 +1227,7 @@ async fn rounds(
             (None, _) => notes.push(format!(
                 "round {round}: the survivors did not agree on a new supernode within {} s (registries: {})",
                 FAILOVER_LIMIT.as_secs(),
-                describe(&survivors.iter().map(|&i| &agents[i]).collect::<Vec<_>>(), token)
+                describe(&survivors.iter().map(|&i| &agents[i]).collect::<Vec<_>>(), root)
             )),
         }
         if let (Some((s, _)), Some((c, _))) = (&successor, &cloud) {
@@ -1266,18 +1267,18 @@ fn killed_names(agents: &[Agent], killed: &HashSet<usize>) -> BTreeSet<String> {
 
 /// The supernode every one of `agents` names, with their registries, when they agree on
 /// one that is not in `gone`.
-fn agreed(agents: &[&Agent], token: &str, gone: &BTreeSet<String>) -> Option<(String, Vec<Registry>)> {
-    let registries: Vec<Registry> = agents.iter().map(|a| a.registry(token)).collect::<Option<_>>()?;
+fn agreed(agents: &[&Agent], root: &str, gone: &BTreeSet<String>) -> Option<(String, Vec<Registry>)> {
+    let registries: Vec<Registry> = agents.iter().map(|a| a.registry(root)).collect::<Option<_>>()?;
     let first = registries.first()?.supernode.clone()?;
     let all = registries.iter().all(|r| r.supernode.as_deref() == Some(first.as_str()));
     (all && !gone.contains(&first)).then_some((first, registries))
 }
 
 /// What each agent's registry says about the supernode, for failure messages.
-fn describe(agents: &[&Agent], token: &str) -> String {
+fn describe(agents: &[&Agent], root: &str) -> String {
     agents
         .iter()
-        .map(|a| match a.registry(token) {
+        .map(|a| match a.registry(root) {
             Some(r) => format!("{} -> {}", a.name, r.supernode.as_deref().unwrap_or("none")),
             None => format!("{} -> no answer", a.name),
         })

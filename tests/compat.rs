@@ -1,54 +1,37 @@
-//! Protocol compatibility: an agent of the previous release (0.1.0, protocol 1.0,
-//! built from its commit by `cargo xtask test`) against this controller (1.1). It
-//! joins, runs what is placed on it, reports it ready, takes a spec change and a
-//! removal, and its events arrive, all without knowing anything of protocol 1.1.
+//! Compatibility with the previous release: an agent of 0.1.0 (protocol 1.0, built
+//! from its commit by `cargo xtask test`) joined with the fleet-wide token, which no
+//! longer admits a node: every node now enrolls for a certificate of its own. The old
+//! agent is refused at the handshake with the way forward, gets nothing, and nothing
+//! is recorded for it. (From the next release on, this test runs this release's agent,
+//! which enrolls, against the next controller.)
 
 use kube::api::Api;
-use supermesh_api::Microservice;
-use supermesh_tests::{kubectl, microservice, Launch, Site};
-
-/// Ready instances of a Microservice, as its status says.
-fn ready(m: &Microservice) -> i32 {
-    m.status.as_ref().map_or(0, |s| s.ready_instances)
-}
+use supermesh_api::EdgeNode;
+use supermesh_tests::{Agent, Launch, Site};
 
 #[tokio::test]
-async fn an_agent_one_minor_version_older_still_works() {
+async fn an_agent_of_the_previous_release_is_refused_with_the_way_forward() {
     let previous = std::env::var_os("SUPERMESH_PREVIOUS_AGENT")
         .expect("SUPERMESH_PREVIOUS_AGENT names the previous release's agent: run `cargo xtask test`, which builds it");
     let site = Site::new("compat").await;
-    let agent = site.agent_as(0, Launch { binary: Some(previous.into()), ..Launch::default() });
-    site.wait_agents(1.0).await;
-    let log = site.controller.log();
+    // A 0.1 join token: the CA fingerprint and a fleet-wide secret.
+    let (fingerprint, _) = site.token.split_once('.').unwrap();
+    let legacy = format!("{fingerprint}.fleet-wide-secret-of-0-1");
+    let name = format!("old-{}", site.id);
+    let how = Launch { binary: Some(previous.into()), ..Launch::default() };
+    let (network, account) = (format!("net-{}", site.id), format!("acct-{}", site.id));
+    let agent = Agent::launch(&name, &network, &account, &site.controller.cloudhub_addr, &legacy, how);
+    site.controller
+        .wait_until("the old agent to log its refusal", || agent.log().contains("node certificate is required"))
+        .await;
+    let log = agent.log();
+    assert!(log.contains("401"), "refused as unauthenticated:\n{log}");
+    assert!(log.contains("supermeshctl token create") && log.contains("0.2"), "the way forward is named:\n{log}");
+    let nodes: Api<EdgeNode> = Api::all(site.cluster.client.clone());
+    assert!(nodes.get_opt(&name).await.unwrap().is_none(), "nothing is recorded for a node that did not enroll");
+    assert!(agent.held().is_empty(), "the old agent was sent nothing");
+    assert_eq!(site.controller.metric(supermesh_tests::AGENTS, ""), Some(0.0));
     assert!(
-        log.lines().any(|l| l.contains("agent connected") && l.contains(&agent.name) && l.contains("protocol=1.0")),
-        "the controller speaks 1.0 to an agent whose hello states no version:\n{log}"
+        site.controller.metric("supermesh_controller_cloudhub_refused_total", "reason=\"no_certificate\"") >= Some(1.0)
     );
-
-    site.apply(&microservice("web", "m", ""));
-    let msvcs: Api<Microservice> = Api::namespaced(site.cluster.client.clone(), &site.ns);
-    let first = site.controller.wait_for(&msvcs, "web", "1 ready instance", |m| ready(m) == 1).await;
-    let version = |m: &Microservice| format!("{}-{}", m.metadata.generation.unwrap(), m.metadata.uid.clone().unwrap());
-    let key = site.key("web");
-    assert_eq!(agent.held().get(&key), Some(&version(&first)), "the 1.0 agent stored the assignment as sent");
-    site.controller
-        .wait_until("the instance's Started event", || {
-            let events = kubectl(&["get", "events", "-n", &site.ns, "-o", "jsonpath={.items[*].reason}"]);
-            events.split_whitespace().any(|r| r == "Started")
-        })
-        .await;
-
-    site.apply(&microservice("web", "m", "  args: [\"7200\"]\n"));
-    let second = site.controller.wait_for(&msvcs, "web", "generation 2", |m| m.metadata.generation == Some(2)).await;
-    agent.wait_held("the new version", |h| h.get(&key) == Some(&version(&second))).await;
-    site.controller
-        .wait_for(&msvcs, "web", "the new version available", |m| {
-            m.status.as_ref().is_some_and(|s| s.available_instances == 1 && s.observed_generation == Some(2))
-        })
-        .await;
-
-    kubectl(&["delete", "msvc", "web", "-n", &site.ns, "--timeout=30s"]);
-    agent.wait_held("web removed", |h| !h.contains_key(&key)).await;
-    assert_eq!(site.controller.metric("supermesh_controller_cloudhub_bad_messages_total", ""), Some(0.0));
-    site.cleanup(&[&agent]).await;
 }

@@ -370,11 +370,10 @@ pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body
 }
 
 /// The cluster registry of the agent whose peer service is at `addr`, asked as `node`
-/// of its cluster with the cluster key derived from the join token's secret.
-pub fn peer_registry(addr: &str, node: &str, network: &str, token: &str) -> Option<supermesh_protocol::peer::Registry> {
+/// of its cluster with the cluster key derived from `root` ([`cluster_key_root`]).
+pub fn peer_registry(addr: &str, node: &str, network: &str, root: &str) -> Option<supermesh_protocol::peer::Registry> {
     use supermesh_protocol::peer;
-    let secret = token.split_once('.').map(|(_, s)| s).unwrap_or(token);
-    let key = peer::cluster_key(secret, network);
+    let key = peer::cluster_key(root, network);
     let body = serde_json::to_vec(&serde_json::json!({"from": node})).ok()?;
     let signature = peer::sign(&key, &body);
     let headers = [(peer::NODE_HEADER, node), (peer::SIGNATURE_HEADER, signature.as_str())];
@@ -430,19 +429,55 @@ where
     }
 }
 
-/// The join token agents use, published by the controller in its namespace.
-pub async fn join_token(client: &Client) -> String {
+/// Runs `supermeshctl` with `args` against the test cluster and the controllers' namespace:
+/// its standard output, or its standard error when it fails.
+pub fn supermeshctl(args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new(binary("supermeshctl"))
+        .args(["--namespace", CONTROLLER_NAMESPACE])
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run supermeshctl: {e}"))?;
+    match out.status.success() {
+        true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
+}
+
+/// A join string agents enroll with: a new auto-approving token without a scope.
+pub async fn join_token() -> String {
+    join_token_with(&["--auto-approve"]).await
+}
+
+/// A join string of a new token created with `supermeshctl token create ARGS`, once a
+/// controller created the CA it pins.
+pub async fn join_token_with(args: &[&str]) -> String {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut command = vec!["token", "create"];
+    command.extend_from_slice(args);
+    loop {
+        match supermeshctl(&command) {
+            Ok(out) => return out.trim().to_owned(),
+            Err(e) if e.contains("no cloudhub CA") && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("supermeshctl token create failed: {e}"),
+        }
+    }
+}
+
+/// The root of the networks' cluster keys, kept by the controller in its namespace.
+pub async fn cluster_key_root(client: &Client) -> String {
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), CONTROLLER_NAMESPACE);
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
-        let token = secrets.get_opt("supermesh-bootstrap-token").await.ok().flatten().and_then(|s| {
-            let bytes = s.data?.get("joinToken")?.0.clone();
+        let root = secrets.get_opt("supermesh-cluster-key").await.ok().flatten().and_then(|s| {
+            let bytes = s.data?.get("root")?.0.clone();
             String::from_utf8(bytes).ok()
         });
-        if let Some(token) = token {
-            return token;
+        if let Some(root) = root {
+            return root;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the controller did not publish the join token");
+        assert!(tokio::time::Instant::now() < deadline, "the controller did not create the cluster key root");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -541,16 +576,16 @@ impl Agent {
     }
 
     /// The agent's cluster registry, asked over its peer service (from the host namespace).
-    pub fn registry(&self, token: &str) -> Option<supermesh_protocol::peer::Registry> {
-        peer_registry(&self.peer_addr, &self.name, &self.network, token)
+    pub fn registry(&self, root: &str) -> Option<supermesh_protocol::peer::Registry> {
+        peer_registry(&self.peer_addr, &self.name, &self.network, root)
     }
 
     /// Like `registry`, asked from inside the agent's own namespace (works while its network is cut off).
-    pub fn registry_inside(&self, token: &str) -> Option<supermesh_protocol::peer::Registry> {
-        let Some(netns) = self.netns.clone() else { return self.registry(token) };
-        let (addr, name, network, token) =
-            (self.peer_addr.clone(), self.name.clone(), self.network.clone(), token.to_owned());
-        lan::in_netns(&netns, move || peer_registry(&addr, &name, &network, &token))
+    pub fn registry_inside(&self, root: &str) -> Option<supermesh_protocol::peer::Registry> {
+        let Some(netns) = self.netns.clone() else { return self.registry(root) };
+        let (addr, name, network, root) =
+            (self.peer_addr.clone(), self.name.clone(), self.network.clone(), root.to_owned());
+        lan::in_netns(&netns, move || peer_registry(&addr, &name, &network, &root))
     }
 
     /// Starts the agent process again (after `stop` or `kill`), appending to its log.
@@ -719,7 +754,7 @@ impl Site {
         let cluster = Cluster::connect().await;
         let ns = cluster.namespace(prefix);
         let controller = Controller::launch(prefix, None, args);
-        let token = join_token(&cluster.client).await;
+        let token = join_token().await;
         let id = unique();
         let mesh = format!("apiVersion: supermesh.io/v1alpha1\nkind: Mesh\nmetadata: {{name: m}}\nspec: {{type: Account, account: acct-{id}}}\n");
         apply_yaml(&mesh, &["-n", &ns]).unwrap();

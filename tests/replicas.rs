@@ -48,7 +48,7 @@ async fn a_lost_replica_hands_its_nodes_over_without_a_flap_a_resend_or_a_restar
     for controller in &controllers {
         controller.wait_ready().await;
     }
-    let token = join_token(&cluster.client).await;
+    let token = join_token().await;
     let mesh = format!("apiVersion: supermesh.io/v1alpha1\nkind: Mesh\nmetadata: {{name: m}}\nspec: {{type: Account, account: acct-{id}}}\n");
     apply_yaml(&mesh, &["-n", &ns]).unwrap();
 

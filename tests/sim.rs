@@ -16,10 +16,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
+use supermesh_agent::config::EdgeConfig;
 use supermesh_agent::edgehub::{self, Device, Signals};
+use supermesh_agent::identity::Identity;
 use supermesh_agent::metamanager::store::OutboxEntry;
 use supermesh_agent::metasync;
 use supermesh_agent::supernode::relay::Queue;
@@ -341,10 +343,25 @@ impl Agent {
             status_changed: AtomicBool::new(false),
             status_notify: Notify::new(),
         });
-        let hub = tokio::spawn(edgehub::run(config, device.clone(), outbound, signals));
+        let identity = identity_of(&spec.name, &config)?;
+        let hub = tokio::spawn(edgehub::run(config, identity, device.clone(), outbound, signals));
         let lifecycle = tokio::spawn(lifecycle(device.clone(), started, spec.ready_after, spec.status_interval, phase));
         Ok(Agent { device, tasks: vec![hub, lifecycle] })
     }
+}
+
+/// The identity of simulated node `name`: made (and enrolled) once, kept for the process as a
+/// device keeps it on disk, so that a simulated agent started again connects as the same node.
+fn identity_of(name: &str, config: &EdgeConfig) -> Result<Arc<Identity>, String> {
+    static IDENTITIES: OnceLock<Mutex<HashMap<String, Arc<Identity>>>> = OnceLock::new();
+    let mut identities = IDENTITIES.get_or_init(Mutex::default).lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(identity) = identities.get(name) {
+        return Ok(identity.clone());
+    }
+    let token = config.cloud.token.as_ref().map(|t| &t.0);
+    let identity = Arc::new(Identity::load(None, token).map_err(|e| format!("{name}: {e}"))?);
+    identities.insert(name.to_owned(), identity.clone());
+    Ok(identity)
 }
 
 /// The agent's own timers: each started instance is Ready `ready_after` later; full status

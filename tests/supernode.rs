@@ -103,8 +103,8 @@ async fn eventually<T>(what: &str, limit: Duration, mut check: impl FnMut() -> O
 }
 
 /// Whether every agent's registry names `supernode`.
-fn all_follow(agents: &[&Agent], token: &str, supernode: &str) -> Option<Vec<Registry>> {
-    let registries: Vec<Registry> = agents.iter().map(|a| a.registry_inside(token)).collect::<Option<_>>()?;
+fn all_follow(agents: &[&Agent], root: &str, supernode: &str) -> Option<Vec<Registry>> {
+    let registries: Vec<Registry> = agents.iter().map(|a| a.registry_inside(root)).collect::<Option<_>>()?;
     registries.iter().all(|r| r.supernode.as_deref() == Some(supernode)).then_some(registries)
 }
 
@@ -186,7 +186,8 @@ async fn supernodes_relay_reports_fail_over_and_keep_discovery_working_offline()
         "5",
     ];
     let controller = Controller::launch_at("supernode", None, &format!("0.0.0.0:{port}"), &names);
-    let token = join_token(&cluster.client).await;
+    let token = join_token().await;
+    let root = cluster_key_root(&cluster.client).await;
     let mesh = format!(
         "apiVersion: supermesh.io/v1alpha1\nkind: Mesh\nmetadata: {{name: lan}}\nspec: {{type: Network, networks: [{}, {}]}}\n",
         lan_a.network, lan_b.network
@@ -217,7 +218,7 @@ async fn supernodes_relay_reports_fail_over_and_keep_discovery_working_offline()
         let expected = net.agents[0].name.clone();
         let members: Vec<&Agent> = net.agents.iter().collect();
         eventually(&format!("{} to elect {expected}", net.lan.network), Duration::from_secs(60), || {
-            all_follow(&members, &token, &expected)
+            all_follow(&members, &root, &expected)
         })
         .await;
     }
@@ -275,11 +276,11 @@ async fn supernodes_relay_reports_fail_over_and_keep_discovery_working_offline()
     // 3. The supernode of network A dies: a new one within three heartbeats, nothing lost.
     let (old, rest) = a.agents.split_at_mut(1);
     let survivors: Vec<&Agent> = rest.iter().collect();
-    let before: Vec<u64> = survivors.iter().map(|s| s.registry_inside(&token).expect("registry").heartbeats).collect();
+    let before: Vec<u64> = survivors.iter().map(|s| s.registry_inside(&root).expect("registry").heartbeats).collect();
     old[0].kill9();
     let next = rest[0].name.clone();
     let registries =
-        eventually(&format!("{next} to take over"), Duration::from_secs(30), || all_follow(&survivors, &token, &next))
+        eventually(&format!("{next} to take over"), Duration::from_secs(30), || all_follow(&survivors, &root, &next))
             .await;
     for ((agent, r), at_kill) in survivors.iter().zip(&registries).zip(&before) {
         eprintln!("{}: supernode {next} elected at heartbeat {} (kill at {at_kill})", agent.name, r.elected_at);
@@ -358,7 +359,7 @@ async fn supernodes_relay_reports_fail_over_and_keep_discovery_working_offline()
     a.agents[0].restart();
     let rejoined: Vec<&Agent> = a.agents.iter().collect();
     eventually("the old supernode to follow the new one", Duration::from_secs(30), || {
-        all_follow(&rejoined, &token, &next)
+        all_follow(&rejoined, &root, &next)
     })
     .await;
 

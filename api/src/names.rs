@@ -9,12 +9,32 @@ pub const CONTROLLER_MANAGER: &str = "supermesh-controller";
 /// Finalizer the controller puts on every supermesh object it reconciles.
 pub const FINALIZER: &str = "supermesh.io/cleanup";
 
+/// Annotations of an EdgeNode's identity: the cloud's own record of who may be the node.
+pub mod identity {
+    /// SHA-256 (hex) of the public key enrolled for the node; its certificates must carry that key.
+    /// Removed by `supermeshctl node reset`, after which a token may enroll the name again.
+    pub const KEY: &str = "supermesh.io/identity";
+    /// Set (to the time, RFC 3339) by `supermeshctl node revoke`: the node's certificates no longer count.
+    pub const REVOKED: &str = "supermesh.io/revoked";
+    /// `"false"` while the node awaits approval (it is sent nothing); `"true"` once approved.
+    /// A node without it (registered before enrollment existed) counts as approved.
+    pub const APPROVED: &str = "supermesh.io/approved";
+    /// Id of the bootstrap token the node enrolled with.
+    pub const ENROLLED_WITH: &str = "supermesh.io/enrolled-with";
+}
+
 /// Condition types and reasons, one spelling for code, docs and tests.
 pub mod condition {
     pub const READY: &str = "Ready";
     pub const PROGRESSING: &str = "Progressing";
     pub const DEGRADED: &str = "Degraded";
     pub const CONNECTED: &str = "Connected";
+    pub const APPROVED: &str = "Approved";
+
+    /// Approved=False: the node enrolled with a token that does not approve, and awaits `supermeshctl node approve`.
+    pub const PENDING_APPROVAL: &str = "PendingApproval";
+    /// Approved=True: approved by a token or an admin.
+    pub const NODE_APPROVED: &str = "NodeApproved";
 
     /// The Microservice's mesh does not exist in its namespace.
     pub const MESH_NOT_FOUND: &str = "MeshNotFound";

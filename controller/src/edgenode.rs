@@ -17,7 +17,7 @@ use tracing::instrument;
 
 use crate::conditions::{self, Wanted};
 use crate::context::{reconcile_in_finalizer, Context, RESYNC};
-use crate::view::SessionInfo;
+use crate::view::{NodeIdentity, SessionInfo};
 use crate::Result;
 
 /// How stale `lastHeartbeatTime` may get before it is rewritten while the agent stays
@@ -74,8 +74,32 @@ pub fn status_for(
             "the agent lost its connection; its instances keep running on the node".into(),
         )),
     };
-    if let Some(wanted) = wanted {
-        status.conditions = conditions::merge(&status.conditions, wanted, None);
+    let approval = match NodeIdentity::of(node).approved {
+        true => {
+            Wanted { type_: APPROVED, status: "True", reason: NODE_APPROVED, message: "the node is approved".into() }
+        }
+        false => Wanted {
+            type_: APPROVED,
+            status: "False",
+            reason: PENDING_APPROVAL,
+            message: format!(
+                "the node enrolled with a token that does not approve it and is sent nothing until \
+                 `supermeshctl node approve {}`",
+                node.name_any()
+            ),
+        },
+    };
+    match wanted {
+        Some(mut wanted) => {
+            wanted.push(approval);
+            status.conditions = conditions::merge(&status.conditions, wanted, None);
+        }
+        // Connection conditions kept as they are (the grace), approval as it is now.
+        None => {
+            let approved = conditions::merge(&status.conditions, vec![approval], None);
+            status.conditions.retain(|c| c.type_ != APPROVED);
+            status.conditions.extend(approved);
+        }
     }
     if conditions::reason(&status.conditions, CONNECTED) == Some(AGENT_DISCONNECTED) {
         (status.role, status.supernode) = (None, None);

@@ -23,6 +23,7 @@ pub mod microservice;
 pub mod placement;
 pub mod replicas;
 pub mod run;
+pub mod tokens;
 pub mod view;
 pub mod wire;
 

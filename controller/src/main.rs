@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
+use supermesh_controller::cloudhub::pki::Lifetimes;
 use supermesh_controller::replicas::Replica;
 use supermesh_controller::run::{run, Settings};
 use tracing_subscriber::EnvFilter;
@@ -26,7 +27,7 @@ struct Args {
     /// DNS name or IP address agents use to reach the cloudhub (repeatable); goes into its certificate.
     #[arg(long = "cloudhub-name")]
     cloudhub_names: Vec<String>,
-    /// Namespace of the cloudhub CA and bootstrap token Secrets (created when missing).
+    /// Namespace of the cloudhub CA and the bootstrap token Secrets (the CA is created when missing).
     #[arg(long, env = "POD_NAMESPACE", default_value = "supermesh")]
     namespace: String,
     /// Most agents connected at once; more are told to retry later.
@@ -38,6 +39,13 @@ struct Args {
     /// Seconds between keepalives on idle agent streams; a stream silent for three is dead.
     #[arg(long, default_value_t = supermesh_controller::cloudhub::KEEPALIVE_SECONDS)]
     keepalive_seconds: u64,
+    /// Seconds a node certificate is valid (default 30 days); agents renew at 70 to 90 % of it.
+    #[arg(long, default_value_t = 30 * 24 * 3600)]
+    certificate_lifetime_seconds: u64,
+    /// Seconds after its expiry during which a node certificate may still renew itself, for
+    /// devices that were offline (default: one certificate lifetime).
+    #[arg(long)]
+    certificate_grace_seconds: Option<u64>,
     /// This replica's id, unique among the controller's replicas (in a cluster, the Pod name).
     #[arg(long, env = "POD_NAME")]
     replica_id: Option<String>,
@@ -107,6 +115,10 @@ async fn main() -> ExitCode {
         max_agents: args.max_agents,
         reconnect_grace: std::time::Duration::from_secs(args.reconnect_grace_seconds),
         keepalive: std::time::Duration::from_secs(args.keepalive_seconds),
+        lifetimes: Lifetimes {
+            certificate: std::time::Duration::from_secs(args.certificate_lifetime_seconds.max(1)),
+            grace: args.certificate_grace_seconds.map(std::time::Duration::from_secs),
+        },
         replica,
     };
     match run(settings).await {

@@ -48,6 +48,20 @@ pub struct PathLabels {
     pub path: &'static str,
 }
 
+/// Labels naming what became of an enrollment or renewal.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `enrolled`, `renewed` or `refused`.
+    pub result: &'static str,
+}
+
+/// Labels naming why a connection was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// `no_certificate`, `expired`, `not_standing`, `bad_token`, `other`.
+    pub reason: &'static str,
+}
+
 /// The controller's metrics and the registries that expose them.
 pub struct Metrics {
     /// Registry of the controller's own metrics (`supermesh_controller_*`), rendered at `/metrics`.
@@ -97,6 +111,10 @@ pub struct Metrics {
     pub invalid_objects: Family<KindLabels, Counter>,
     /// Agents sent to the replica that serves their node.
     pub redirects: Counter,
+    /// Enrollments and renewals, by result.
+    pub enrollments: Family<ResultLabels, Counter>,
+    /// Connections refused at the handshake, by reason.
+    pub refused: Family<ReasonLabels, Counter>,
     /// 1 while this replica holds the controller Lease (reconciles Meshes and Microservices).
     pub leader: Gauge,
     /// Controller replicas this one sees live, itself included.
@@ -153,6 +171,10 @@ impl Default for Metrics {
         registry.register("cloudhub_agents", "Agents connected now", agents.clone());
         let redirects = Counter::default();
         registry.register("cloudhub_redirects", "Agents sent to the replica that serves their node", redirects.clone());
+        let enrollments = Family::<ResultLabels, Counter>::default();
+        registry.register("enrollments", "Node enrollments and certificate renewals, by result", enrollments.clone());
+        let refused = Family::<ReasonLabels, Counter>::default();
+        registry.register("cloudhub_refused", "Agent connections refused at the handshake, by reason", refused.clone());
         let [leader, replicas] = std::array::from_fn(|_| Gauge::default());
         registry.register("leader", "1 while this replica holds the controller Lease", leader.clone());
         registry.register("replicas", "Controller replicas seen live, this one included", replicas.clone());
@@ -195,6 +217,8 @@ impl Default for Metrics {
             events_published,
             invalid_objects,
             redirects,
+            enrollments,
+            refused,
             leader,
             replicas,
             reports_forwarded,

@@ -110,9 +110,9 @@ impl MeshRule {
         })
     }
 
-    /// Whether `node` belongs to the mesh. Nodes being deleted belong to none.
+    /// Whether `node` belongs to the mesh. Nodes being deleted or awaiting approval belong to none.
     pub fn admits(&self, node: &NodeView) -> bool {
-        if node.deleting {
+        if !node.active() {
             return false;
         }
         let by_type = match self.mesh_type {

@@ -20,6 +20,7 @@ use supermesh_protocol::names::host_of;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::cloudhub::pki::Lifetimes;
 use crate::coalesce::coalesce;
 use crate::context::{error_policy, Context, Role};
 use crate::forward::{self, Forwarder};
@@ -39,7 +40,7 @@ pub struct Settings {
     pub cloudhub_addr: SocketAddr,
     /// DNS names and IP addresses agents dial, for the serving certificate.
     pub cloudhub_names: Vec<String>,
-    /// Namespace holding the cloudhub CA and bootstrap token Secrets.
+    /// Namespace holding the cloudhub CA and the bootstrap token Secrets.
     pub namespace: String,
     /// Most agents connected at once.
     pub max_agents: usize,
@@ -47,6 +48,8 @@ pub struct Settings {
     pub reconnect_grace: Duration,
     /// Time between keepalives on idle agent streams.
     pub keepalive: Duration,
+    /// How long node certificates live, and may renew after expiry.
+    pub lifetimes: Lifetimes,
     /// This replica: its id and where agents reach its cloudhub.
     pub replica: Replica,
 }
@@ -85,11 +88,11 @@ pub async fn run(settings: Settings) -> Result<()> {
     if !names.iter().any(|n| n == host) {
         names.push(host.to_owned());
     }
-    let pki = cloudhub::pki::load(&client, &settings.namespace, &names).await?;
+    let pki = cloudhub::pki::load(&client, &settings.namespace, &names, settings.lifetimes).await?;
     info!(addr = %settings.cloudhub_addr, namespace = %settings.namespace, "cloudhub listening for agents");
 
     let metrics = Arc::new(Metrics::default());
-    let (index, triggers) = Index::new(pki.token_secret.clone(), settings.reconnect_grace, metrics.clone());
+    let (index, triggers) = Index::new(pki.cluster_key_root.clone(), settings.reconnect_grace, metrics.clone());
     tokio::spawn(index.clone().run_memberships(MEMBERSHIP_COALESCE));
     // When a replica leaves, its nodes come to the others and their agents are reconnecting:
     // the reconnect grace starts again before anything reconciles them, so no EdgeNode turns
@@ -134,6 +137,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let forwarder = Forwarder::start(index.clone(), replicas.clone(), forward_key.clone(), metrics.clone());
     let serving = cloudhub::Serving {
         pki,
+        namespace: settings.namespace.clone(),
         hub: hub.clone(),
         index: index.clone(),
         events,

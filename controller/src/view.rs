@@ -8,6 +8,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use supermesh_api::edgenode::NodeAddress;
 use supermesh_api::names::condition::READY;
+use supermesh_api::names::identity;
 use supermesh_api::EdgeNode;
 use supermesh_protocol::{Location, NodeRole};
 
@@ -30,6 +31,49 @@ pub struct NodeView {
     pub unschedulable: bool,
     /// Whether the EdgeNode is being deleted.
     pub deleting: bool,
+    /// Who may be the node, and whether it is approved.
+    pub identity: NodeIdentity,
+}
+
+impl NodeView {
+    /// Whether the node takes part in meshes and its network: not being deleted, and approved.
+    pub fn active(&self) -> bool {
+        !self.deleting && self.identity.approved
+    }
+}
+
+/// The cloud's record of a node's identity, from its EdgeNode's annotations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeIdentity {
+    /// Fingerprint of the enrolled key; `None` before enrollment or after a reset.
+    pub key: Option<String>,
+    /// Whether an admin revoked it.
+    pub revoked: bool,
+    /// Whether it is approved (nodes registered before enrollment existed are).
+    pub approved: bool,
+}
+
+impl NodeIdentity {
+    /// What the annotations of `node` say.
+    pub fn of(node: &EdgeNode) -> NodeIdentity {
+        let annotations = node.annotations();
+        NodeIdentity {
+            key: annotations.get(identity::KEY).filter(|k| !k.is_empty()).cloned(),
+            revoked: annotations.contains_key(identity::REVOKED),
+            approved: annotations.get(identity::APPROVED).is_none_or(|a| a != "false"),
+        }
+    }
+
+    /// Whether a certificate carrying the key of fingerprint `key` still speaks for the node;
+    /// if not, why.
+    pub fn accepts(&self, key: &str) -> Result<(), &'static str> {
+        match &self.key {
+            _ if self.revoked => Err("the node was revoked"),
+            None => Err("the node has no enrolled identity (it was reset or never enrolled)"),
+            Some(k) if k != key => Err("the certificate carries another key than the one the node enrolled"),
+            Some(_) => Ok(()),
+        }
+    }
 }
 
 impl From<&EdgeNode> for NodeView {
@@ -43,6 +87,7 @@ impl From<&EdgeNode> for NodeView {
             supernode_eligible: node.spec.supernode_eligible,
             unschedulable: node.spec.unschedulable,
             deleting: node.metadata.deletion_timestamp.is_some(),
+            identity: NodeIdentity::of(node),
         }
     }
 }

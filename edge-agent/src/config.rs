@@ -1,12 +1,11 @@
 //! The agent's configuration file, `edge.yaml` (see `examples/agent/edge.yaml`).
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
+use supermesh_protocol::identity::JoinString;
 use supermesh_protocol::Location;
 
 /// The whole contents of `edge.yaml`.
@@ -98,18 +97,24 @@ pub struct NodeConfig {
 pub struct CloudConfig {
     /// `host:port` of the cloudhub, without any `wss://` prefix.
     pub address: String,
-    /// Token the agent bootstraps its node certificate with.
-    pub token: BootstrapToken,
+    /// Join string the agent enrolls with once, `<ca-fingerprint>.<token-id>.<token-secret>`
+    /// (`supermeshctl token create` prints it). Once the node holds its certificate it is
+    /// not needed any more and may be removed.
+    #[serde(default)]
+    pub token: Option<JoinToken>,
 }
 
-/// A bootstrap token, written `<ca_hash>.<secret>`.
-#[derive(Deserialize, Clone, PartialEq, Eq)]
+/// A join string as `cloud.token` holds it.
+#[derive(Deserialize, Clone, PartialEq, Eq, Debug)]
 #[serde(try_from = "String")]
-pub struct BootstrapToken {
-    /// sha256 of the cloud CA certificate, 64 lowercase hex digits.
-    pub ca_hash: String,
-    /// Shared secret, at least 16 characters of `[A-Za-z0-9_-]`.
-    pub secret: String,
+pub struct JoinToken(pub JoinString);
+
+impl TryFrom<String> for JoinToken {
+    type Error = String;
+
+    fn try_from(token: String) -> Result<Self, String> {
+        token.parse().map(JoinToken)
+    }
 }
 
 /// Metamanager settings (`meta`).
@@ -236,8 +241,11 @@ impl EdgeConfig {
                 node.name
             )
         })?;
-        non_empty("node.account", &node.account)?;
-        non_empty("node.network", &node.network)?;
+        for (key, value) in [("node.account", &node.account), ("node.network", &node.network)] {
+            check(supermesh_protocol::names::is_dns1123_subdomain(value), key, || {
+                format!("{value:?} is not a DNS-1123 name; expected lowercase letters, digits, '-' and '.', e.g. acme")
+            })?;
+        }
         if let Some(l) = node.location {
             check(l.is_valid(), "node.location", || {
                 format!(
@@ -298,42 +306,6 @@ fn host_port(address: &str) -> Option<&str> {
     (host_ok && port_ok).then_some(rest)
 }
 
-impl FromStr for BootstrapToken {
-    type Err = String;
-
-    /// Parses `<ca_hash>.<secret>`; errors never repeat the token.
-    fn from_str(token: &str) -> Result<Self, String> {
-        let is_hash = |h: &str| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-        let problem = match token.split_once('.') {
-            None => "it has no '.' between the CA hash and the secret",
-            Some((hash, _)) if !is_hash(hash) => "the CA hash is not 64 lowercase hex digits",
-            Some((_, secret)) if !secret.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') => {
-                "the secret has characters other than A-Z a-z 0-9 _ -"
-            }
-            Some((_, secret)) if secret.len() < 16 => "the secret is shorter than 16 characters",
-            Some((hash, secret)) => return Ok(BootstrapToken { ca_hash: hash.to_owned(), secret: secret.to_owned() }),
-        };
-        Err(format!(
-            "invalid bootstrap token: {problem}; expected <sha256 of the cloud CA certificate as 64 lowercase hex \
-             digits>.<secret of at least 16 characters from A-Z a-z 0-9 _ ->"
-        ))
-    }
-}
-
-impl TryFrom<String> for BootstrapToken {
-    type Error = String;
-
-    fn try_from(token: String) -> Result<Self, String> {
-        token.parse()
-    }
-}
-
-impl fmt::Debug for BootstrapToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BootstrapToken").field("ca_hash", &self.ca_hash).field("secret", &"<redacted>").finish()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,7 +319,7 @@ node:
   network: home
 cloud:
   address: 127.0.0.1:10350
-  token: "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.s3cret-s3cret-s3cret"
+  token: "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.abc123.s3cret0s3cret0ab"
 "#;
 
     /// The error for `MINIMAL` with `from` replaced by `to`.
@@ -364,8 +336,9 @@ cloud:
         assert_eq!(config.node.location, Some(Location { latitude: 48.8566, longitude: 2.3522 }));
         assert!(config.node.supernode_eligible);
         assert_eq!(config.cloud.address, "127.0.0.1:10350");
-        assert_eq!(config.cloud.token.ca_hash.len(), 64);
-        assert_eq!(config.cloud.token.secret, "replace-with-the-cluster-secret");
+        let token = &config.cloud.token.as_ref().expect("the example has a token").0;
+        assert_eq!(token.ca_hash.len(), 64);
+        assert_eq!(token.token.id, "abcdef");
         assert_eq!(config.data_dir, Path::new("/var/lib/supermesh"));
         assert_eq!(config.podstatus_interval(), Duration::from_secs(60));
     }
@@ -377,7 +350,12 @@ cloud:
         assert_eq!(config.data_dir, Path::new("/var/lib/supermesh"));
         assert!(config.node.supernode_eligible);
         assert_eq!(config.node.location, None);
-        assert_eq!(config.cloud.token, BootstrapToken { ca_hash: HASH.into(), secret: "s3cret-s3cret-s3cret".into() });
+        let token = &config.cloud.token.unwrap().0;
+        assert_eq!((token.ca_hash.as_str(), token.token.id.as_str()), (HASH, "abc123"));
+        assert_eq!(token.token.secret, "s3cret0s3cret0ab");
+        let without =
+            parse(&MINIMAL.replace(&format!("  token: \"{HASH}.abc123.s3cret0s3cret0ab\"\n"), ""), "edge.yaml");
+        assert_eq!(without.unwrap().cloud.token, None, "an enrolled node needs no token");
     }
 
     #[test]
@@ -422,21 +400,23 @@ cloud:
 
     #[test]
     fn invalid_values_name_the_key_and_the_expected_shape() {
-        let secret = "s3cret-s3cret-s3cret";
+        let secret = "s3cret0s3cret0ab";
         let cases = [
             ("name: pi-kitchen", "name: Pi_Kitchen", "node.name", "DNS-1123"),
             ("name: pi-kitchen", "name: pi..kitchen", "node.name", "DNS-1123"),
             ("name: pi-kitchen", "name: pi-", "node.name", "DNS-1123"),
-            ("account: acme", "account: ''", "node.account", "must not be empty"),
-            ("network: home", "network: ' '", "node.network", "must not be empty"),
+            ("account: acme", "account: ''", "node.account", "DNS-1123"),
+            ("network: home", "network: ' '", "node.network", "DNS-1123"),
+            ("account: acme", "account: Acme Inc", "node.account", "DNS-1123"),
             ("network: home", "network: home\n  location: {latitude: 91, longitude: 2}", "node.location", "-90..90"),
             ("127.0.0.1:10350", "127.0.0.1", "cloud.address", "host:port"),
             ("127.0.0.1:10350", "127.0.0.1:0", "cloud.address", "port 1-65535"),
             ("127.0.0.1:10350", "https://cloud:443", "cloud.address", "host:port"),
-            ("abcdef.s3cret", "abcdefs3cret", "cloud.token", "no '.'"),
+            ("abcdef.abc123.", "abcdefabc123", "cloud.token", "64 lowercase hex"),
             ("0123456789abcdef.", "0123456789ABCDEF.", "cloud.token", "64 lowercase hex digits"),
-            (secret, "s3cret", "cloud.token", "shorter than 16"),
-            (secret, "s3cret/s3cret/s3cret", "cloud.token", "A-Z a-z 0-9 _ -"),
+            (secret, "s3cret", "cloud.token", "a-z 0-9"),
+            (secret, "s3cret/s3cret/ab", "cloud.token", "a-z 0-9"),
+            ("abc123.s3cret0s3cret0ab", "s3cret-s3cret-s3cret", "cloud.token", "supermesh 0.1"),
             ("cloud:", "dataDir: ''\ncloud:", "dataDir", "must not be empty"),
             (
                 "cloud:",
@@ -450,20 +430,17 @@ cloud:
             let text = error.to_string();
             assert!(text.starts_with(&format!("edge.yaml: {expected_key}: ")), "{to}: {text}");
             assert!(text.contains(hint), "{to}: {text} lacks {hint:?}");
-            assert!(!text.contains("s3cret-s3cret"), "{to}: the secret leaked into {text}");
+            assert!(!text.contains("s3cret0s3cret"), "{to}: the secret leaked into {text}");
             assert!(matches!(&error, ConfigError::Invalid { key, .. } if key == expected_key), "{error:?}");
         }
     }
 
     #[test]
     fn token_debug_hides_the_secret() {
-        let token: BootstrapToken = format!("{HASH}.do-not-print-me-ever").parse().unwrap();
-        assert_eq!(token.secret, "do-not-print-me-ever");
-        let debug = format!("{token:?}");
-        assert!(debug.contains(HASH) && debug.contains("<redacted>"), "{debug}");
-        assert!(!debug.contains("do-not-print-me-ever"), "{debug}");
         let config = parse(MINIMAL, "edge.yaml").unwrap();
-        assert!(!format!("{config:?}").contains("s3cret-s3cret"));
+        let debug = format!("{config:?}");
+        assert!(debug.contains(HASH) && debug.contains("<redacted>"), "{debug}");
+        assert!(!debug.contains("s3cret0s3cret"), "{debug}");
     }
 
     #[test]

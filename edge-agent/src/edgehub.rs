@@ -1,7 +1,9 @@
-//! edgehub: the agent's one stream to the cloudhub. Connects over TLS to a
-//! cloud whose CA matches the join token, says hello with the versions the
-//! metamanager holds, passes messages both ways, keeps the stream alive and
-//! reconnects with jittered exponential backoff (no reconnect storms).
+//! edgehub: the agent's one stream to the cloudhub. Enrolls the node once with its
+//! join token, then connects over mutual TLS with the node's certificate to a cloud
+//! whose CA matches the pinned fingerprint, says hello with the versions the
+//! metamanager holds, passes messages both ways, keeps the stream alive, renews the
+//! certificate before it expires and reconnects with jittered exponential backoff
+//! (no reconnect storms).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -16,11 +18,14 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
+use supermesh_protocol::identity::{
+    EnrollRequest, IdentityAnswer, Issued, RenewRequest, ENROLL_PATH, RENEW_PATH, REVOKED_CLOSE_CODE,
+};
 use supermesh_protocol::names::ca_fingerprint;
 use supermesh_protocol::{
     decode, encode, now_ms, Answer, Body, Connection, ConnectionState, ErrorCode, ErrorContent, Hello, LogChunk,
     LogQuery, Message, ProtocolVersion, Query, ResourceRef, CONNECTION_RESOURCE, CONNECT_PATH, MAX_LOG_CHUNK,
-    MAX_MESSAGE_BYTES, MICROSERVICE, MOVED_CLOSE_CODE, MOVED_STATUS, NODE_HEADER,
+    MAX_MESSAGE_BYTES, MICROSERVICE, MOVED_CLOSE_CODE, MOVED_STATUS,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
@@ -31,6 +36,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message as Frame};
 use tracing::{debug, error, info, warn};
 
 use crate::config::EdgeConfig;
+use crate::identity::{self, Identity, Standing};
 use crate::metamanager::store::OutboxEntry;
 use crate::metamanager::MetaHandle;
 use crate::supernode::Cluster;
@@ -71,6 +77,12 @@ pub enum LinkError {
     /// Another controller replica serves this node: the cloudhub at this address.
     #[error("another controller replica serves this node, at {0}")]
     Moved(String),
+    /// The cloud no longer accepts this node's certificate (revoked, reset or deleted).
+    #[error("the cloud cut this node off: {0}")]
+    Revoked(String),
+    /// The node has no usable certificate and cannot get one now.
+    #[error("{0}")]
+    Identity(String),
 }
 
 /// The device side of the link: where the cloud's changes go and reports come from.
@@ -151,21 +163,16 @@ pub struct Signals {
     pub connected: Arc<Notify>,
 }
 
-/// Keeps the agent connected until the process ends.
-/// Keeps `device` connected to the cloud `config` names until the process ends.
+/// Keeps `device` connected to the cloud `config` names, as the node `identity` holds
+/// the certificate of, until the process ends; renews that certificate meanwhile.
 pub async fn run<D: Device>(
     config: Arc<EdgeConfig>,
+    identity: Arc<Identity>,
     device: Arc<D>,
     mut outbound: mpsc::Receiver<Message>,
     signals: Signals,
 ) {
-    let connector = match connector(&config.cloud.token.ca_hash) {
-        Ok(c) => c,
-        Err(e) => {
-            error!(error = %e, "cannot set up TLS; the agent stays offline");
-            return;
-        }
-    };
+    tokio::spawn(renew_in_time(config.clone(), identity.clone()));
     let mut delays = Reconnect::default();
     // The replica the cloud sent this node to, how many redirects in a row led there, and
     // how many such replicas in a row could not be reached.
@@ -173,7 +180,11 @@ pub async fn run<D: Device>(
     loop {
         let redirected = moved_to.is_some();
         let address = moved_to.take().unwrap_or_else(|| config.cloud.address.clone());
-        let wait = match connect(&config, &address, &connector).await {
+        let attempt = async {
+            certified(&config, &identity, &address).await?;
+            connect(&address, &identity).await
+        };
+        let wait = match attempt.await {
             Ok(ws) => {
                 device.connected(true);
                 let ended = Session::new(ws, &config, &address, &*device, &signals).run(&mut outbound).await;
@@ -181,6 +192,10 @@ pub async fn run<D: Device>(
                 delays = Reconnect::default();
                 (hops, detours) = (0, 0);
                 match ended {
+                    LinkError::Revoked(reason) => {
+                        error!(%reason, "the cloud cut this node off; its instances keep running");
+                        delays.next()
+                    }
                     LinkError::Moved(to) => {
                         info!(from = %address, to = %to, "the cloud handed this node to another replica");
                         moved_to = Some(to);
@@ -205,6 +220,10 @@ pub async fn run<D: Device>(
                 let next = delays.next();
                 retry_after.unwrap_or(next)
             }
+            Err(LinkError::Identity(reason)) => {
+                error!(%reason, "this node has no usable certificate");
+                delays.next()
+            }
             // The replica it was sent to is gone, and the others will know within seconds:
             // ask them again soon instead of backing off further each time.
             Err(e) if redirected && detours < MAX_DETOURS => {
@@ -227,12 +246,110 @@ pub async fn run<D: Device>(
     }
 }
 
-/// Opens a stream to the cloudhub as `config` says (TLS pinned to the join token's
-/// CA, node name and token in the upgrade), without saying hello.
-pub async fn dial(config: &EdgeConfig) -> Result<Ws, LinkError> {
-    let connector = connector(&config.cloud.token.ca_hash)
-        .map_err(|e| LinkError::Unreachable(config.cloud.address.clone(), e.to_string()))?;
-    connect(config, &config.cloud.address, &connector).await
+/// Opens a stream to the cloudhub as `config` says, as the node `identity` holds (enrolling
+/// it first if needed), without saying hello.
+pub async fn dial(config: &EdgeConfig, identity: &Identity) -> Result<Ws, LinkError> {
+    certified(config, identity, &config.cloud.address).await?;
+    connect(&config.cloud.address, identity).await
+}
+
+/// Makes sure the node holds a certificate it may connect with: enrolls it with the join
+/// token if it has none, renews it if it expired (the cloud allows that within its grace).
+pub async fn certified(config: &EdgeConfig, identity: &Identity, address: &str) -> Result<(), LinkError> {
+    match identity.standing() {
+        Standing::Valid { .. } => Ok(()),
+        Standing::Expired => {
+            info!("the node certificate expired while offline; renewing it");
+            renew(config, identity, address).await
+        }
+        Standing::Missing => enroll(config, identity, address).await,
+    }
+}
+
+/// Enrolls the node with the join token: a CSR for its key, a certificate back.
+async fn enroll(config: &EdgeConfig, identity: &Identity, address: &str) -> Result<(), LinkError> {
+    let Some(token) = &config.cloud.token else {
+        return Err(LinkError::Identity(crate::identity::IdentityError::NotEnrolled.to_string()));
+    };
+    let node = &config.node;
+    let request = EnrollRequest {
+        node: node.name.clone(),
+        account: node.account.clone(),
+        network: node.network.clone(),
+        location: node.location,
+        supernode_eligible: node.supernode_eligible,
+        csr: identity.csr(&node.name).map_err(LinkError::Identity)?,
+    };
+    let bearer = token.0.token.to_string();
+    let issued = exchange(address, ENROLL_PATH, Some(&bearer), identity, &request).await?;
+    identity.store(&issued).map_err(|e| LinkError::Identity(e.to_string()))?;
+    info!(
+        node = %node.name,
+        "enrolled: the node holds its certificate; the join token in edge.yaml (cloud.token) is not needed any more"
+    );
+    if !issued.approved {
+        warn!(node = %node.name, "the node awaits approval and is sent nothing until `supermeshctl node approve {}`", node.name);
+    }
+    Ok(())
+}
+
+/// Renews the node's certificate, presenting it (valid, or expired within the cloud's grace).
+async fn renew(config: &EdgeConfig, identity: &Identity, address: &str) -> Result<(), LinkError> {
+    let request = RenewRequest { csr: identity.csr(&config.node.name).map_err(LinkError::Identity)? };
+    let issued = exchange(address, RENEW_PATH, None, identity, &request).await?;
+    identity.store(&issued).map_err(|e| LinkError::Identity(e.to_string()))?;
+    info!(valid_until = issued.not_after, "renewed the node certificate");
+    Ok(())
+}
+
+/// Renews the node's certificate at 70 to 90 % of its lifetime, again and again.
+async fn renew_in_time(config: Arc<EdgeConfig>, identity: Arc<Identity>) {
+    let mut retry = Duration::from_secs(5);
+    loop {
+        let wait = match identity.standing() {
+            Standing::Valid { renew_at } => identity::until(renew_at),
+            // The connection loop enrolls or renews it before it connects.
+            Standing::Missing | Standing::Expired => Duration::from_secs(5),
+        };
+        tokio::time::sleep(wait).await;
+        if !matches!(identity.standing(), Standing::Valid { renew_at } if identity::until(renew_at).is_zero()) {
+            continue;
+        }
+        match renew(&config, &identity, &config.cloud.address).await {
+            Ok(()) => retry = Duration::from_secs(5),
+            Err(e) => {
+                warn!(error = %e, retry_in = ?retry, "cannot renew the node certificate yet");
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(Duration::from_secs(300));
+            }
+        }
+    }
+}
+
+/// One enrollment or renewal: `request` to `path`, the certificate back.
+async fn exchange(
+    address: &str,
+    path: &str,
+    bearer: Option<&str>,
+    identity: &Identity,
+    request: &impl serde::Serialize,
+) -> Result<Issued, LinkError> {
+    let lost = |e: &dyn std::fmt::Display| LinkError::Lost(format!("{path}: {e}"));
+    let mut ws = open(address, path, bearer, identity).await?;
+    let text = serde_json::to_string(request).map_err(|e| lost(&e))?;
+    ws.send(Frame::text(text)).await.map_err(|e| lost(&e))?;
+    let answer = tokio::time::timeout(Duration::from_secs(30), ws.next())
+        .await
+        .map_err(|_| lost(&"no answer within 30 s"))?
+        .ok_or_else(|| lost(&"closed without an answer"))?
+        .map_err(|e| lost(&e))?;
+    let _ = ws.close(None).await;
+    let answer: IdentityAnswer =
+        serde_json::from_str(&answer.into_text().map_err(|e| lost(&e))?).map_err(|e| lost(&e))?;
+    match answer {
+        IdentityAnswer::Issued(issued) => Ok(issued),
+        IdentityAnswer::Refused { status, reason } => Err(LinkError::Refused { status, reason, retry_after: None }),
+    }
 }
 
 /// The hello an agent with `config` sends on connect: who it is, and the versions it holds.
@@ -314,9 +431,16 @@ impl Reconnect {
     }
 }
 
-/// Opens a stream to the cloudhub at `address` as `config` says.
-async fn connect(config: &EdgeConfig, address: &str, connector: &TlsConnector) -> Result<Ws, LinkError> {
+/// Opens the node's stream to the cloudhub at `address`.
+async fn connect(address: &str, identity: &Identity) -> Result<Ws, LinkError> {
+    open(address, CONNECT_PATH, None, identity).await
+}
+
+/// Opens a WebSocket to `path` of the cloudhub at `address`: TLS pinned to the cloud's CA,
+/// with the node's certificate if it holds one, and `bearer` as the authorization.
+async fn open(address: &str, path: &str, bearer: Option<&str>, identity: &Identity) -> Result<Ws, LinkError> {
     let unreachable = |e: &dyn std::fmt::Display| LinkError::Unreachable(address.to_owned(), e.to_string());
+    let connector = connector(identity).map_err(|e| unreachable(&e))?;
     let host = supermesh_protocol::names::host_of(address).unwrap_or(address);
     let server_name = ServerName::try_from(host.to_owned()).map_err(|e| unreachable(&e))?;
     let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(address))
@@ -324,11 +448,11 @@ async fn connect(config: &EdgeConfig, address: &str, connector: &TlsConnector) -
         .map_err(|_| unreachable(&"timed out"))?
         .map_err(|e| unreachable(&e))?;
     let tls = connector.connect(server_name, tcp).await.map_err(|e| unreachable(&e))?;
-    let mut request = format!("wss://{address}{CONNECT_PATH}").into_client_request().map_err(|e| unreachable(&e))?;
-    let headers = request.headers_mut();
-    headers.insert(NODE_HEADER, config.node.name.parse().map_err(|e| unreachable(&e))?);
-    let bearer = format!("Bearer {}", config.cloud.token.secret);
-    headers.insert("authorization", bearer.parse().map_err(|e| unreachable(&e))?);
+    let mut request = format!("wss://{address}{path}").into_client_request().map_err(|e| unreachable(&e))?;
+    if let Some(bearer) = bearer {
+        let value = format!("Bearer {bearer}").parse().map_err(|e| unreachable(&e))?;
+        request.headers_mut().insert("authorization", value);
+    }
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .max_message_size(Some(2 * MAX_MESSAGE_BYTES))
@@ -418,6 +542,9 @@ impl<'a, D: Device> Session<'a, D> {
                     }
                     Some(Ok(Frame::Close(Some(close)))) if u16::from(close.code) == MOVED_CLOSE_CODE => {
                         return LinkError::Moved(close.reason.to_string());
+                    }
+                    Some(Ok(Frame::Close(Some(close)))) if u16::from(close.code) == REVOKED_CLOSE_CODE => {
+                        return LinkError::Revoked(close.reason.to_string());
                     }
                     Some(Ok(Frame::Close(_))) | None => return LinkError::Lost("closed by the cloud".into()),
                     Some(Ok(_)) => self.last_heard = Instant::now(),
@@ -549,14 +676,17 @@ fn message(resource: &str, body: &Body) -> Message {
 }
 
 /// TLS that trusts only a server whose chain includes the CA with `fingerprint`.
-fn connector(fingerprint: &str) -> Result<TlsConnector, rustls::Error> {
+fn connector(identity: &Identity) -> Result<TlsConnector, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(PinnedCa { fingerprint: fingerprint.to_owned(), provider: provider.clone() });
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let verifier = Arc::new(PinnedCa { fingerprint: identity.ca_hash(), provider: provider.clone() });
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(verifier);
+    let config = match identity.client_auth() {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        None => builder.with_no_client_auth(),
+    };
     Ok(TlsConnector::from(Arc::new(config)))
 }
 

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod edged;
 pub mod edgehub;
+pub mod identity;
 pub mod localapi;
 pub mod metamanager;
 pub mod metasync;

@@ -12,6 +12,7 @@ use crate::edged::process::ProcessRuntime;
 use crate::edged::runtime::Runtime;
 use crate::edged::Desired;
 use crate::edgehub::Signals;
+use crate::identity::{Identity, IdentityError, Standing};
 use crate::localapi::{self, LocalApi};
 use crate::metamanager::store::{self, Store};
 use crate::metamanager::{self, EdgedEvent, MetaError};
@@ -21,6 +22,8 @@ use supermesh_protocol::{Membership, MEMBERSHIP, MICROSERVICE};
 
 /// File name of the agent's database inside its data dir.
 pub const DATABASE: &str = "meta.db";
+/// Directory of the node's key and certificate inside its data dir.
+pub const IDENTITY_DIR: &str = "identity";
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +46,9 @@ pub enum StartError {
     /// The local API's secret could not be read or created.
     #[error("cannot read or create the local API key in {0}: {1}")]
     Secret(String, std::io::Error),
+    /// The node's key or certificate could not be read, or there is nothing to enroll with.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -61,6 +67,11 @@ pub async fn run(config: EdgeConfig) -> Result<(), StartError> {
     })?;
     let secret = localapi::load_or_create_secret(&config.data_dir)
         .map_err(|e| StartError::Secret(config.data_dir.display().to_string(), e))?;
+    let token = config.cloud.token.as_ref().map(|t| &t.0);
+    let identity = Arc::new(Identity::load(Some(&config.data_dir.join(IDENTITY_DIR)), token)?);
+    if token.is_some() && identity.standing() != Standing::Missing {
+        info!("the node holds its certificate: cloud.token in edge.yaml is not needed any more and may be removed");
+    }
 
     let (to_cloud, outbound) = mpsc::channel(1024);
     let (to_router, from_meta) = mpsc::channel(1024);
@@ -113,7 +124,7 @@ pub async fn run(config: EdgeConfig) -> Result<(), StartError> {
     tokio::spawn(async move { edged::reconcile(&*edged_runtime, wanted, &context).await });
     supernode::spawn(cluster.clone(), peer_tcp, peer_udp);
     let device = edgehub::AgentDevice { meta, cluster, data_dir: config.data_dir.clone() };
-    tokio::spawn(edgehub::run(config, Arc::new(device), outbound, hub_signals));
+    tokio::spawn(edgehub::run(config, identity, Arc::new(device), outbound, hub_signals));
     shutdown_signal().await;
     // Dropping the runtime leaves instances running: the next agent adopts them.
     info!("supermesh-agent stopping; instances are left running");

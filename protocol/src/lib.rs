@@ -42,6 +42,7 @@ mod batch;
 mod body;
 mod connection;
 mod discovery;
+pub mod identity;
 mod location;
 mod log;
 mod membership;

@@ -1,4 +1,4 @@
-//! Names both sides check the same way: node names and join tokens.
+//! Names both sides check the same way: node names, addresses and CA fingerprints.
 
 /// Longest DNS-1123 subdomain, as Kubernetes allows for object names.
 pub const MAX_NAME_LEN: usize = 253;
@@ -39,12 +39,6 @@ pub fn ca_fingerprint(der: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(der))
 }
 
-/// A join token `<ca-fingerprint>.<secret>`: the agent trusts only a cloud whose
-/// CA has that fingerprint, and proves itself with the secret.
-pub fn join_token(ca_der: &[u8], secret: &str) -> String {
-    format!("{}.{secret}", ca_fingerprint(ca_der))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,12 +65,9 @@ mod tests {
     }
 
     #[test]
-    fn join_tokens_pin_the_ca() {
-        let token = join_token(b"certificate", "s3cret-s3cret-s3cret");
-        let (hash, secret) = token.split_once('.').unwrap();
+    fn ca_fingerprints_are_sha256_hex() {
+        let hash = ca_fingerprint(b"certificate");
         assert_eq!(hash.len(), 64);
-        assert_eq!(hash, ca_fingerprint(b"certificate"));
         assert_ne!(hash, ca_fingerprint(b"another"));
-        assert_eq!(secret, "s3cret-s3cret-s3cret");
     }
 }

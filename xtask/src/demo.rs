@@ -24,8 +24,17 @@ pub fn run() -> Result<()> {
 }
 
 fn show(plane: &ControlPlane) -> Result<()> {
-    eprintln!("==> building supermesh-controller and supermesh-agent");
-    shell::run(cargo().args(["build", "--quiet", "--bin", "supermesh-controller", "--bin", "supermesh-agent"]))?;
+    eprintln!("==> building supermesh-controller, supermeshctl and supermesh-agent");
+    shell::run(cargo().args([
+        "build",
+        "--quiet",
+        "--bin",
+        "supermesh-controller",
+        "--bin",
+        "supermeshctl",
+        "--bin",
+        "supermesh-agent",
+    ]))?;
     let root = workspace_root();
     plane.kubectl(&["apply", "--server-side", "-f", &root.join("crds").display().to_string()])?;
     for crd in ["meshes", "edgenodes", "microservices"] {
@@ -87,15 +96,39 @@ fn show(plane: &ControlPlane) -> Result<()> {
 /// The demo's agents: three devices of the `home` network, as in examples/edgenodes.yaml.
 const AGENTS: [&str; 3] = ["pi-kitchen", "pi-garage", "pi-attic"];
 
-/// Starts one agent per entry of `AGENTS` with the join token the controller published,
-/// and waits until they are connected and hold what is placed on them.
+/// How the demo makes the token its devices join with: scoped to their account, network and
+/// names, approving what it enrolls, valid for an hour.
+const TOKEN_ARGS: [&str; 12] = [
+    "token",
+    "create",
+    "--auto-approve",
+    "--account",
+    "acme",
+    "--network",
+    "home",
+    "--node-pattern",
+    "pi-*",
+    "--ttl",
+    "1h",
+    "--description=cargo xtask demo",
+];
+
+/// Starts one agent per entry of `AGENTS` with a join token made for them, and waits until
+/// they are enrolled, connected and hold what is placed on them.
 fn start_agents(plane: &ControlPlane, cloudhub: &str, dir: &Path, pids: &mut Vec<Pid>) -> Result<()> {
-    let template = "--template={{.data.joinToken | base64decode}}";
-    let token = wait_for("the join token", || {
-        plane
-            .kubectl(&["get", "secret", "-n", "supermesh", "supermesh-bootstrap-token", template])
-            .ok()
-            .filter(|t| !t.is_empty())
+    eprintln!("==> supermeshctl {}", TOKEN_ARGS.join(" "));
+    let token = wait_for("the controller's CA, to make a join token", || {
+        let out = Command::new(target_dir().join("debug/supermeshctl"))
+            .args(TOKEN_ARGS)
+            .env("KUBECONFIG", plane.kubeconfig())
+            .output()
+            .ok()?;
+        let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let made = out.status.success() && !token.is_empty();
+        if made {
+            eprint!("    {}", String::from_utf8_lossy(&out.stderr));
+        }
+        made.then_some(token)
     })?;
     for name in AGENTS {
         let home = dir.join("agents").join(name);

@@ -1,10 +1,20 @@
-//! supermeshctl: reads what the cluster's edge nodes know, through the controller.
+//! supermeshctl: joins devices (bootstrap tokens), admits and revokes nodes, and reads
+//! what the cluster's edge nodes know, through the controller.
 
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::{SignedDuration, Span, SpanRelativeTo, Timestamp};
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+use supermesh_api::names::identity;
+use supermesh_api::EdgeNode;
+use supermesh_controller::cloudhub::pki;
+use supermesh_controller::tokens::{self, Scope, Token};
+use supermesh_protocol::identity::{BootstrapToken, JoinString};
 
 /// Command-line client of supermesh-controller.
 #[derive(Parser, Debug)]
@@ -14,6 +24,9 @@ struct Cli {
     /// through `kubectl port-forward svc/supermesh-controller 8080`.
     #[arg(long, env = "SUPERMESH_CONTROLLER", default_value = "http://127.0.0.1:8080")]
     controller: String,
+    /// Namespace the controller runs in (its CA and bootstrap tokens live there).
+    #[arg(long, short, env = "SUPERMESH_NAMESPACE", default_value = "supermesh")]
+    namespace: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -34,17 +47,225 @@ enum Command {
         #[arg(long, short)]
         follow: bool,
     },
+    /// Bootstrap tokens devices join with.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Approve, revoke or reset a node's identity.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a token and print the join string a device enrolls with.
+    Create(CreateArgs),
+    /// List the tokens.
+    List,
+    /// Delete (revoke) a token: it enrolls nothing from now on.
+    Delete {
+        /// The token's id (the part before the '.').
+        id: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct CreateArgs {
+    /// How long the token is valid, for example 24h, 30m or 7d.
+    #[arg(long, default_value = "24h", value_parser = parse_ttl)]
+    ttl: SignedDuration,
+    /// Enroll only nodes of this account.
+    #[arg(long)]
+    account: Option<String>,
+    /// Enroll only nodes of this network.
+    #[arg(long)]
+    network: Option<String>,
+    /// Enroll only nodes whose name matches this pattern (`*` for any characters).
+    #[arg(long)]
+    node_pattern: Option<String>,
+    /// Enroll at most this many nodes.
+    #[arg(long)]
+    uses: Option<u32>,
+    /// Approve the nodes it enrolls at once; without it each waits for `supermeshctl node approve`.
+    #[arg(long)]
+    auto_approve: bool,
+    /// What the token is for.
+    #[arg(long, default_value = "")]
+    description: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCommand {
+    /// Approve a node that enrolled with a token that does not approve: it is sent its work.
+    Approve {
+        /// The node (EdgeNode name).
+        name: String,
+    },
+    /// Revoke a node: its session is closed and its certificate refused from now on.
+    Revoke {
+        /// The node (EdgeNode name).
+        name: String,
+    },
+    /// Forget a node's enrolled identity, so that a device may enroll the name again with a token.
+    Reset {
+        /// The node (EdgeNode name).
+        name: String,
+    },
+}
+
+fn parse_ttl(text: &str) -> Result<SignedDuration, String> {
+    let span: Span = text.parse().map_err(|e| format!("{e}; for example 24h, 30m or 7d"))?;
+    let ttl = span.to_duration(SpanRelativeTo::days_are_24_hours()).map_err(|e| e.to_string())?;
+    if ttl <= SignedDuration::ZERO {
+        return Err("the ttl must be positive".into());
+    }
+    Ok(ttl)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Command::Logs { microservice, node, tail, follow } = cli.command;
+    let result = match cli.command {
+        Command::Logs { microservice, node, tail, follow } => {
+            return logs(&cli.controller, &microservice, node, tail, follow);
+        }
+        Command::Token(command) => with_client(|client| token(client, cli.namespace, command)),
+        Command::Node(command) => with_client(|client| node(client, command)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `work` with a client of the cluster the kubeconfig names.
+fn with_client<F, Fut>(work: F) -> Result<(), String>
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let client = Client::try_default().await.map_err(|e| format!("cannot reach the cluster (kubeconfig): {e}"))?;
+        work(client).await
+    })
+}
+
+async fn token(client: Client, namespace: String, command: TokenCommand) -> Result<(), String> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    match command {
+        TokenCommand::Create(args) => {
+            let ca = pki::ca_certificate(&client, &namespace).await.map_err(|e| e.to_string())?.ok_or_else(|| {
+                format!("no cloudhub CA in namespace {namespace} yet: start the controller first (or pass --namespace)")
+            })?;
+            let mut token = Token::new(BootstrapToken::generate(rand::random), args.ttl);
+            token.limit = args.uses;
+            token.scope = Scope { account: args.account, network: args.network, node_pattern: args.node_pattern };
+            token.auto_approve = args.auto_approve;
+            token.description = args.description;
+            tokens::create(&secrets, &token).await.map_err(|e| format!("cannot create the token: {e}"))?;
+            let join = JoinString {
+                ca_hash: pki::fingerprint_of(&ca).map_err(|e| e.to_string())?,
+                token: token.token.clone(),
+            };
+            eprintln!("token {} valid until {}{}", token.token.id, token.expires, describe_scope(&token));
+            println!("{join}");
+            Ok(())
+        }
+        TokenCommand::List => {
+            let found = tokens::list(&secrets).await.map_err(|e| format!("cannot list tokens: {e}"))?;
+            let mut out =
+                format!("{:<8} {:<22} {:<10} {:<8} {:<9} SCOPE\n", "ID", "EXPIRES", "USES", "APPROVE", "STATE");
+            let now = Timestamp::now();
+            for token in found {
+                match token {
+                    Ok(t) => {
+                        let uses = match t.limit {
+                            Some(limit) => format!("{}/{limit}", t.used),
+                            None => "unlimited".into(),
+                        };
+                        let state = match () {
+                            _ if t.expires <= now => "expired",
+                            _ if t.limit.is_some_and(|l| t.used >= l) => "used-up",
+                            _ => "valid",
+                        };
+                        let approve = if t.auto_approve { "auto" } else { "manual" };
+                        let expires = t.expires.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+                        out += &format!(
+                            "{:<8} {expires:<22} {uses:<10} {approve:<8} {state:<9} {}
+",
+                            t.token.id,
+                            describe_scope(&t).trim_start_matches("; ")
+                        );
+                    }
+                    Err(e) => out += &format!("(unreadable: {e})\n"),
+                }
+            }
+            // A closed pipe (`| head`) is no error of ours.
+            let _ = std::io::stdout().write_all(out.as_bytes());
+            Ok(())
+        }
+        TokenCommand::Delete { id } => match tokens::delete(&secrets, &id).await {
+            Ok(true) => {
+                println!("token {id} deleted: it enrolls nothing from now on");
+                Ok(())
+            }
+            Ok(false) => Err(format!("there is no token {id} in namespace {namespace}")),
+            Err(e) => Err(format!("cannot delete token {id}: {e}")),
+        },
+    }
+}
+
+fn describe_scope(token: &Token) -> String {
+    let Scope { account, network, node_pattern } = &token.scope;
+    let parts: Vec<String> = [("account", account), ("network", network), ("nodes", node_pattern)]
+        .into_iter()
+        .filter_map(|(what, v)| v.as_ref().map(|v| format!("{what}={v}")))
+        .collect();
+    if parts.is_empty() {
+        "; any account, network and node name".into()
+    } else {
+        format!("; {}", parts.join(" "))
+    }
+}
+
+async fn node(client: Client, command: NodeCommand) -> Result<(), String> {
+    let nodes: Api<EdgeNode> = Api::all(client);
+    let (name, patch, done) = match &command {
+        NodeCommand::Approve { name } => (
+            name,
+            serde_json::json!({"metadata": {"annotations": {identity::APPROVED: "true"}}, "spec": {"unschedulable": false}}),
+            "approved: it is sent its work",
+        ),
+        NodeCommand::Revoke { name } => (
+            name,
+            serde_json::json!({"metadata": {"annotations": {identity::REVOKED: Timestamp::now().to_string()}}}),
+            "revoked: its session is closed and its certificate refused",
+        ),
+        NodeCommand::Reset { name } => (
+            name,
+            serde_json::json!({"metadata": {"annotations": {identity::KEY: null, identity::REVOKED: null}}}),
+            "reset: a device may enroll the name again with a token",
+        ),
+    };
+    match nodes.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => {
+            println!("node {name} {done}");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => Err(format!("there is no EdgeNode {name}")),
+        Err(e) => Err(format!("cannot update EdgeNode {name}: {e}")),
+    }
+}
+
+fn logs(controller: &str, microservice: &str, node: Option<String>, tail: Option<u64>, follow: bool) -> ExitCode {
     let Some((namespace, name)) = microservice.split_once('/') else {
         eprintln!("error: give the microservice as NAMESPACE/NAME, for example default/hello");
         return ExitCode::from(2);
     };
     let http: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let url = format!("{}/logs/{namespace}/{name}", cli.controller.trim_end_matches('/'));
+    let url = format!("{}/logs/{namespace}/{name}", controller.trim_end_matches('/'));
     let mut offset: Option<u64> = None;
     loop {
         let mut request = http.get(&url);
@@ -59,7 +280,7 @@ fn main() -> ExitCode {
         let mut response = match request.call() {
             Ok(r) => r,
             Err(e) => {
-                eprintln!("error: cannot reach the controller at {}: {e}", cli.controller);
+                eprintln!("error: cannot reach the controller at {}: {e}", controller);
                 return ExitCode::FAILURE;
             }
         };

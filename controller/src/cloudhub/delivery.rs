@@ -226,7 +226,8 @@ mod tests {
     }
 
     fn desired(items: &[Arc<Prepared>]) -> NodeDesired {
-        NodeDesired { complete: true, resources: items.iter().map(|p| (p.resource.clone(), p.clone())).collect() }
+        let resources = items.iter().map(|p| (p.resource.clone(), p.clone())).collect();
+        NodeDesired { complete: true, resources, ..NodeDesired::default() }
     }
 
     fn sent(out: &[Outgoing]) -> Vec<(Operation, &str, &str)> {
@@ -261,7 +262,7 @@ mod tests {
     #[test]
     fn nothing_is_sent_until_the_picture_is_complete() {
         let mut d = Delivery::new(1, BTreeMap::from([("team/microservice/a".to_string(), "1-ua".to_string())]));
-        let incomplete = NodeDesired { complete: false, resources: BTreeMap::new() };
+        let incomplete = NodeDesired::default();
         assert!(d.plan(&incomplete, Instant::now()).is_empty(), "no delete of what the agent runs");
     }
 

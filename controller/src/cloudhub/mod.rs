@@ -4,9 +4,9 @@
 //! its reports and its liveness belong to the fleet index.
 
 pub mod delivery;
+mod enroll;
 pub mod events;
 pub mod pki;
-pub mod registration;
 pub mod reports;
 mod session;
 
@@ -16,9 +16,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Secret;
 use rand::Rng;
-use supermesh_protocol::names::is_dns1123_subdomain;
-use supermesh_protocol::{moved_location, now_ms, Body, Message, Query, CONNECT_PATH, MAX_MESSAGE_BYTES, NODE_HEADER};
+use supermesh_protocol::identity::{BootstrapToken, ENROLL_PATH, RENEW_PATH};
+use supermesh_protocol::{moved_location, now_ms, Body, Message, Query, CONNECT_PATH, MAX_MESSAGE_BYTES};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -29,10 +30,10 @@ use tracing::{debug, info, warn};
 
 use crate::forward::Forwarder;
 use crate::index::Index;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ReasonLabels};
 use crate::replicas::Replicas;
 use events::Events;
-use pki::{token_matches, Pki};
+use pki::{Authority, PeerCert, Pki};
 
 /// Default time after a controller start during which a node without a session
 /// keeps its Connected condition: agents reconnect within it, so a restart flips nothing.
@@ -46,7 +47,7 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes a session reads from its socket at a time. Messages are small and an idle
 /// session should cost little: the 128 KiB default would be most of its memory.
 const READ_BUFFER: usize = 4 * 1024;
-/// EdgeNodes registered at once: a fleet coming online for the first time waits its
+/// Enrollments served at once: a fleet coming online for the first time waits its
 /// turn instead of opening a connection to the API server per agent.
 const CONCURRENT_REGISTRATIONS: usize = 16;
 
@@ -141,8 +142,12 @@ struct Shared {
     events: Events,
     metrics: Arc<Metrics>,
     client: kube::Client,
-    /// Bounds the EdgeNode creations of first connections.
+    /// Bounds the enrollments served at once.
     registrations: Arc<Semaphore>,
+    /// Signs node certificates.
+    authority: Arc<Authority>,
+    /// The bootstrap tokens' Secrets, in the controller's namespace.
+    secrets: kube::Api<Secret>,
     /// Which replica serves which node.
     replicas: Replicas,
     /// Hands the statuses taken to the other replicas.
@@ -151,8 +156,10 @@ struct Shared {
 
 /// What the cloudhub serves agents with.
 pub struct Serving {
-    /// Its CA, serving certificate and bootstrap token.
+    /// Its CA and serving certificate.
     pub pki: Pki,
+    /// The controller's namespace, where bootstrap tokens live.
+    pub namespace: String,
     /// Its sessions.
     pub hub: Arc<Hub>,
     /// The fleet index.
@@ -161,7 +168,7 @@ pub struct Serving {
     pub events: Events,
     /// The controller's metrics.
     pub metrics: Arc<Metrics>,
-    /// Registers EdgeNodes.
+    /// Records enrolled nodes, reads tokens.
     pub client: kube::Client,
     /// Which replica serves which node.
     pub replicas: Replicas,
@@ -172,13 +179,14 @@ pub struct Serving {
 /// Accepts agents on `listener` until the process ends, once it knows the other replicas:
 /// an agent of a node another replica serves is sent there.
 pub async fn serve(listener: TcpListener, serving: Serving) {
-    let Serving { pki, hub, index, events, metrics, client, replicas, forward } = serving;
+    let Serving { pki, namespace, hub, index, events, metrics, client, replicas, forward } = serving;
     replicas.wait_synced().await;
     let acceptor = TlsAcceptor::from(pki.tls.clone());
-    let secret: Arc<str> = pki.token_secret.into();
     let handshakes = Arc::new(Semaphore::new(CONCURRENT_HANDSHAKES));
     let registrations = Arc::new(Semaphore::new(CONCURRENT_REGISTRATIONS));
-    let shared = Shared { hub, index, events, metrics, client, registrations, replicas, forward };
+    let secrets = kube::Api::namespaced(client.clone(), &namespace);
+    let authority = pki.authority.clone();
+    let shared = Shared { hub, index, events, metrics, client, registrations, authority, secrets, replicas, forward };
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(conn) => conn,
@@ -188,20 +196,20 @@ pub async fn serve(listener: TcpListener, serving: Serving) {
                 continue;
             }
         };
-        let (acceptor, secret, shared, handshakes) =
-            (acceptor.clone(), secret.clone(), shared.clone(), handshakes.clone());
+        let (acceptor, shared, handshakes) = (acceptor.clone(), shared.clone(), handshakes.clone());
         tokio::spawn(async move {
             let Ok(permit) = handshakes.acquire_owned().await else { return };
-            let accepted = tokio::time::timeout(Duration::from_secs(10), handshake(acceptor, tcp, &secret, &shared));
-            let (ws, name) = match accepted.await {
+            let accepted = tokio::time::timeout(Duration::from_secs(10), handshake(acceptor, tcp, &shared));
+            let (ws, accepted) = match accepted.await {
                 Ok(Ok(accepted)) => accepted,
                 Ok(Err(Refusal::Redirected(node))) => {
                     debug!(%peer, %node, "agent sent to the replica that serves its node");
                     shared.metrics.redirects.inc();
                     return;
                 }
-                Ok(Err(Refusal::Refused(reason))) => {
+                Ok(Err(Refusal::Refused(why, reason))) => {
                     info!(%peer, %reason, "agent connection refused");
+                    shared.metrics.refused.get_or_create(&ReasonLabels { reason: why }).inc();
                     return;
                 }
                 Err(_) => {
@@ -210,7 +218,11 @@ pub async fn serve(listener: TcpListener, serving: Serving) {
                 }
             };
             drop(permit);
-            session::run(ws, name, peer, shared).await;
+            match accepted {
+                Accepted::Session { node, key } => session::run(ws, node, key, peer, shared).await,
+                Accepted::Enroll(token) => enroll::enroll(ws, token, peer, shared).await,
+                Accepted::Renew(cert) => enroll::renew(ws, cert, shared).await,
+            }
         });
     }
 }
@@ -219,8 +231,23 @@ pub async fn serve(listener: TcpListener, serving: Serving) {
 enum Refusal {
     /// Another replica serves its node, named here: the agent was sent there.
     Redirected(String),
-    /// Anything else, with the reason.
-    Refused(String),
+    /// Anything else: a metric label and the reason.
+    Refused(&'static str, String),
+}
+
+/// What a connection asked for and may do, once its handshake is done.
+enum Accepted {
+    /// A session of the node its certificate names, carrying the key of that fingerprint.
+    Session {
+        /// The node.
+        node: String,
+        /// Fingerprint of the key its certificate carries.
+        key: String,
+    },
+    /// An enrollment with a bootstrap token.
+    Enroll(BootstrapToken),
+    /// A renewal of the certificate presented.
+    Renew(PeerCert),
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
@@ -233,74 +260,110 @@ pub fn websocket_config() -> WebSocketConfig {
         .max_frame_size(Some(2 * MAX_MESSAGE_BYTES))
 }
 
+/// Hint for a device without a certificate.
+const ENROLL_HINT: &str = "a node certificate is required on this endpoint; a device gets one by enrolling once with \
+                           a bootstrap token: `supermeshctl token create` prints one, cloud.token in edge.yaml takes \
+                           it (supermesh-agent 0.2 or later)";
+
 async fn handshake(
     acceptor: TlsAcceptor,
     tcp: tokio::net::TcpStream,
-    secret: &str,
     shared: &Shared,
-) -> Result<(Ws, String), Refusal> {
+) -> Result<(Ws, Accepted), Refusal> {
     let hub = &shared.hub;
-    let tls = acceptor.accept(tcp).await.map_err(|e| Refusal::Refused(format!("TLS handshake failed: {e}")))?;
-    let mut node = String::new();
-    let mut redirected = false;
+    let tls = acceptor.accept(tcp).await.map_err(|e| Refusal::Refused("tls", format!("TLS handshake failed: {e}")))?;
+    // Identity comes from the client certificate alone, which the TLS handshake verified
+    // against the CA; whether it still speaks for its node is the cloud's own record.
+    let cert = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+        Some(der) => Some(PeerCert::parse(der).map_err(|e| Refusal::Refused("bad_certificate", e))?),
+        None => None,
+    };
+    let standing = match &cert {
+        Some(cert) => Some(enroll::standing(shared, cert).await),
+        None => None,
+    };
+    let mut accepted = None;
+    let mut refused: (&'static str, Option<String>) = ("other", None);
     let full = hub.connected() >= hub.max_agents;
     // tungstenite's handshake callback fixes this signature, large error type included.
     #[allow(clippy::result_large_err)]
     let check = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-        let refuse = |code: StatusCode, reason: String| {
+        let mut refuse = |why: &'static str, code: StatusCode, reason: String| {
+            refused = (why, Some(reason.clone()));
             let mut r = ErrorResponse::new(Some(reason));
             *r.status_mut() = code;
             r
         };
-        if req.uri().path() != CONNECT_PATH {
-            return Err(refuse(StatusCode::NOT_FOUND, format!("the agent endpoint is {CONNECT_PATH}")));
+        let path = req.uri().path();
+        if path == ENROLL_PATH {
+            let bearer = req
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            return match bearer.map(str::parse::<BootstrapToken>) {
+                Some(Ok(token)) => {
+                    accepted = Some(Accepted::Enroll(token));
+                    Ok(resp)
+                }
+                _ => Err(refuse(
+                    "bad_token",
+                    StatusCode::UNAUTHORIZED,
+                    "enrollment needs a bootstrap token <id>.<secret> as a bearer token".into(),
+                )),
+            };
         }
-        let name = req.headers().get(NODE_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default();
-        if !is_dns1123_subdomain(name) {
-            return Err(refuse(
-                StatusCode::BAD_REQUEST,
-                format!("header {NODE_HEADER} must name the node (a DNS-1123 name)"),
-            ));
+        if path != CONNECT_PATH && path != RENEW_PATH {
+            let reason = format!("the agent endpoints are {CONNECT_PATH}, {ENROLL_PATH} and {RENEW_PATH}");
+            return Err(refuse("other", StatusCode::NOT_FOUND, reason));
         }
-        let bearer =
-            req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        if !bearer.is_some_and(|b| token_matches(b, secret)) {
-            return Err(refuse(
-                StatusCode::UNAUTHORIZED,
-                format!(
-                    "bootstrap token rejected for node {name}: its secret does not match the cluster's; \
-                     use the joinToken of Secret supermesh-bootstrap-token"
-                ),
-            ));
+        let (Some(cert), Some(standing)) = (&cert, &standing) else {
+            return Err(refuse("no_certificate", StatusCode::UNAUTHORIZED, ENROLL_HINT.into()));
+        };
+        if let Err((code, reason)) = standing {
+            let code = StatusCode::from_u16(*code).unwrap_or(StatusCode::FORBIDDEN);
+            return Err(refuse("not_standing", code, reason.clone()));
+        }
+        if path == RENEW_PATH {
+            accepted = Some(Accepted::Renew(cert.clone()));
+            return Ok(resp);
+        }
+        let name = cert.node.as_str();
+        if cert.expired() {
+            let reason = format!("the certificate of node {name} expired; the agent renews it at {RENEW_PATH}");
+            return Err(refuse("expired", StatusCode::UNAUTHORIZED, reason));
         }
         if let Some(owner) = shared.replicas.elsewhere(name) {
-            // Only an agent that proved its token learns where the others are.
+            // Only an agent that proved its identity learns where the others are.
             if let Ok(location) = moved_location(&owner.address).parse() {
-                let mut r = refuse(StatusCode::TEMPORARY_REDIRECT, format!("replica {} serves node {name}", owner.id));
+                let mut r = refuse(
+                    "redirected",
+                    StatusCode::TEMPORARY_REDIRECT,
+                    format!("replica {} serves node {name}", owner.id),
+                );
                 r.headers_mut().insert("location", location);
-                redirected = true;
-                node = name.to_owned();
                 return Err(r);
             }
             warn!(replica = %owner.id, address = %owner.address, "a replica announces an address that is no URL; serving its node here");
         }
         if full {
-            let mut r = refuse(StatusCode::SERVICE_UNAVAILABLE, "cloudhub is at its agent limit".into());
+            let mut r = refuse("full", StatusCode::SERVICE_UNAVAILABLE, "cloudhub is at its agent limit".into());
             let wait = rand::rng().random_range(5..60).to_string();
             r.headers_mut().insert("retry-after", wait.parse().expect("digits are a valid header"));
             return Err(r);
         }
-        node = name.to_owned();
+        accepted = Some(Accepted::Session { node: name.to_owned(), key: cert.key.clone() });
         Ok(resp)
     };
-    let ws =
-        tokio_tungstenite::accept_hdr_async_with_config(tls, check, Some(websocket_config())).await.map_err(|e| {
-            match redirected {
-                true => Refusal::Redirected(std::mem::take(&mut node)),
-                false => Refusal::Refused(format!("WebSocket upgrade refused: {e}")),
-            }
-        })?;
-    Ok((ws, node))
+    let upgraded = tokio_tungstenite::accept_hdr_async_with_config(tls, check, Some(websocket_config())).await;
+    match (upgraded, accepted) {
+        (Ok(ws), Some(accepted)) => Ok((ws, accepted)),
+        (Err(_), _) if refused.0 == "redirected" => Err(Refusal::Redirected(cert.map(|c| c.node).unwrap_or_default())),
+        (Err(e), _) => {
+            Err(Refusal::Refused(refused.0, refused.1.unwrap_or_else(|| format!("WebSocket upgrade refused: {e}"))))
+        }
+        (Ok(_), None) => Err(Refusal::Refused("other", "accepted without a purpose".into())),
+    }
 }
 
 /// The `host:port` at which a node's peers reach it, from the `peer_address` of its hello:

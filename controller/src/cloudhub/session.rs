@@ -12,6 +12,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use k8s_openapi::jiff::Timestamp;
+use supermesh_protocol::identity::REVOKED_CLOSE_CODE;
 use supermesh_protocol::{
     decode, encode, now_ms, Answer, Body, Connection, EndpointsAnswer, ErrorCode, ErrorContent, Hello, Message,
     NodesAnswer, Operation, ProtocolVersion, Query, Report, ResourceRef, Welcome, BATCH_RESOURCE, CONNECTION_RESOURCE,
@@ -25,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use super::delivery::{is_membership, Delivery, Outgoing};
 use super::reports::{judge_batch, outbox_seq, Intake};
-use super::{registration, resolve_peer_address, Shared, Ws};
+use super::{resolve_peer_address, Shared, Ws};
 use crate::index::{NodeDesired, SessionInfo};
 use crate::metrics::ReportPath;
 use crate::replicas::Replica;
@@ -39,7 +40,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const LIVENESS_EVERY: Duration = Duration::from_secs(30);
 
 /// Runs the session of `node` until the stream ends, is superseded or goes silent.
-pub(super) async fn run(mut ws: Ws, node: String, peer: SocketAddr, shared: Shared) {
+pub(super) async fn run(mut ws: Ws, node: String, key: String, peer: SocketAddr, shared: Shared) {
     let (hello, protocol) = match read_hello(&mut ws, &node).await {
         Ok(h) => h,
         Err((code, reason)) => {
@@ -67,15 +68,13 @@ pub(super) async fn run(mut ws: Ws, node: String, peer: SocketAddr, shared: Shar
     };
     let registered = shared.hub.register(&node);
     let desired = shared.index.connect(&node, registered.id, info);
-    let registration = (!shared.index.knows(&node)).then(|| {
-        let (client, index, permits) = (shared.client.clone(), shared.index.clone(), shared.registrations.clone());
-        tokio::spawn(registration::ensure(client, index, permits, hello.clone()))
-    });
     info!(%node, %peer, held = hello.held.len(), %protocol, "agent connected");
     let burst = NonZeroU32::new(2 * RATE_PER_SECOND).expect("not zero");
     let mut session = Session {
         delivery: Delivery::new(registered.id, hello.held),
         node: node.clone(),
+        key,
+        revoked: None,
         id: registered.id,
         ws,
         shared: shared.clone(),
@@ -90,14 +89,15 @@ pub(super) async fn run(mut ws: Ws, node: String, peer: SocketAddr, shared: Shar
         moved: None,
     };
     let outcome = session.serve(desired, registered.superseded, registered.queries).await;
-    if let Some(registration) = registration {
-        registration.abort();
-    }
     shared.index.disconnect(&node, registered.id);
     shared.hub.unregister(&node, registered.id);
     info!(%node, reason = outcome, "agent disconnected");
-    // A node handed over to another replica is told where to go.
-    let close = session.moved.map(|to| CloseFrame { code: MOVED_CLOSE_CODE.into(), reason: to.address.into() });
+    // A node handed over to another replica is told where to go; a revoked one, why it is cut off.
+    let close = match (session.moved, session.revoked) {
+        (Some(to), _) => Some(CloseFrame { code: MOVED_CLOSE_CODE.into(), reason: to.address.into() }),
+        (None, Some(why)) => Some(CloseFrame { code: REVOKED_CLOSE_CODE.into(), reason: why.into() }),
+        (None, None) => None,
+    };
     let _ = session.ws.close(close).await;
 }
 
@@ -136,6 +136,10 @@ async fn send(ws: &mut Ws, msg: &Message) -> Result<(), String> {
 
 struct Session {
     node: String,
+    /// Fingerprint of the key of the certificate the session was opened with.
+    key: String,
+    /// Why the node's certificate stopped counting, if it did.
+    revoked: Option<&'static str>,
     id: u64,
     ws: Ws,
     shared: Shared,
@@ -162,6 +166,10 @@ impl Session {
         let keepalive = self.shared.hub.keepalive();
         let mut ring = self.shared.replicas.subscribe();
         let current = desired.borrow_and_update().clone();
+        if let Err(why) = current.standing.accepts(&self.key) {
+            self.revoked = Some(why);
+            return "its certificate no longer counts";
+        }
         let pending = self.delivery.plan(&current, std::time::Instant::now());
         let welcome =
             Welcome { keepalive_seconds: keepalive.as_secs(), pending: pending.len() as u64, protocol: self.protocol };
@@ -183,6 +191,10 @@ impl Session {
                 changed = desired.changed() => {
                     if changed.is_err() { return "the node left the index"; }
                     let current = desired.borrow_and_update().clone();
+                    if let Err(why) = current.standing.accepts(&self.key) {
+                        self.revoked = Some(why);
+                        return "its certificate no longer counts";
+                    }
                     if self.sync(&current).await.is_err() { return "send failed"; }
                 }
                 _ = superseded.notified() => return "superseded by a newer connection of the same node",

@@ -35,8 +35,8 @@ use supermesh_protocol::{
 };
 use tokio::sync::{watch, Notify};
 
-pub use crate::view::{NodeStatusView, NodeView, SessionInfo};
-pub use desired::NodeDesired;
+pub use crate::view::{NodeIdentity, NodeStatusView, NodeView, SessionInfo};
+pub use desired::{NodeDesired, Standing};
 
 use crate::aggregator::{aggregate, Aggregate};
 use crate::clusters::{summarize, MemberStatus, Summary};
@@ -391,6 +391,11 @@ impl Index {
         self.lock().nodes.get(node).is_some_and(|e| e.view.is_some())
     }
 
+    /// The identity record of `node`'s EdgeNode, if the index knows it.
+    pub fn identity(&self, node: &str) -> Option<NodeIdentity> {
+        self.lock().nodes.get(node).and_then(|e| e.view.as_ref()).map(|v| v.identity.clone())
+    }
+
     /// The network `node`'s EdgeNode names.
     pub fn network_of(&self, node: &str) -> Option<String> {
         self.lock().nodes.get(node).and_then(|e| e.view.as_ref()).map(|v| v.network.clone())
@@ -627,6 +632,7 @@ impl State {
         let name = node.name_any();
         let (view, status) = (NodeView::from(node), NodeStatusView::from(node));
         let entry = self.nodes.entry(name.clone()).or_insert_with(NodeEntry::new);
+        entry.seen = true;
         let old_view = entry.view.replace(view.clone());
         let old_status = std::mem::replace(&mut entry.status, status.clone());
         if old_view.as_ref() != Some(&view) {
@@ -650,7 +656,7 @@ impl State {
     /// A node's EdgeNode appeared, changed or went: its network and meshes follow, and
     /// the microservices of the meshes that admitted or admit it are placed again.
     fn node_view_changed(&mut self, ix: &Index, name: &str, old: Option<&NodeView>, new: Option<&NodeView>) {
-        let network = |v: Option<&NodeView>| v.filter(|v| !v.deleting).map(|v| v.network.clone());
+        let network = |v: Option<&NodeView>| v.filter(|v| v.active()).map(|v| v.network.clone());
         let (was, is) = (network(old), network(new));
         if was != is {
             if let Some(net) = &was {
@@ -697,7 +703,7 @@ impl State {
     }
 
     fn node_status_changed(&mut self, ix: &Index, view: &NodeView, old: &NodeStatusView, new: &NodeStatusView) {
-        if old.peer_address != new.peer_address && !view.deleting {
+        if old.peer_address != new.peer_address && view.active() {
             self.dirty_networks.insert(view.network.clone());
         }
         let shown = |s: &NodeStatusView| (s.ready, s.role, s.supernode.clone());
@@ -909,11 +915,17 @@ impl State {
             if let Some(m) = membership {
                 resources.insert(m.resource.clone(), m);
             }
-            // A node without an EdgeNode is sent nothing: it is being registered.
-            let desired = NodeDesired { complete: e.view.is_some(), resources };
+            let standing = match &e.view {
+                Some(v) => Standing::Present(v.identity.clone()),
+                None if e.seen => Standing::Deleted,
+                None => Standing::Unseen,
+            };
+            // A node without an EdgeNode is sent nothing: it is being enrolled.
+            let desired = NodeDesired { complete: e.view.is_some(), resources, standing };
             let same = {
                 let old = e.desired.borrow();
                 old.complete == desired.complete
+                    && old.standing == desired.standing
                     && old.resources.len() == desired.resources.len()
                     && old.resources.values().zip(desired.resources.values()).all(|(a, b)| Arc::ptr_eq(a, b))
             };

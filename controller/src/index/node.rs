@@ -23,6 +23,8 @@ pub(super) struct Live {
 pub(super) struct NodeEntry {
     /// Its EdgeNode, once it exists.
     pub view: Option<NodeView>,
+    /// Whether its EdgeNode was ever seen (so that its absence means it was deleted).
+    pub seen: bool,
     /// Its EdgeNode's status.
     pub status: NodeStatusView,
     /// Its agent's session, while connected.
@@ -41,6 +43,7 @@ impl NodeEntry {
     pub fn new() -> NodeEntry {
         NodeEntry {
             view: None,
+            seen: false,
             status: NodeStatusView::default(),
             session: None,
             report: None,
@@ -50,9 +53,9 @@ impl NodeEntry {
         }
     }
 
-    /// The network the node's EdgeNode names, while it is not being deleted.
+    /// The network the node's EdgeNode names, while it is active (not being deleted, approved).
     pub fn network(&self) -> Option<&str> {
-        self.view.as_ref().filter(|v| !v.deleting).map(|v| v.network.as_str())
+        self.view.as_ref().filter(|v| v.active()).map(|v| v.network.as_str())
     }
 
     /// Where its peers reach it: its agent's own word while connected, else its status.

@@ -28,7 +28,7 @@ fn config(location: Option<Location>) -> Arc<EdgeConfig> {
 node: {name: pi-kitchen, account: acme, network: home}
 cloud:
   address: 127.0.0.1:10350
-  token: "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.s3cret-s3cret-s3cret"
+  token: "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.abc123.0123456789abcdef"
 "#,
         "edge.yaml",
     )

@@ -465,7 +465,7 @@ mod tests {
 
     fn config(name: &str) -> Arc<EdgeConfig> {
         let yaml = format!(
-            "node: {{name: {name}, account: acme, network: lan}}\ncloud: {{address: \"127.0.0.1:1\", token: \"{}.s3cret-s3cret-s3cret\"}}\nsupernode: {{heartbeatSeconds: 1}}\n",
+            "node: {{name: {name}, account: acme, network: lan}}\ncloud: {{address: \"127.0.0.1:1\", token: \"{}.abc123.0123456789abcdef\"}}\nsupernode: {{heartbeatSeconds: 1}}\n",
             "0".repeat(64)
         );
         Arc::new(crate::config::parse(&yaml, "edge.yaml").unwrap())
