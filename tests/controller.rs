@@ -6,7 +6,7 @@ use supermesh_api::names::condition::*;
 use supermesh_api::names::FINALIZER;
 use supermesh_api::{EdgeNode, Mesh, Microservice};
 use supermesh_tests::{
-    apply_yaml, delete_all, kubectl, microservice, try_kubectl, unique, workspace, Cluster, Controller,
+    apply_yaml, delete_all, kubectl, microservice, try_kubectl, unique, workspace, Agent, Cluster, Controller,
     CONTROLLER_NAMESPACE,
 };
 
@@ -382,9 +382,20 @@ async fn the_controller_needs_no_more_than_the_charts_rbac_rules() {
             kubectl(&["get", "events", "-n", &ns, "-o", "jsonpath={.items[*].reason}"]).contains(PLACED)
         })
         .await;
+    // A device enrolls with a limited token: the controller reads it, counts the use, creates the EdgeNode.
+    let token = supermesh_tests::join_token_with(&["--auto-approve", "--uses", "1"]).await;
+    let agent =
+        Agent::start(&format!("rbac-agent-{}", unique()), "rbac-net", "rbac-acct", &controller.cloudhub_addr, &token);
+    let connected = |n: &EdgeNode| {
+        n.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Connected" && c.status == "True"))
+    };
+    controller
+        .wait_for(&edgenodes, &agent.name, "enrolled and connected with the chart's permissions", connected)
+        .await;
     let log = controller.log();
     assert!(!log.contains("forbidden"), "the controller hit an RBAC denial:\n{log}");
     fleet.delete(&edgenodes).await;
+    delete_all(&edgenodes, &[agent.name.clone()]).await;
 }
 
 #[tokio::test]

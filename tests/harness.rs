@@ -491,6 +491,8 @@ pub struct Launch<'a> {
     pub extra: &'a str,
     /// Its binary, when not this workspace's build (for example an older release).
     pub binary: Option<PathBuf>,
+    /// The node name its edge.yaml states, when not its own (a device claiming another's name).
+    pub claims: Option<&'a str>,
 }
 
 /// A `supermesh-agent` process with its own edge.yaml and data dir under target/e2e/agents/.
@@ -532,19 +534,20 @@ impl Agent {
         token: &str,
         extra: &str,
     ) -> Agent {
-        Agent::launch(name, network, account, cloudhub, token, Launch { host: Some(host), extra, binary: None })
+        Agent::launch(name, network, account, cloudhub, token, Launch { host: Some(host), extra, ..Launch::default() })
     }
 
     /// Writes the agent's edge.yaml and starts it as `how` says.
     pub fn launch(name: &str, network: &str, account: &str, cloudhub: &str, token: &str, how: Launch<'_>) -> Agent {
-        let Launch { host, extra, binary: chosen } = how;
+        let Launch { host, extra, binary: chosen, claims } = how;
+        let stated = claims.unwrap_or(name);
         let dir = target_dir().join("e2e/agents").join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("agent dir");
         let config = dir.join("edge.yaml");
         let data_dir = dir.join("data");
         let mut yaml = format!(
-            "node: {{name: {name}, account: {account}, network: {network}}}\ncloud: {{address: \"{cloudhub}\", token: \"{token}\"}}\ndataDir: {}\n{extra}\n",
+            "node: {{name: {stated}, account: {account}, network: {network}}}\ncloud: {{address: \"{cloudhub}\", token: \"{token}\"}}\ndataDir: {}\n{extra}\n",
             data_dir.display()
         );
         // Agents sharing the host's network namespace need ports of their own.
@@ -630,6 +633,17 @@ impl Agent {
         }
     }
 
+    /// Path of its edge.yaml.
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+
+    /// Rewrites its edge.yaml with `edit` (takes effect at its next start).
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+        let yaml = std::fs::read_to_string(&self.config).expect("edge.yaml");
+        std::fs::write(&self.config, edit(yaml)).expect("write edge.yaml");
+    }
+
     /// The agent's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -673,8 +687,12 @@ impl Agent {
         }
     }
 
-    /// The microservices in the agent's SQLite store with their versions (memberships left out).
+    /// The microservices in the agent's SQLite store with their versions (memberships left out);
+    /// none before the agent created its store.
     pub fn held(&self) -> std::collections::BTreeMap<String, String> {
+        if !self.data_dir.join("meta.db").exists() {
+            return Default::default();
+        }
         let report = self.inspect().unwrap_or_else(|e| panic!("inspect {}: {e}", self.name));
         report
             .lines()

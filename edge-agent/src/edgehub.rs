@@ -431,8 +431,8 @@ impl Reconnect {
     }
 }
 
-/// Opens the node's stream to the cloudhub at `address`.
-async fn connect(address: &str, identity: &Identity) -> Result<Ws, LinkError> {
+/// Opens the node's stream to the cloudhub at `address`, presenting its certificate if it holds one.
+pub async fn connect(address: &str, identity: &Identity) -> Result<Ws, LinkError> {
     open(address, CONNECT_PATH, None, identity).await
 }
 

@@ -1,0 +1,279 @@
+//! Node identity, black-box against the real binaries and API server: every device
+//! enrolls once with a bootstrap token for a certificate of its own, and nothing it
+//! says about another node (or a copy of another's config) makes it that node. Each
+//! attack asserts the refusal and that nothing changed for the victim.
+
+use std::os::unix::fs::PermissionsExt;
+
+use kube::api::Api;
+use supermesh_api::EdgeNode;
+use supermesh_tests::{join_token_with, microservice, supermeshctl, Agent, Launch, Site, AGENTS};
+
+/// The status and reason of condition `type_` of `node`.
+fn condition(node: &EdgeNode, type_: &str) -> Option<(String, String)> {
+    let c = node.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)?;
+    Some((c.status.clone(), c.reason.clone()))
+}
+
+fn annotation<'a>(node: &'a EdgeNode, key: &str) -> Option<&'a str> {
+    node.metadata.annotations.as_ref()?.get(key).map(String::as_str)
+}
+
+/// A fresh agent of `site` named `name`, joining with `token`.
+fn agent(site: &Site, name: &str, token: &str) -> Agent {
+    let (network, account) = (format!("net-{}", site.id), format!("acct-{}", site.id));
+    Agent::launch(name, &network, &account, &site.controller.cloudhub_addr, token, Launch::default())
+}
+
+#[tokio::test]
+async fn a_device_enrolls_once_and_then_needs_no_token() {
+    let site = Site::with_args("enroll", &["--reconnect-grace-seconds", "0"]).await;
+    let mut agent = site.agent(0);
+    let nodes: Api<EdgeNode> = Api::all(site.cluster.client.clone());
+    let connected = |n: &EdgeNode| condition(n, "Connected").is_some_and(|(s, _)| s == "True");
+    let node = site.controller.wait_for(&nodes, &agent.name, "Connected=True", connected).await;
+    assert_eq!(annotation(&node, "supermesh.io/identity").map(str::len), Some(64), "the enrolled key is recorded");
+    assert_eq!(annotation(&node, "supermesh.io/approved"), Some("true"));
+    assert_eq!(condition(&node, "Approved").unwrap(), ("True".into(), "NodeApproved".into()));
+    assert!(agent.log().contains("is not needed any more"), "the agent says the token may go:\n{}", agent.log());
+    let key = agent.data_dir.join("identity/node.key");
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600, "the key is private");
+
+    // Without the token, a restarted agent connects with its certificate.
+    agent.stop();
+    let gone = |n: &EdgeNode| condition(n, "Connected").is_some_and(|(s, _)| s != "True");
+    site.controller.wait_for(&nodes, &agent.name, "Connected=False", gone).await;
+    agent.edit_config(|yaml| yaml.replace(&format!(", token: \"{}\"", site.token), ""));
+    assert!(!std::fs::read_to_string(agent.config()).unwrap().contains("token"));
+    agent.restart();
+    site.controller.wait_for(&nodes, &agent.name, "Connected=True without a token", connected).await;
+    let enrollments = site.controller.metric("supermesh_controller_enrollments_total", "result=\"enrolled\"");
+    assert_eq!(enrollments, Some(1.0), "one enrollment, not two");
+    site.cleanup(&[&agent]).await;
+}
+
+#[tokio::test]
+async fn a_copy_of_another_nodes_config_or_certificate_does_not_make_a_device_that_node() {
+    let site = Site::new("impersonate").await;
+    site.apply(&microservice("web", "m", ""));
+    let victim = site.agent(0);
+    let key = site.key("web");
+    victim.wait_held("the victim's assignment", |h| h.contains_key(&key)).await;
+    site.wait_agents(1.0).await;
+    let held = victim.held();
+
+    // A second device with a copy of the victim's edge.yaml (its name and token) and a data dir of its own.
+    let copycat = claiming(&site, "copy", &victim.name);
+    site.controller.wait_until("the copy to be refused", || copycat.log().contains("is already enrolled")).await;
+    assert!(copycat.log().contains("409"), "{}", copycat.log());
+
+    // A device presenting another node's certificate and key while claiming the victim's name.
+    let other = site.agent(1);
+    site.wait_agents(2.0).await;
+    let mut thief = claiming(&site, "thief", &victim.name);
+    thief.stop();
+    let identity = thief.data_dir.join("identity");
+    std::fs::create_dir_all(&identity).unwrap();
+    for file in ["node.key", "node.crt", "node.json", "cloud-ca.sha256"] {
+        std::fs::copy(other.data_dir.join("identity").join(file), identity.join(file)).unwrap();
+    }
+    thief.restart();
+    let refusal = format!("hello names node {:?} but the connection is for {:?}", victim.name, other.name);
+    site.controller.wait_until("the claim to be refused", || site.controller.log().contains(&refusal)).await;
+
+    // Nothing changed for the victim (nor for the node whose certificate was copied).
+    for intruder in [&copycat, &thief] {
+        assert!(intruder.held().is_empty(), "{} received nothing", intruder.name);
+    }
+    assert_eq!(victim.held(), held);
+    let sessions = |name: &str| {
+        site.controller
+            .log()
+            .lines()
+            .filter(|l| l.contains("agent connected") && l.contains(&format!("node={name} ")))
+            .count()
+    };
+    assert_eq!(sessions(&victim.name), 1, "the victim was never disconnected");
+    assert_eq!(sessions(&other.name), 1, "the copied node was never disconnected");
+    assert_eq!(site.controller.metric(AGENTS, ""), Some(2.0));
+    site.cleanup(&[&victim, &other]).await;
+}
+
+/// A device of `site` with a data dir of its own (named `role`) whose edge.yaml states `name`.
+fn claiming(site: &Site, role: &str, name: &str) -> Agent {
+    let (network, account) = (format!("net-{}", site.id), format!("acct-{}", site.id));
+    let how = Launch { claims: Some(name), ..Launch::default() };
+    Agent::launch(&format!("{role}-{}", site.id), &network, &account, &site.controller.cloudhub_addr, &site.token, how)
+}
+
+#[tokio::test]
+async fn the_stream_refuses_a_token_alone() {
+    let site = Site::new("token-alone").await;
+    let yaml = format!(
+        "node: {{name: alone-{id}, account: acct-{id}, network: net-{id}}}\ncloud: {{address: \"{}\", token: \"{}\"}}\n",
+        site.controller.cloudhub_addr,
+        site.token,
+        id = site.id
+    );
+    let config = supermesh_agent::config::parse(&yaml, "edge.yaml").unwrap();
+    let token = config.cloud.token.as_ref().map(|t| &t.0);
+    let identity = supermesh_agent::identity::Identity::load(None, token).unwrap();
+    let refused = supermesh_agent::edgehub::connect(&config.cloud.address, &identity).await.err().expect("refused");
+    match refused {
+        supermesh_agent::edgehub::LinkError::Refused { status, reason, .. } => {
+            assert_eq!(status, 401);
+            assert!(reason.contains("node certificate is required"), "{reason}");
+        }
+        other => panic!("expected a 401, got {other}"),
+    }
+    assert_eq!(
+        site.controller.metric("supermesh_controller_cloudhub_refused_total", "reason=\"no_certificate\""),
+        Some(1.0)
+    );
+    let nodes: Api<EdgeNode> = Api::all(site.cluster.client.clone());
+    assert!(nodes.get_opt(&format!("alone-{}", site.id)).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn tokens_enroll_only_in_scope_in_time_and_within_their_uses() {
+    let site = Site::new("scope").await;
+    let nodes: Api<EdgeNode> = Api::all(site.cluster.client.clone());
+    let refused = |agent: &Agent, says: &str| agent.log().contains(says);
+
+    let other_account = join_token_with(&["--auto-approve", "--account", "someone-else"]).await;
+    let outside = agent(&site, &format!("outside-{}", site.id), &other_account);
+    site.controller
+        .wait_until("enrollment outside the scope refused", || refused(&outside, "enrolls only nodes of account"))
+        .await;
+    assert!(outside.log().contains("403"));
+
+    let pattern = join_token_with(&["--auto-approve", "--node-pattern", "cam-*"]).await;
+    let misnamed = agent(&site, &format!("pi-{}", site.id), &pattern);
+    site.controller
+        .wait_until("a name outside the pattern refused", || refused(&misnamed, "enrolls only nodes named"))
+        .await;
+
+    let once = join_token_with(&["--auto-approve", "--uses", "1"]).await;
+    let first = agent(&site, &format!("first-{}", site.id), &once);
+    site.controller.wait_until("the first use", || first.log().contains("connected to the cloud")).await;
+    let second = agent(&site, &format!("second-{}", site.id), &once);
+    site.controller.wait_until("the second use refused", || refused(&second, "is used up")).await;
+
+    let brief = join_token_with(&["--auto-approve", "--ttl", "1s"]).await;
+    let id = brief.split('.').nth(1).unwrap().to_owned();
+    site.controller
+        .wait_until("the brief token to expire", || {
+            supermeshctl(&["token", "list"]).unwrap().lines().any(|l| l.starts_with(&id) && l.contains("expired"))
+        })
+        .await;
+    let late = agent(&site, &format!("late-{}", site.id), &brief);
+    site.controller.wait_until("the expired token refused", || refused(&late, "expired at")).await;
+
+    let deleted = join_token_with(&["--auto-approve"]).await;
+    let deleted_id = deleted.split('.').nth(1).unwrap().to_owned();
+    supermeshctl(&["token", "delete", &deleted_id]).unwrap();
+    let revoked = agent(&site, &format!("revoked-{}", site.id), &deleted);
+    site.controller
+        .wait_until("the deleted token refused", || refused(&revoked, "does not exist or was deleted"))
+        .await;
+
+    for refused in [&outside, &misnamed, &second, &late, &revoked] {
+        assert!(nodes.get_opt(&refused.name).await.unwrap().is_none(), "no EdgeNode for {}", refused.name);
+        assert!(refused.held().is_empty());
+    }
+    site.cleanup(&[&first]).await;
+}
+
+#[tokio::test]
+async fn an_unapproved_node_gets_nothing_until_approved() {
+    let site = Site::new("approve").await;
+    site.apply(&microservice("web", "m", "  replicas: 2\n"));
+    let approved = site.agent(0);
+    let manual = join_token_with(&["--account", &format!("acct-{}", site.id)]).await;
+    let pending = agent(&site, &format!("pending-{}", site.id), &manual);
+    let nodes: Api<EdgeNode> = Api::all(site.cluster.client.clone());
+    let awaiting = |n: &EdgeNode| condition(n, "Approved") == Some(("False".into(), "PendingApproval".into()));
+    let node = site.controller.wait_for(&nodes, &pending.name, "Approved=False", awaiting).await;
+    assert!(node.spec.unschedulable, "a pending node takes no instances");
+    assert!(pending.log().contains("awaits approval"), "{}", pending.log());
+    let key = site.key("web");
+    approved.wait_held("the approved node's assignment", |h| h.contains_key(&key)).await;
+    site.wait_agents(2.0).await;
+    assert!(pending.held().is_empty(), "a pending node holds nothing, not even its network's membership");
+
+    supermeshctl(&["node", "approve", &pending.name]).unwrap();
+    let admitted = |n: &EdgeNode| condition(n, "Approved").is_some_and(|(s, _)| s == "True");
+    site.controller.wait_for(&nodes, &pending.name, "Approved=True", admitted).await;
+    pending.wait_held("its assignment once approved", |h| h.contains_key(&key)).await;
+    site.cleanup(&[&approved, &pending]).await;
+}
+
+#[tokio::test]
+async fn a_revoked_node_is_cut_off_and_stays_out_until_reset() {
+    let site = Site::new("revoke").await;
+    site.apply(&microservice("web", "m", ""));
+    let mut node = site.agent(0);
+    let key = site.key("web");
+    node.wait_held("its assignment", |h| h.contains_key(&key)).await;
+    site.wait_agents(1.0).await;
+    let pid = node.instance_pid(&key);
+
+    supermeshctl(&["node", "revoke", &node.name]).unwrap();
+    site.wait_agents(0.0).await;
+    site.controller.wait_until("the agent to hear why", || node.log().contains("the cloud cut this node off")).await;
+    site.controller.wait_until("its reconnects to be refused", || node.log().contains("the node was revoked")).await;
+    assert_eq!(node.instance_pid(&key), pid, "its instance keeps running on the device");
+
+    // A token does not bring a revoked name back: a device enrolling it is refused.
+    node.stop();
+    let reenroll = claiming(&site, "again", &node.name);
+    site.controller.wait_until("re-enrollment refused", || reenroll.log().contains("is already enrolled")).await;
+    drop(reenroll);
+
+    // After a reset, a device may enroll the name again.
+    supermeshctl(&["node", "reset", &node.name]).unwrap();
+    let fresh = claiming(&site, "fresh", &node.name);
+    site.wait_agents(1.0).await;
+    fresh.wait_held("the assignment again", |h| h.contains_key(&key)).await;
+    site.cleanup(&[&node, &fresh]).await;
+}
+
+#[tokio::test]
+async fn a_certificate_expired_offline_renews_within_the_grace_and_not_after() {
+    let site =
+        Site::with_args("expiry", &["--certificate-lifetime-seconds", "6", "--certificate-grace-seconds", "6"]).await;
+    let mut node = site.agent(0);
+    site.wait_agents(1.0).await;
+    site.controller.wait_until("a renewal in time", || node.log().contains("renewed the node certificate")).await;
+
+    let not_after = |node: &Agent| -> i64 {
+        let json = std::fs::read_to_string(node.data_dir.join("identity/node.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&json).unwrap()["notAfter"].as_i64().unwrap()
+    };
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+
+    // Offline past the certificate's end, back within the grace: it renews and connects.
+    node.stop();
+    site.wait_agents(0.0).await;
+    let expiry = not_after(&node);
+    site.controller.wait_until("the certificate to expire", || now() > expiry).await;
+    let renewals = node.log().matches("renewed the node certificate").count();
+    node.restart();
+    site.wait_agents(1.0).await;
+    assert!(node.log().contains("expired while offline"), "{}", node.log());
+    assert!(node.log().matches("renewed the node certificate").count() > renewals);
+
+    // Offline past the grace: refused.
+    node.stop();
+    site.wait_agents(0.0).await;
+    let expiry = not_after(&node);
+    site.controller.wait_until("the grace to pass", || now() > expiry + 6 + 1).await;
+    node.restart();
+    site.controller
+        .wait_until("the expired certificate refused", || {
+            node.log().lines().rev().take(20).any(|l| l.to_lowercase().contains("certificateexpired"))
+        })
+        .await;
+    assert_eq!(site.controller.metric(AGENTS, ""), Some(0.0));
+    site.cleanup(&[&node]).await;
+}
