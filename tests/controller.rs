@@ -395,7 +395,7 @@ async fn the_controller_needs_no_more_than_the_charts_rbac_rules() {
     let log = controller.log();
     assert!(!log.contains("forbidden"), "the controller hit an RBAC denial:\n{log}");
     fleet.delete(&edgenodes).await;
-    delete_all(&edgenodes, &[agent.name.clone()]).await;
+    delete_all(&edgenodes, std::slice::from_ref(&agent.name)).await;
 }
 
 #[tokio::test]
