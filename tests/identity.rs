@@ -118,7 +118,7 @@ async fn the_stream_refuses_a_token_alone() {
     let config = supermesh_agent::config::parse(&yaml, "edge.yaml").unwrap();
     let token = config.cloud.token.as_ref().map(|t| &t.0);
     let identity = supermesh_agent::identity::Identity::load(None, token).unwrap();
-    let refused = supermesh_agent::edgehub::connect(&config.cloud.address, &identity).await.err().expect("refused");
+    let refused = supermesh_agent::edgehub::connect(&config.cloud.address, &identity).await.expect_err("refused");
     match refused {
         supermesh_agent::edgehub::LinkError::Refused { status, reason, .. } => {
             assert_eq!(status, 401);
