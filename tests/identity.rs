@@ -5,9 +5,19 @@
 
 use std::os::unix::fs::PermissionsExt;
 
+use std::collections::BTreeMap;
+
+use futures::{SinkExt, StreamExt};
 use kube::api::Api;
-use supermesh_api::EdgeNode;
-use supermesh_tests::{join_token_with, microservice, supermeshctl, Agent, Launch, Site, AGENTS};
+use serde_json::json;
+use supermesh_agent::identity::Identity;
+use supermesh_api::{EdgeNode, Microservice};
+use supermesh_protocol::{
+    decode, encode, now_ms, Answer, Body, Connection, ErrorCode, EventReport, Hello, Message, Operation, Query,
+    RelayedReport, Report, ReportBatch, StatusReport, BATCH_RESOURCE, CONNECTION_RESOURCE, STATUS_RESOURCE,
+};
+use supermesh_tests::{join_token_with, kubectl, microservice, supermeshctl, Agent, Launch, Site, AGENTS};
+use tokio_tungstenite::tungstenite::Message as Frame;
 
 /// The status and reason of condition `type_` of `node`.
 fn condition(node: &EdgeNode, type_: &str) -> Option<(String, String)> {
@@ -276,4 +286,154 @@ async fn a_certificate_expired_offline_renews_within_the_grace_and_not_after() {
         .await;
     assert_eq!(site.controller.metric(AGENTS, ""), Some(0.0));
     site.cleanup(&[&node]).await;
+}
+
+/// A device speaking the protocol by hand with a certificate of its own: what a compromised
+/// or hostile node can send.
+struct Raw {
+    ws: supermesh_agent::edgehub::Ws,
+    name: String,
+}
+
+impl Raw {
+    /// Enrolls `name` in `site`'s account and network, connects, and says hello claiming to hold `held`.
+    async fn join(site: &Site, name: &str, held: BTreeMap<String, String>) -> Raw {
+        let yaml = format!(
+            "node: {{name: {name}, account: acct-{id}, network: net-{id}}}\ncloud: {{address: \"{}\", token: \"{}\"}}\n",
+            site.controller.cloudhub_addr,
+            site.token,
+            id = site.id
+        );
+        let config = supermesh_agent::config::parse(&yaml, "edge.yaml").unwrap();
+        let identity = Identity::load(None, config.cloud.token.as_ref().map(|t| &t.0)).unwrap();
+        let ws = supermesh_agent::edgehub::dial(&config, &identity).await.expect("enroll and dial");
+        let mut raw = Raw { ws, name: name.to_owned() };
+        let hello = Hello {
+            node: name.to_owned(),
+            account: format!("acct-{}", site.id),
+            network: format!("net-{}", site.id),
+            agent_version: "raw".into(),
+            held,
+            ..Hello::default()
+        };
+        raw.send("h-1", CONNECTION_RESOURCE, &Body::NodeConnection(Connection::Hello(Box::new(hello)))).await;
+        raw
+    }
+
+    async fn send(&mut self, id: &str, resource: &str, body: &Body) {
+        let msg = Message::with_body(id.to_owned(), now_ms(), resource, body);
+        self.ws.send(Frame::text(encode(&msg).unwrap())).await.unwrap();
+    }
+
+    /// The cloud's answer to message `id`, acknowledging whatever changes it sends meanwhile.
+    async fn answer_to(&mut self, id: &str) -> Body {
+        let deadline = tokio::time::Instant::now() + supermesh_tests::DEADLINE;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.ws.next()).await.expect("an answer in time");
+            let msg = decode(&frame.expect("open").unwrap().into_text().unwrap()).unwrap();
+            let body = msg.body().unwrap();
+            if msg.parent_id.as_deref() == Some(id) {
+                return body;
+            }
+            if matches!(body, Body::Insert(_) | Body::Update(_) | Body::Delete) {
+                let ack =
+                    Message::with_body(format!("a-{}", msg.id), now_ms(), &msg.resource, &Body::Response(Answer::Ack));
+                self.ws.send(Frame::text(encode(&ack.answering(&msg.id)).unwrap())).await.unwrap();
+            }
+        }
+    }
+}
+
+fn status_of(node: &EdgeNode) -> (i32, i32) {
+    let counts = node.status.as_ref().and_then(|s| s.instances.clone()).unwrap_or_default();
+    (counts.running, counts.ready)
+}
+
+#[tokio::test]
+async fn a_node_reports_only_for_itself_and_never_from_the_future() {
+    let site = Site::new("relay").await;
+    site.apply(&microservice("web", "m", ""));
+    let victim = site.agent(0);
+    let nodes: Api<EdgeNode> = Api::all(site.cluster.client.clone());
+    let before =
+        site.controller.wait_for(&nodes, &victim.name, "the victim's instance ready", |n| status_of(n).1 == 1).await;
+
+    // A node of the victim's network declares itself supernode and relays a report that the
+    // victim runs nothing.
+    let mut raw = Raw::join(&site, &format!("rogue-{}", site.id), BTreeMap::new()).await;
+    let now = now_ms();
+    let own = json!({"takenMs": now, "instances": [], "cluster": {"role": "Supernode", "supernode": raw.name}});
+    let forged = json!({"takenMs": now, "instances": []});
+    let entry = |node: &str, seq, content: serde_json::Value| RelayedReport {
+        node: node.to_owned(),
+        seq,
+        operation: Operation::MetaSync,
+        resource: STATUS_RESOURCE.into(),
+        content,
+        created_ms: now,
+    };
+    let batch = ReportBatch { entries: vec![entry(&raw.name.clone(), 1, own), entry(&victim.name, 7, forged)] };
+    raw.send("b-1", BATCH_RESOURCE, &Body::MetaSync(Report::Batch(batch))).await;
+    let Body::Response(Answer::Batch(ack)) = raw.answer_to("b-1").await else { panic!("a batch answer") };
+    assert!(ack.acked.iter().all(|id| id.node == raw.name), "only its own report is taken: {ack:?}");
+    assert!(!ack.refused.iter().any(|(id, _)| id.node == victim.name), "the forged report is not taken either way");
+    let not_taken = site.controller.metric("supermesh_controller_reports_not_taken_total", "reason=\"later\"");
+    assert!(not_taken >= Some(1.0), "{not_taken:?}");
+
+    // A report stamped an hour ahead is refused for good.
+    let ahead = StatusReport { taken_ms: now + 3_600_000, instances: vec![], cluster: None };
+    raw.send("o-2", STATUS_RESOURCE, &Body::MetaSync(Report::Status(ahead))).await;
+    let Body::Error(refusal) = raw.answer_to("o-2").await else { panic!("refused") };
+    assert_eq!(refusal.code, ErrorCode::Forbidden);
+    assert!(refusal.message.contains("in the future"), "{}", refusal.message);
+
+    // Nothing changed for the victim.
+    let after = nodes.get(&victim.name).await.unwrap();
+    assert_eq!(status_of(&after), status_of(&before));
+    let msvcs: Api<Microservice> = Api::namespaced(site.cluster.client.clone(), &site.ns);
+    let web = msvcs.get("web").await.unwrap();
+    assert!(web.status.as_ref().is_some_and(|s| s.ready_instances >= 1), "{:?}", web.status);
+    site.cleanup(&[&victim]).await;
+    let _ = nodes.delete(&raw.name, &Default::default()).await;
+}
+
+#[tokio::test]
+async fn events_and_discovery_follow_placement_not_what_a_node_claims() {
+    let site = Site::new("claims").await;
+    site.apply(&microservice("web", "m", ""));
+    // Another namespace with a microservice the node has nothing to do with.
+    let other = site.cluster.namespace("private");
+    let mesh =
+        "apiVersion: supermesh.io/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec: {type: Account, account: nobody}\n";
+    supermesh_tests::apply_yaml(mesh, &["-n", &other]).unwrap();
+    supermesh_tests::apply_yaml(&microservice("vault", "m", "  ports: [{port: 8200}]\n"), &["-n", &other]).unwrap();
+
+    let claimed = format!("{other}/microservice/vault");
+    let mut raw =
+        Raw::join(&site, &format!("claimer-{}", site.id), BTreeMap::from([(claimed.clone(), "1-x".to_owned())])).await;
+    let query = Body::Query(Query::Endpoints { namespace: other.clone(), name: "vault".into() });
+    raw.send("q-1", &format!("{other}/endpoints/vault"), &query).await;
+    let Body::Error(refusal) = raw.answer_to("q-1").await else { panic!("discovery refused") };
+    assert_eq!(refusal.code, ErrorCode::Forbidden);
+    assert!(refusal.message.contains(&format!("runs no microservice of namespace {other}")), "{}", refusal.message);
+
+    // An event for the other namespace's microservice, then one for what is placed on the node.
+    let forged =
+        Report::Event(EventReport { warning: true, reason: "Exited".into(), message: format!("forged-{}", site.id) });
+    raw.send("o-1", &claimed, &Body::MetaSync(forged)).await;
+    raw.answer_to("o-1").await;
+    let web = site.key("web");
+    let legit =
+        Report::Event(EventReport { warning: false, reason: "Started".into(), message: format!("legit-{}", site.id) });
+    raw.send("o-2", &web, &Body::MetaSync(legit)).await;
+    raw.answer_to("o-2").await;
+    let messages = |ns: &str| kubectl(&["get", "events", "-n", ns, "-o", "jsonpath={.items[*].message}"]);
+    site.controller
+        .wait_until("the event of the placed microservice", || {
+            messages(&site.ns).contains(&format!("legit-{}", site.id))
+        })
+        .await;
+    assert!(!messages(&other).contains("forged"), "no event for a microservice not placed on the node");
+    let nodes: Api<EdgeNode> = Api::all(site.cluster.client.clone());
+    let _ = nodes.delete(&raw.name, &Default::default()).await;
 }

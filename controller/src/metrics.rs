@@ -55,6 +55,13 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Labels naming what became of reports not taken.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `refused` (for good) or `later` (left to come again).
+    pub reason: &'static str,
+}
+
 /// Labels naming why a connection was refused.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -113,6 +120,8 @@ pub struct Metrics {
     pub redirects: Counter,
     /// Enrollments and renewals, by result.
     pub enrollments: Family<ResultLabels, Counter>,
+    /// Reports not taken: refused (not the sender's to make, stamped in the future, malformed) or left for later.
+    pub reports_not_taken: Family<RefusalLabels, Counter>,
     /// Connections refused at the handshake, by reason.
     pub refused: Family<ReasonLabels, Counter>,
     /// 1 while this replica holds the controller Lease (reconciles Meshes and Microservices).
@@ -173,6 +182,12 @@ impl Default for Metrics {
         registry.register("cloudhub_redirects", "Agents sent to the replica that serves their node", redirects.clone());
         let enrollments = Family::<ResultLabels, Counter>::default();
         registry.register("enrollments", "Node enrollments and certificate renewals, by result", enrollments.clone());
+        let reports_not_taken = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "reports_not_taken",
+            "Reports from agents not taken: refused for good or left to come again",
+            reports_not_taken.clone(),
+        );
         let refused = Family::<ReasonLabels, Counter>::default();
         registry.register("cloudhub_refused", "Agent connections refused at the handshake, by reason", refused.clone());
         let [leader, replicas] = std::array::from_fn(|_| Gauge::default());
@@ -218,6 +233,7 @@ impl Default for Metrics {
             invalid_objects,
             redirects,
             enrollments,
+            reports_not_taken,
             refused,
             leader,
             replicas,

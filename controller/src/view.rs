@@ -138,3 +138,16 @@ pub struct SessionInfo {
     /// `host:port` at which the node's cluster peers reach its supernode service, if it advertises one.
     pub peer_address: Option<String>,
 }
+
+/// What the cloud's own records say of a node that reports or is reported for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reporter {
+    /// Its EdgeNode's network, while it is active (approved, not being deleted).
+    pub network: String,
+    /// Whether its latest report made it its cluster's supernode.
+    pub supernode: bool,
+    /// The supernode its latest report names.
+    pub follows: Option<String>,
+    /// Whether its agent holds a session with the cloud.
+    pub connected: bool,
+}

@@ -655,6 +655,11 @@ impl<'a, D: Device> Session<'a, D> {
         self.unacked.remove(&seq);
         match body {
             Body::Response(_) => self.device.acked(&[seq]).await.map_err(LinkError::Lost)?,
+            // Refused for good (not this node's to make, stamped in the future): sending it again changes nothing.
+            Body::Error(refusal) if refusal.code == ErrorCode::Forbidden => {
+                warn!(seq, reason = %refusal.message, "the cloud refused a report for good; it leaves the outbox");
+                self.device.acked(&[seq]).await.map_err(LinkError::Lost)?
+            }
             Body::Error(refusal) => {
                 warn!(seq, reason = %refusal.message, "the cloud refused a report; it stays in the outbox")
             }

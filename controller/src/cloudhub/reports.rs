@@ -10,26 +10,69 @@ use super::events::Events;
 use crate::forward::Forwarder;
 use crate::index::Index;
 use crate::metrics::Metrics;
+pub use crate::view::Reporter;
 
 /// The outbox seq of a report an agent sends directly, from its message id `o-<seq>`.
 pub fn outbox_seq(message_id: &str) -> Option<i64> {
     message_id.strip_prefix(OUTBOX_ID_PREFIX)?.parse().ok()
 }
 
-/// Whether the session of node `relay` may report for `node`: for itself always, for
-/// another node only when both are EdgeNodes on the same network. `network_of` reads
-/// a node's `spec.network` from the index.
-pub fn may_report_for(relay: &str, node: &str, network_of: impl Fn(&str) -> Option<String>) -> Result<(), String> {
+/// How far ahead of the cloud's clock a report may be stamped: devices' clocks drift a
+/// little; a report from further ahead would hide every later one of its node.
+pub const MAX_CLOCK_AHEAD_MS: i64 = 60_000;
+
+/// What becomes of one relayed report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Judgement {
+    /// Taken and acknowledged.
+    Take,
+    /// Neither taken nor refused: it comes again (the relay resends what is not acknowledged).
+    Later(String),
+    /// Refused for good, with the reason (the relay drops it).
+    Refuse(String),
+}
+
+/// Whether the session of node `relay` may report for `node` (NodeRestriction's rule for
+/// devices): for itself always; never across networks; for another node of its network
+/// only while the cloud's records make `relay` that network's supernode and `node` follows
+/// no other supernode that is still connected. A report for a node the cloud does not know
+/// yet, or through a relay it does not know as that node's supernode yet (an election it
+/// has not heard of), waits: it comes again and is taken once the records agree, or never.
+/// `reporter` reads the index.
+pub fn may_report_for(relay: &str, node: &str, reporter: impl Fn(&str) -> Option<Reporter>) -> Judgement {
     if node == relay {
-        return Ok(());
+        return Judgement::Take;
     }
-    let Some(network) = network_of(node) else {
-        return Err(format!("node {node} has no EdgeNode"));
+    let Some(subject) = reporter(node) else {
+        return Judgement::Later(format!("node {node} has no active EdgeNode (yet)"));
     };
-    match network_of(relay) {
-        Some(own) if own == network => Ok(()),
-        Some(own) => Err(format!("node {node} is on network {network}, not on {relay}'s network {own}")),
-        None => Err(format!("the relaying node {relay} has no EdgeNode")),
+    match reporter(relay) {
+        None => Judgement::Refuse(format!("the relaying node {relay} has no active EdgeNode")),
+        Some(own) if own.network != subject.network => Judgement::Refuse(format!(
+            "node {node} is on network {}, not on {relay}'s network {}",
+            subject.network, own.network
+        )),
+        Some(own) if !own.supernode => Judgement::Later(format!(
+            "node {relay} is not the supernode of network {} as the cloud knows it",
+            own.network
+        )),
+        Some(_) => match subject.follows {
+            Some(other) if other != relay && reporter(&other).is_some_and(|s| s.connected) => {
+                Judgement::Later(format!("node {node} follows supernode {other}, which is connected"))
+            }
+            _ => Judgement::Take,
+        },
+    }
+}
+
+/// Refuses a status report stamped further ahead than [`MAX_CLOCK_AHEAD_MS`] of `now_ms`.
+pub fn in_time(report: &Report, now_ms: i64) -> Result<(), String> {
+    match report {
+        Report::Status(s) if s.taken_ms > now_ms + MAX_CLOCK_AHEAD_MS => Err(format!(
+            "the report is stamped {} s in the future; check the device's clock",
+            (s.taken_ms - now_ms) / 1000
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -47,25 +90,30 @@ pub struct Relayed {
 }
 
 /// Splits the batch node `relay` sends into the reports to take and the answer: each
-/// report the relay may send ([`may_report_for`]) and that reads well is taken and
-/// acknowledged, every other one is refused with its reason; a report of a node the index
-/// does not know (yet) is neither, so the supernode sends it again.
+/// report the relay may send ([`may_report_for`]), stamped in time and reading well is
+/// taken and acknowledged; one that waits is neither (it comes again); every other one is
+/// refused with its reason. Returns, too, how many wait and the first reason.
 pub fn judge_batch(
     relay: &str,
     batch: ReportBatch,
-    network_of: impl Fn(&str) -> Option<String>,
-) -> (Vec<Relayed>, BatchAck) {
+    reporter: impl Fn(&str) -> Option<Reporter>,
+    now_ms: i64,
+) -> (Vec<Relayed>, BatchAck, Vec<String>) {
     let mut taken = Vec::with_capacity(batch.entries.len());
     let mut ack = BatchAck::default();
+    let mut waiting = Vec::new();
     for entry in batch.entries {
-        // A node the index does not know yet may be one that just registered: its report is
-        // neither taken nor refused (refused reports are deleted), so it comes again.
-        if network_of(&entry.node).is_none() {
-            continue;
-        }
-        let checked = may_report_for(relay, &entry.node, &network_of)
-            .and_then(|()| Report::relayed(&entry).map_err(|e| e.to_string()));
-        match checked {
+        let judged = match may_report_for(relay, &entry.node, &reporter) {
+            Judgement::Take => Report::relayed(&entry)
+                .map_err(|e| e.to_string())
+                .and_then(|report| in_time(&report, now_ms).map(|()| report)),
+            Judgement::Later(reason) => {
+                waiting.push(reason);
+                continue;
+            }
+            Judgement::Refuse(reason) => Err(reason),
+        };
+        match judged {
             Ok(report) => {
                 ack.acked.push(entry.id());
                 taken.push(Relayed { node: entry.node, seq: entry.seq, resource: entry.resource, report });
@@ -73,7 +121,7 @@ pub fn judge_batch(
             Err(reason) => ack.refused.push((entry.id(), reason)),
         }
     }
-    (taken, ack)
+    (taken, ack, waiting)
 }
 
 /// Where reports go: the index takes statuses, events become Kubernetes Events.
@@ -135,24 +183,43 @@ mod tests {
     use serde_json::json;
     use supermesh_protocol::{Operation, RelayedReport, STATUS_RESOURCE};
 
-    fn networks(node: &str) -> Option<String> {
+    /// `super` is the supernode of `lan`, `member` a member; `stranger` is on another network;
+    /// `rival` claims to be supernode of `lan` too, and `loyal` follows `super`.
+    fn reporters(node: &str) -> Option<Reporter> {
+        let on = |network: &str, supernode, follows: Option<&str>| {
+            Some(Reporter { network: network.into(), supernode, follows: follows.map(str::to_owned), connected: true })
+        };
         match node {
-            "super" | "member" => Some("lan".into()),
-            "stranger" => Some("other-lan".into()),
+            "super" => on("lan", true, Some("super")),
+            "rival" => on("lan", true, Some("rival")),
+            "member" | "other-member" => on("lan", false, None),
+            "loyal" => on("lan", false, Some("super")),
+            "stranger" => on("other-lan", true, None),
             _ => None,
         }
     }
 
     #[test]
     fn a_supernode_reports_for_itself_and_its_network_only() {
-        assert_eq!(may_report_for("super", "super", networks), Ok(()));
-        assert_eq!(may_report_for("super", "member", networks), Ok(()));
-        let other = may_report_for("super", "stranger", networks).unwrap_err();
+        assert_eq!(may_report_for("super", "super", reporters), Judgement::Take);
+        assert_eq!(may_report_for("super", "member", reporters), Judgement::Take);
+        let Judgement::Refuse(other) = may_report_for("super", "stranger", reporters) else { panic!("refused") };
         assert!(other.contains("network other-lan") && other.contains("network lan"), "{other}");
-        let unknown = may_report_for("super", "ghost", networks).unwrap_err();
-        assert!(unknown.contains("ghost has no EdgeNode"), "{unknown}");
-        assert_eq!(may_report_for("new", "new", networks), Ok(()), "a node always reports for itself");
-        assert!(may_report_for("new", "member", networks).is_err(), "a relay without an EdgeNode reports for nobody");
+        assert!(matches!(may_report_for("super", "ghost", reporters), Judgement::Later(_)), "not known yet: later");
+        assert_eq!(may_report_for("new", "new", reporters), Judgement::Take, "a node always reports for itself");
+        assert!(
+            matches!(may_report_for("new", "member", reporters), Judgement::Refuse(_)),
+            "a relay without an EdgeNode"
+        );
+        let Judgement::Later(why) = may_report_for("member", "other-member", reporters) else {
+            panic!("a member the cloud does not know as supernode reports for nobody else")
+        };
+        assert!(why.contains("not the supernode"), "{why}");
+        assert_eq!(may_report_for("super", "loyal", reporters), Judgement::Take);
+        let Judgement::Later(why) = may_report_for("rival", "loyal", reporters) else {
+            panic!("a self-declared supernode does not speak for a node that follows another, connected one")
+        };
+        assert!(why.contains("follows supernode super"), "{why}");
     }
 
     fn entry(node: &str, seq: i64, resource: &str, content: serde_json::Value) -> RelayedReport {
@@ -169,6 +236,7 @@ mod tests {
     #[test]
     fn a_batch_is_taken_for_the_relay_s_network_and_refused_elsewhere() {
         let status = json!({"takenMs": 5, "instances": []});
+        let future = json!({"takenMs": 5 + MAX_CLOCK_AHEAD_MS + 1_000, "instances": []});
         let event = json!({"warning": false, "reason": "Started", "message": "pid 7"});
         let batch = ReportBatch {
             entries: vec![
@@ -178,17 +246,27 @@ mod tests {
                 entry("ghost", 4, "team/microservice/web", event),
                 entry("super", 9, STATUS_RESOURCE, status),
                 entry("member", 5, STATUS_RESOURCE, json!({"bad": true})),
+                entry("member", 6, STATUS_RESOURCE, future),
             ],
         };
-        let (taken, ack) = judge_batch("super", batch, networks);
+        let (taken, ack, waiting) = judge_batch("super", batch.clone(), reporters, 5);
         let taken: Vec<(&str, i64)> = taken.iter().map(|r| (r.node.as_str(), r.seq)).collect();
         assert_eq!(taken, [("member", 1), ("member", 3), ("super", 9)]);
         let acked: Vec<(&str, i64)> = ack.acked.iter().map(|id| (id.node.as_str(), id.seq)).collect();
         assert_eq!(acked, taken, "what is taken is acknowledged");
         let refused: Vec<(&str, i64)> = ack.refused.iter().map(|(id, _)| (id.node.as_str(), id.seq)).collect();
-        assert_eq!(refused, [("stranger", 2), ("member", 5)], "a node not known yet is left to come again");
+        assert_eq!(refused, [("stranger", 2), ("member", 5), ("member", 6)], "a node not known yet comes again");
+        assert_eq!(waiting.len(), 1);
         assert!(ack.refused[0].1.contains("other-lan"), "{}", ack.refused[0].1);
         assert!(ack.refused[1].1.contains("MetaSync message is invalid"), "{}", ack.refused[1].1);
+        assert!(ack.refused[2].1.contains("in the future"), "{}", ack.refused[2].1);
+
+        // The same batch from a member: only its own reports are taken; the others wait.
+        let (taken, ack, waiting) = judge_batch("member", batch, reporters, 5);
+        let taken: Vec<(&str, i64)> = taken.iter().map(|r| (r.node.as_str(), r.seq)).collect();
+        assert_eq!(taken, [("member", 1), ("member", 3)]);
+        assert!(waiting.iter().any(|w| w.contains("not the supernode")), "{waiting:?}");
+        assert!(ack.acked.iter().all(|id| id.node == "member"));
     }
 
     #[test]

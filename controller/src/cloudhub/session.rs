@@ -25,10 +25,10 @@ use tokio_tungstenite::tungstenite::Message as Frame;
 use tracing::{debug, info, warn};
 
 use super::delivery::{is_membership, Delivery, Outgoing};
-use super::reports::{judge_batch, outbox_seq, Intake};
+use super::reports::{in_time, judge_batch, outbox_seq, Intake};
 use super::{resolve_peer_address, Shared, Ws};
 use crate::index::{NodeDesired, SessionInfo};
-use crate::metrics::ReportPath;
+use crate::metrics::{RefusalLabels, ReportPath};
 use crate::replicas::Replica;
 
 /// Agent-initiated messages (not answers) allowed per second, with a burst of twice that.
@@ -350,7 +350,21 @@ impl Session {
             Body::Query(query) => self.answer(&msg, query).await,
             Body::MetaSync(Report::Batch(batch)) => {
                 metrics.reports_received(ReportPath::Batch, text.len(), batch.entries.len());
-                let (taken, ack) = judge_batch(&self.node, batch, |n| self.shared.index.network_of(n));
+                let index = &self.shared.index;
+                let (taken, ack, waiting) = judge_batch(&self.node, batch, |n| index.reporter(n), now_ms());
+                if let Some(reason) = waiting.first() {
+                    debug!(node = %self.node, waiting = waiting.len(), %reason, "relayed reports left to come again");
+                    metrics
+                        .reports_not_taken
+                        .get_or_create(&RefusalLabels { reason: "later" })
+                        .inc_by(waiting.len() as u64);
+                }
+                if !ack.refused.is_empty() {
+                    metrics
+                        .reports_not_taken
+                        .get_or_create(&RefusalLabels { reason: "refused" })
+                        .inc_by(ack.refused.len() as u64);
+                }
                 let intake = self.intake(&metrics);
                 for relayed in taken {
                     let held = (relayed.node == self.node).then(|| self.delivery.held());
@@ -363,6 +377,12 @@ impl Session {
             }
             Body::MetaSync(report) => {
                 metrics.reports_received(ReportPath::Direct, text.len(), 1);
+                if let Err(reason) = in_time(&report, now_ms()) {
+                    warn!(node = %self.node, %reason, "refused a report");
+                    metrics.reports_not_taken.get_or_create(&RefusalLabels { reason: "refused" }).inc();
+                    let refusal = Body::Error(ErrorContent::new(ErrorCode::Forbidden, reason));
+                    return self.send_body(&msg.resource, &refusal, Some(&msg.id)).await;
+                }
                 let intake = self.intake(&metrics);
                 let held = Some(self.delivery.held());
                 intake.take(&self.node, outbox_seq(&msg.id), &msg.resource, report, held);
@@ -399,7 +419,7 @@ impl Session {
                 index.discover_nodes(&self.node, scope).map(|nodes| Answer::Nodes(NodesAnswer { nodes }))
             }
             Query::Endpoints { namespace, name } => index
-                .discover_endpoints(&self.node, &namespace, &name, self.delivery.held())
+                .discover_endpoints(&self.node, &namespace, &name)
                 .map(|endpoints| Answer::Endpoints(EndpointsAnswer { endpoints })),
             Query::Resource => match index.assignment(&self.node, &msg.resource) {
                 Some(prepared) => {

@@ -30,8 +30,8 @@ use supermesh_api::mesh::MeshSpec;
 use supermesh_api::microservice::MicroserviceSpec;
 use supermesh_api::{EdgeNode, Mesh, Microservice};
 use supermesh_protocol::{
-    Change, ClusterView, Endpoint, ErrorCode, ErrorContent, InstanceReport, NodeInfo, Prepared, ResourceRef, Scope,
-    StatusReport, MICROSERVICE,
+    Change, ClusterView, Endpoint, ErrorCode, ErrorContent, InstanceReport, NodeInfo, NodeRole, Prepared, ResourceRef,
+    Scope, StatusReport, MICROSERVICE,
 };
 use tokio::sync::{watch, Notify};
 
@@ -401,6 +401,21 @@ impl Index {
         self.lock().nodes.get(node).and_then(|e| e.view.as_ref()).map(|v| v.network.clone())
     }
 
+    /// What the cloud's own records say of `node` as a reporter: its EdgeNode's network (while
+    /// it is active), its place in its cluster as last reported, and whether it is connected.
+    pub fn reporter(&self, node: &str) -> Option<crate::view::Reporter> {
+        let s = self.lock();
+        let e = s.nodes.get(node)?;
+        let network = e.network()?.to_owned();
+        let cluster = e.report.as_ref().and_then(|r| r.cluster.as_ref());
+        Some(crate::view::Reporter {
+            network,
+            supernode: cluster.is_some_and(|c| c.role == NodeRole::Supernode),
+            follows: cluster.and_then(|c| c.supernode.clone()),
+            connected: e.session.is_some(),
+        })
+    }
+
     /// Takes `node`'s status report: only instances placed on the node, or held by its
     /// own session (`held`), count. Returns false for a snapshot no newer than the one held.
     pub fn take_status(&self, node: &str, mut report: StatusReport, held: Option<&BTreeMap<String, String>>) -> bool {
@@ -446,8 +461,10 @@ impl Index {
     pub fn event_target(&self, node: &str, resource: &str) -> Option<EventTarget> {
         let (namespace, name) = ResourceRef::microservice(resource)?;
         let s = self.lock();
-        let msvc = s.microservices.get(&Key::new(namespace, name))?;
-        s.nodes.get(node)?.view.as_ref()?;
+        let key = Key::new(namespace, name);
+        let msvc = s.microservices.get(&key)?;
+        // A node posts events only for microservices placed on it.
+        s.nodes.get(node).filter(|e| e.view.is_some() && e.assigned.contains(&key))?;
         let microservice = ObjectReference {
             api_version: Some(Microservice::api_version(&()).into_owned()),
             kind: Some(Microservice::kind(&()).into_owned()),
@@ -484,19 +501,14 @@ impl Index {
         Ok(discovery::nodes(scope, me, all))
     }
 
-    /// The endpoints of Microservice `namespace/name` for `node`, which must run a
-    /// microservice of that namespace (placed on it, or in `held`).
-    pub fn discover_endpoints(
-        &self,
-        node: &str,
-        namespace: &str,
-        name: &str,
-        held: &BTreeMap<String, String>,
-    ) -> Result<Vec<Endpoint>, ErrorContent> {
+    /// The endpoints of Microservice `namespace/name` for `node`, which must have a
+    /// microservice of that namespace placed on it.
+    pub fn discover_endpoints(&self, node: &str, namespace: &str, name: &str) -> Result<Vec<Endpoint>, ErrorContent> {
         let s = self.lock();
+        // What is placed on the node, never what it says it holds.
         let placed_here: Vec<String> =
             s.nodes.get(node).map(|e| e.assigned.iter().map(Key::resource).collect()).unwrap_or_default();
-        if !discovery::may_discover(namespace, held.keys().chain(&placed_here).map(String::as_str)) {
+        if !discovery::may_discover(namespace, placed_here.iter().map(String::as_str)) {
             let message = format!("node {node} runs no microservice of namespace {namespace}");
             return Err(ErrorContent::new(ErrorCode::Forbidden, message));
         }
