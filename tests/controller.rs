@@ -392,6 +392,9 @@ async fn the_controller_needs_no_more_than_the_charts_rbac_rules() {
     controller
         .wait_for(&edgenodes, &agent.name, "enrolled and connected with the chart's permissions", connected)
         .await;
+    // `/logs` checks its caller with a TokenReview and a SubjectAccessReview.
+    let (code, body) = controller.http_get_as(&format!("/logs/{ns}/svc"), &supermesh_tests::kube_token()).unwrap();
+    assert!(![401, 403].contains(&code) && !body.contains("cannot check"), "{code}: {body}");
     let log = controller.log();
     assert!(!log.contains("forbidden"), "the controller hit an RBAC denial:\n{log}");
     fleet.delete(&edgenodes).await;

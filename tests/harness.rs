@@ -267,6 +267,12 @@ impl Controller {
         http(&self.metrics_addr, "GET", path, &[], b"")
     }
 
+    /// GET `path` from its HTTP endpoint presenting Kubernetes bearer `token`.
+    pub fn http_get_as(&self, path: &str, token: &str) -> Option<(u16, String)> {
+        let bearer = format!("Bearer {token}");
+        http(&self.metrics_addr, "GET", path, &[("authorization", bearer.as_str())], b"")
+    }
+
     /// Waits at most `limit` for the controller to exit on its own; its status, or `None`.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let deadline = std::time::Instant::now() + limit;
@@ -441,6 +447,15 @@ pub fn supermeshctl(args: &[&str]) -> Result<String, String> {
         true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
         false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
     }
+}
+
+/// The bearer token of the kubeconfig's user (the test cluster's admin).
+pub fn kube_token() -> String {
+    let path = std::env::var("KUBECONFIG").expect("KUBECONFIG");
+    let config = kube::config::Kubeconfig::read_from(&path).expect("a readable kubeconfig");
+    let user = config.auth_infos.first().and_then(|a| a.auth_info.as_ref()).expect("a user in the kubeconfig");
+    use secrecy::ExposeSecret;
+    user.token.as_ref().map(|t| t.expose_secret().to_owned()).expect("the test cluster's user has a token")
 }
 
 /// A join string agents enroll with: a new auto-approving token without a scope.

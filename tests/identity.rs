@@ -437,3 +437,40 @@ async fn events_and_discovery_follow_placement_not_what_a_node_claims() {
     let nodes: Api<EdgeNode> = Api::all(site.cluster.client.clone());
     let _ = nodes.delete(&raw.name, &Default::default()).await;
 }
+
+#[tokio::test]
+async fn logs_are_only_for_kubernetes_users_allowed_to_read_them() {
+    let site = Site::new("logs-auth").await;
+    site.apply(&microservice("web", "m", ""));
+    let agent = site.agent(0);
+    let key = site.key("web");
+    site.controller.wait_until("the instance running", || agent.instance_pid(&key).is_some()).await;
+    let path = format!("/logs/{}/web?node={}&tail=5", site.ns, agent.name);
+
+    let anonymous = site.controller.http_get(&path).unwrap();
+    assert_eq!(anonymous.0, 401, "{anonymous:?}");
+    let forged = site.controller.http_get_as(&path, "not-a-token").unwrap();
+    assert_eq!(forged.0, 401, "{forged:?}");
+
+    // A ServiceAccount without the permission, then with it.
+    kubectl(&["create", "serviceaccount", "reader", "-n", &site.ns]);
+    let token = kubectl(&["create", "token", "reader", "-n", &site.ns]).trim().to_owned();
+    let denied = site.controller.http_get_as(&path, &token).unwrap();
+    assert_eq!(denied.0, 403, "{denied:?}");
+    assert!(denied.1.contains("may not get microservices/log"), "{}", denied.1);
+    let grant = format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: log-reader}}\nrules:\n- apiGroups: [supermesh.io]\n  resources: [microservices/log]\n  verbs: [get]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: log-reader}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: log-reader}}\nsubjects:\n- {{kind: ServiceAccount, name: reader, namespace: {}}}\n",
+        site.ns
+    );
+    site.apply(&grant);
+    site.controller
+        .wait_until("the granted ServiceAccount to read the log", || {
+            site.controller.http_get_as(&path, &token).is_some_and(|(code, _)| code == 200)
+        })
+        .await;
+    // The permission is for its namespace only.
+    let elsewhere = site.controller.http_get_as(&format!("/logs/default/web?node={}", agent.name), &token).unwrap();
+    assert_eq!(elsewhere.0, 403, "{elsewhere:?}");
+    assert_eq!(site.controller.http_get("/metrics").map(|(code, _)| code), Some(200), "metrics stay open");
+    site.cleanup(&[&agent]).await;
+}

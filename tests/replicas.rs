@@ -80,7 +80,7 @@ async fn a_lost_replica_hands_its_nodes_over_without_a_flap_a_resend_or_a_restar
     // node passes the request on to the one that does.
     for agent in &agents {
         let path = format!("/logs/{ns}/svc?node={}&tail=5", agent.name);
-        let answer = first.http_get(&path);
+        let answer = first.http_get_as(&path, &supermesh_tests::kube_token());
         assert_eq!(answer.as_ref().map(|(code, _)| *code), Some(200), "{path}: {answer:?}");
     }
     // The leader counts the instances of every node, whichever replica took its reports.

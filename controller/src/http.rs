@@ -1,5 +1,8 @@
-//! HTTP endpoints: `/metrics` (Prometheus text), `/healthz` and `/readyz`, and the
-//! endpoint other replicas forward their agents' reports to (signed, see `forward`).
+//! HTTP endpoints: `/metrics` (Prometheus text), `/healthz` and `/readyz`, open to
+//! anyone; `/logs`, for Kubernetes users allowed to `get microservices/log` (checked
+//! with a TokenReview and a SubjectAccessReview, as an aggregated API server does);
+//! and the endpoint other replicas forward their agents' reports to (signed, see
+//! `forward`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,6 +13,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, UserInfo};
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use supermesh_protocol::names::is_dns1123_subdomain;
 use supermesh_protocol::{Answer, Body, LogQuery, ResourceRef, LOG};
 use tokio::net::TcpListener;
@@ -34,6 +39,125 @@ pub struct State {
     pub replicas: Replicas,
     /// The key forwards from other replicas are signed with.
     pub forward_key: Arc<str>,
+    /// Checks who calls `/logs`, and whether they may.
+    pub access: Arc<Access>,
+}
+
+/// How long a caller's permission to read a microservice's logs is remembered: a
+/// `supermeshctl logs --follow` asks every second, the API server need not hear of each.
+const ACCESS_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Checks callers with the API server: who a bearer token is (TokenReview), and whether
+/// they may `get` the `log` subresource of a Microservice (SubjectAccessReview).
+pub struct Access {
+    client: kube::Client,
+    /// Recent permissions, by the token's hash, namespace and name.
+    recent: std::sync::Mutex<std::collections::HashMap<(String, String, String), std::time::Instant>>,
+}
+
+impl Access {
+    /// Checks callers with the API server `client` talks to.
+    pub fn new(client: kube::Client) -> Access {
+        Access { client, recent: std::sync::Mutex::default() }
+    }
+
+    /// Whether the caller presenting `headers` may read the logs of `namespace/name`; the
+    /// response to send when not (401 without a valid token, 403 without the permission).
+    pub async fn check(
+        &self,
+        headers: &HeaderMap,
+        namespace: &str,
+        name: &str,
+    ) -> Result<(), axum::response::Response> {
+        let refuse = |code: StatusCode, message: String| Err((code, message + "\n").into_response());
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .filter(|t| !t.is_empty() && t.len() <= 16 * 1024);
+        let Some(token) = bearer else {
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                "send a Kubernetes bearer token (supermeshctl sends your kubeconfig's, or --token)".into(),
+            );
+        };
+        // Tokens are kept hashed, not as they are.
+        let hashed = {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(token.as_bytes()))
+        };
+        let key = (hashed, namespace.to_owned(), name.to_owned());
+        // Only a permission is remembered: a grant counts at once, a revocation within the TTL.
+        if self.lock().get(&key).is_some_and(|at| at.elapsed() < ACCESS_TTL) {
+            return Ok(());
+        }
+        let user = match self.authenticate(token).await {
+            Ok(Some(user)) => user,
+            Ok(None) => return refuse(StatusCode::UNAUTHORIZED, "the bearer token is not valid".into()),
+            Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, format!("cannot check the token now: {e}")),
+        };
+        match self.authorize(&user, namespace, name).await {
+            Ok(true) => {
+                let mut recent = self.lock();
+                if recent.len() > 10_000 {
+                    recent.retain(|_, at| at.elapsed() < ACCESS_TTL);
+                }
+                recent.insert(key, std::time::Instant::now());
+                Ok(())
+            }
+            Ok(false) => refuse(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "user {:?} may not get microservices/log in namespace {namespace}",
+                    user.username.unwrap_or_default()
+                ),
+            ),
+            Err(e) => refuse(StatusCode::SERVICE_UNAVAILABLE, format!("cannot check access now: {e}")),
+        }
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String, String), std::time::Instant>> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Who `token` is, or `None` when the API server does not know it.
+    async fn authenticate(&self, token: &str) -> kube::Result<Option<UserInfo>> {
+        let review = TokenReview {
+            spec: TokenReviewSpec { token: token.to_owned(), ..TokenReviewSpec::default() },
+            ..TokenReview::default()
+        };
+        let api: kube::Api<TokenReview> = kube::Api::all(self.client.clone());
+        let answer = api.create(&kube::api::PostParams::default(), &review).await?;
+        Ok(answer.status.filter(|s| s.authenticated == Some(true)).and_then(|s| s.user))
+    }
+
+    /// Whether `user` may get the log subresource of Microservice `namespace/name`.
+    async fn authorize(&self, user: &UserInfo, namespace: &str, name: &str) -> kube::Result<bool> {
+        let review = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: user.username.clone(),
+                groups: user.groups.clone(),
+                uid: user.uid.clone(),
+                extra: user.extra.clone(),
+                resource_attributes: Some(ResourceAttributes {
+                    namespace: Some(namespace.to_owned()),
+                    verb: Some("get".into()),
+                    group: Some(supermesh_api::names::GROUP.into()),
+                    resource: Some("microservices".into()),
+                    subresource: Some("log".into()),
+                    name: Some(name.to_owned()),
+                    ..ResourceAttributes::default()
+                }),
+                ..SubjectAccessReviewSpec::default()
+            },
+            ..SubjectAccessReview::default()
+        };
+        let api: kube::Api<SubjectAccessReview> = kube::Api::all(self.client.clone());
+        let answer = api.create(&kube::api::PostParams::default(), &review).await?;
+        Ok(answer.status.is_some_and(|s| s.allowed))
+    }
 }
 
 /// Binds the listener now, so that a taken port fails the start with a clear error.
@@ -79,6 +203,12 @@ async fn logs(
     headers: HeaderMap,
 ) -> axum::response::Response {
     let fail = |code: StatusCode, message: String| (code, message + "\n").into_response();
+    if ![&namespace, &name].into_iter().all(|n| is_dns1123_subdomain(n)) {
+        return fail(StatusCode::BAD_REQUEST, format!("{namespace}/{name}: not Kubernetes names"));
+    }
+    if let Err((code, reason)) = state.access.check(&headers, &namespace, &name).await {
+        return fail(code, reason);
+    }
     let placed = state.index.placed(&Key::new(&namespace, &name));
     let node = match params.node.or_else(|| placed.first().cloned()) {
         Some(node) => node,
@@ -94,7 +224,8 @@ async fn logs(
                 url.push_str(&format!("&{key}={value}"));
             }
         }
-        return pass_on(url).await;
+        let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        return pass_on(url, authorization).await;
     }
     let resource = ResourceRef::string(&namespace, LOG, &name);
     let query = LogQuery { tail: params.tail, offset: params.offset };
@@ -110,8 +241,9 @@ async fn logs(
     }
 }
 
-/// Passes a log request on to the replica at `url` and returns its answer as it is.
-async fn pass_on(url: String) -> axum::response::Response {
+/// Passes a log request on to the replica at `url`, with the caller's credentials (that
+/// replica checks them too), and returns its answer as it is.
+async fn pass_on(url: String, authorization: Option<String>) -> axum::response::Response {
     let answered = tokio::task::spawn_blocking(move || {
         let http: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(std::time::Duration::from_secs(15)))
@@ -119,7 +251,11 @@ async fn pass_on(url: String) -> axum::response::Response {
             .proxy(None)
             .build()
             .into();
-        let mut response = http.get(&url).header(PASSED_ON, "1").call().map_err(|e| format!("{url}: {e}"))?;
+        let mut request = http.get(&url).header(PASSED_ON, "1");
+        if let Some(authorization) = &authorization {
+            request = request.header(header::AUTHORIZATION.as_str(), authorization);
+        }
+        let mut response = request.call().map_err(|e| format!("{url}: {e}"))?;
         let status = response.status().as_u16();
         let kept = ["x-supermesh-offset", "x-supermesh-node"]
             .into_iter()

@@ -153,6 +153,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         hub,
         replicas: replicas.clone(),
         forward_key: forward_key.into(),
+        access: Arc::new(http::Access::new(client.clone())),
     };
     tokio::spawn(async move {
         if let Err(e) = http::serve(listener, state).await {

@@ -27,6 +27,9 @@ struct Cli {
     /// Namespace the controller runs in (its CA and bootstrap tokens live there).
     #[arg(long, short, env = "SUPERMESH_NAMESPACE", default_value = "supermesh")]
     namespace: String,
+    /// Kubernetes bearer token `logs` presents to the controller (default: your kubeconfig's).
+    #[arg(long, env = "SUPERMESH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -125,7 +128,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Logs { microservice, node, tail, follow } => {
-            return logs(&cli.controller, &microservice, node, tail, follow);
+            let token = match cli.token.map_or_else(kubeconfig_token, Ok) {
+                Ok(token) => token,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            return logs(&cli.controller, &token, &microservice, node, tail, follow);
         }
         Command::Token(command) => with_client(|client| token(client, cli.namespace, command)),
         Command::Node(command) => with_client(|client| node(client, command)),
@@ -137,6 +147,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The bearer token of the kubeconfig's current user, which the controller checks with the
+/// API server (a kubeconfig that authenticates otherwise, with a client certificate, needs --token).
+fn kubeconfig_token() -> Result<String, String> {
+    use secrecy::ExposeSecret;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let config = runtime.block_on(kube::Config::infer()).map_err(|e| format!("cannot read your kubeconfig: {e}"))?;
+    let auth = config.auth_info;
+    if let Some(token) = auth.token {
+        return Ok(token.expose_secret().to_owned());
+    }
+    if let Some(file) = auth.token_file {
+        return std::fs::read_to_string(&file).map(|t| t.trim().to_owned()).map_err(|e| format!("{file}: {e}"));
+    }
+    Err("your kubeconfig's user has no bearer token (it may use a client certificate); pass one with --token, \
+         for example from `kubectl create token SERVICEACCOUNT`"
+        .into())
 }
 
 /// Runs `work` with a client of the cluster the kubeconfig names.
@@ -259,7 +287,14 @@ async fn node(client: Client, command: NodeCommand) -> Result<(), String> {
     }
 }
 
-fn logs(controller: &str, microservice: &str, node: Option<String>, tail: Option<u64>, follow: bool) -> ExitCode {
+fn logs(
+    controller: &str,
+    token: &str,
+    microservice: &str,
+    node: Option<String>,
+    tail: Option<u64>,
+    follow: bool,
+) -> ExitCode {
     let Some((namespace, name)) = microservice.split_once('/') else {
         eprintln!("error: give the microservice as NAMESPACE/NAME, for example default/hello");
         return ExitCode::from(2);
@@ -268,7 +303,7 @@ fn logs(controller: &str, microservice: &str, node: Option<String>, tail: Option
     let url = format!("{}/logs/{namespace}/{name}", controller.trim_end_matches('/'));
     let mut offset: Option<u64> = None;
     loop {
-        let mut request = http.get(&url);
+        let mut request = http.get(&url).header("authorization", format!("Bearer {token}"));
         if let Some(node) = &node {
             request = request.query("node", node);
         }
