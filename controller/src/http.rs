@@ -62,14 +62,9 @@ impl Access {
     }
 
     /// Whether the caller presenting `headers` may read the logs of `namespace/name`; the
-    /// response to send when not (401 without a valid token, 403 without the permission).
-    pub async fn check(
-        &self,
-        headers: &HeaderMap,
-        namespace: &str,
-        name: &str,
-    ) -> Result<(), axum::response::Response> {
-        let refuse = |code: StatusCode, message: String| Err((code, message + "\n").into_response());
+    /// status and reason to answer when not (401 without a valid token, 403 without the permission).
+    pub async fn check(&self, headers: &HeaderMap, namespace: &str, name: &str) -> Result<(), (StatusCode, String)> {
+        let refuse = |code: StatusCode, message: String| Err((code, message));
         let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
