@@ -165,7 +165,17 @@ impl Replicas {
             .iter()
             .map(|replica| {
                 let addr = format!("127.0.0.1:{}", free_port());
-                let args = ["--max-agents", "100000", "--log-level", "info", "--replica-id", replica];
+                // The simulated fleet connects from one address: no cap on its handshakes in flight.
+                let args = [
+                    "--max-agents",
+                    "100000",
+                    "--max-pending-per-address",
+                    "100000",
+                    "--log-level",
+                    "info",
+                    "--replica-id",
+                    replica,
+                ];
                 let args = [&args[..], &["--advertise-address", &addr]].concat();
                 Controller::launch_at(replica, None, &addr, &args)
             })

@@ -514,7 +514,12 @@ async fn load_bench(cluster: &Cluster, plan: &Plan) -> LoadReport {
         // Both runs start alike: a fresh controller, and nodes it registers from their hellos.
         let fleet = Fleet::new(plan);
         eprintln!("==> report load {}: {} simulated nodes", mode.label(), plan.nodes);
-        let mut controller = Controller::start(&format!("bench-supernode-{}", mode.path()));
+        // The simulated fleet connects from one address: no cap on its handshakes in flight.
+        let mut controller = Controller::launch(
+            &format!("bench-supernode-{}", mode.path()),
+            None,
+            &["--max-pending-per-address", "100000"],
+        );
         controller.wait_ready().await;
         let run = load_run(cluster, &controller, mode, plan, &fleet, &mut notes).await;
         if let Err(e) = &run {

@@ -298,6 +298,42 @@ struct Raw {
 impl Raw {
     /// Enrolls `name` in `site`'s account and network, connects, and says hello claiming to hold `held`.
     async fn join(site: &Site, name: &str, held: BTreeMap<String, String>) -> Raw {
+        let mut raw = Raw::connect(site, name).await;
+        raw.hello(Hello { held, ..raw.hello_of(site) }).await;
+        raw
+    }
+
+    /// The hello a device of `site` would send.
+    fn hello_of(&self, site: &Site) -> Hello {
+        Hello {
+            node: self.name.clone(),
+            account: format!("acct-{}", site.id),
+            network: format!("net-{}", site.id),
+            agent_version: "raw".into(),
+            ..Hello::default()
+        }
+    }
+
+    async fn hello(&mut self, hello: Hello) {
+        self.send("h-1", CONNECTION_RESOURCE, &Body::NodeConnection(Connection::Hello(Box::new(hello)))).await;
+    }
+
+    /// The next message from the cloud, if the stream stays open.
+    async fn next(&mut self) -> Option<Body> {
+        let deadline = tokio::time::Instant::now() + supermesh_tests::DEADLINE;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.ws.next()).await.expect("a message in time")?.ok()?;
+            if let Frame::Text(text) = frame {
+                return Some(decode(&text).unwrap().body().unwrap());
+            }
+            if let Frame::Close(_) = frame {
+                return None;
+            }
+        }
+    }
+
+    /// Enrolls `name` in `site`'s account and network and connects, without a hello.
+    async fn connect(site: &Site, name: &str) -> Raw {
         let yaml = format!(
             "node: {{name: {name}, account: acct-{id}, network: net-{id}}}\ncloud: {{address: \"{}\", token: \"{}\"}}\n",
             site.controller.cloudhub_addr,
@@ -307,17 +343,7 @@ impl Raw {
         let config = supermesh_agent::config::parse(&yaml, "edge.yaml").unwrap();
         let identity = Identity::load(None, config.cloud.token.as_ref().map(|t| &t.0)).unwrap();
         let ws = supermesh_agent::edgehub::dial(&config, &identity).await.expect("enroll and dial");
-        let mut raw = Raw { ws, name: name.to_owned() };
-        let hello = Hello {
-            node: name.to_owned(),
-            account: format!("acct-{}", site.id),
-            network: format!("net-{}", site.id),
-            agent_version: "raw".into(),
-            held,
-            ..Hello::default()
-        };
-        raw.send("h-1", CONNECTION_RESOURCE, &Body::NodeConnection(Connection::Hello(Box::new(hello)))).await;
-        raw
+        Raw { ws, name: name.to_owned() }
     }
 
     async fn send(&mut self, id: &str, resource: &str, body: &Body) {
@@ -472,5 +498,113 @@ async fn logs_are_only_for_kubernetes_users_allowed_to_read_them() {
     let elsewhere = site.controller.http_get_as(&format!("/logs/default/web?node={}", agent.name), &token).unwrap();
     assert_eq!(elsewhere.0, 403, "{elsewhere:?}");
     assert_eq!(site.controller.http_get("/metrics").map(|(code, _)| code), Some(200), "metrics stay open");
+    site.cleanup(&[&agent]).await;
+}
+
+#[tokio::test]
+async fn oversized_input_is_refused_and_costs_the_others_nothing() {
+    let site = Site::new("bounds").await;
+    site.apply(&microservice("web", "m", ""));
+    let member = site.agent(0);
+    let key = site.key("web");
+    member.wait_held("the member's assignment", |h| h.contains_key(&key)).await;
+    site.wait_agents(1.0).await;
+    let held = member.held();
+
+    // A hello with a 600 KB account and one with a long agent version: refused, nothing recorded.
+    for (what, edit) in [
+        ("account", Box::new(|h: &mut Hello| h.account = "a".repeat(600_000)) as Box<dyn Fn(&mut Hello)>),
+        ("agentVersion", Box::new(|h: &mut Hello| h.agent_version = "v".repeat(65))),
+    ] {
+        let mut raw = Raw::connect(&site, &format!("big-{what}-{}", site.id).to_lowercase()).await;
+        let mut hello = raw.hello_of(&site);
+        edit(&mut hello);
+        raw.hello(hello).await;
+        let Some(Body::Error(refusal)) = raw.next().await else { panic!("the hello with a long {what} is refused") };
+        assert!(refusal.message.contains(&format!("hello refused: {what}")), "{}", refusal.message);
+        assert_eq!(raw.next().await, None, "and the stream ends");
+    }
+
+    // A batch of 10,000 events: refused whole, the session goes on.
+    let mut raw = Raw::join(&site, &format!("flood-{}", site.id), BTreeMap::new()).await;
+    let entries = (0..10_000)
+        .map(|seq| RelayedReport {
+            node: raw.name.clone(),
+            seq,
+            operation: Operation::MetaSync,
+            resource: key.clone(),
+            content: json!({"warning": true, "reason": "Exited", "message": format!("flood {seq}")}),
+            created_ms: now_ms(),
+        })
+        .collect();
+    let batch = |entries: Vec<RelayedReport>| Body::MetaSync(Report::Batch(ReportBatch { entries }));
+    // 10,000 events are more than a message may hold (sent as is, past the sender's own check)...
+    let flood = Message::with_body("b-1".into(), now_ms(), BATCH_RESOURCE, &batch(entries));
+    raw.ws.send(Frame::text(serde_json::to_string(&flood).unwrap())).await.unwrap();
+    let refusal = loop {
+        match raw.next().await.expect("the session stays open") {
+            Body::Error(refusal) => break refusal,
+            _ => continue,
+        }
+    };
+    assert!(refusal.message.contains("exceeds the limit"), "{}", refusal.message);
+    // ...and 2,000 small ones, which fit, are more than a batch may hold.
+    let entries = (0..2_000)
+        .map(|seq| RelayedReport {
+            node: raw.name.clone(),
+            seq,
+            operation: Operation::MetaSync,
+            resource: key.clone(),
+            content: json!({"warning": true, "reason": "Exited", "message": "flood"}),
+            created_ms: now_ms(),
+        })
+        .collect();
+    raw.send("b-2", BATCH_RESOURCE, &batch(entries)).await;
+    let Body::Error(refusal) = raw.answer_to("b-2").await else { panic!("the batch is refused") };
+    assert!(refusal.message.contains("2000 entries; at most 1024"), "{}", refusal.message);
+    raw.send(
+        "q-1",
+        &format!("{}/endpoints/web", site.ns),
+        &Body::Query(Query::Endpoints { namespace: site.ns.clone(), name: "web".into() }),
+    )
+    .await;
+    assert!(matches!(raw.answer_to("q-1").await, Body::Response(_)), "the session still answers");
+    let events = kubectl(&["get", "events", "-n", &site.ns, "-o", "jsonpath={.items[*].message}"]);
+    assert!(!events.contains("flood"), "no event of the refused batch");
+
+    // Nothing changed for the member.
+    assert_eq!(member.held(), held);
+    assert_eq!(
+        site.controller.log().lines().filter(|l| l.contains("agent connected") && l.contains(&member.name)).count(),
+        1
+    );
+    let nodes: Api<EdgeNode> = Api::all(site.cluster.client.clone());
+    supermesh_tests::delete_all(
+        &nodes,
+        &[raw.name.clone(), format!("big-account-{}", site.id), format!("big-agentversion-{}", site.id)],
+    )
+    .await;
+    site.cleanup(&[&member]).await;
+}
+
+#[tokio::test]
+async fn idle_connections_from_one_address_do_not_keep_a_device_out() {
+    let site = Site::new("idle").await;
+    // 500 connections from another address that never send a byte.
+    let mut idle = Vec::new();
+    for _ in 0..500 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        if let Ok(stream) = socket.connect(site.controller.cloudhub_addr.parse().unwrap()).await {
+            idle.push(stream);
+        }
+    }
+    assert_eq!(idle.len(), 500);
+    let agent = site.agent(0);
+    site.wait_agents(1.0).await;
+    let capped = site.controller.metric("supermesh_controller_cloudhub_refused_total", "reason=\"per_address\"");
+    // 256 is the controller's default --max-pending-per-address.
+    assert_eq!(capped, Some((500 - 256) as f64));
+    drop(idle);
     site.cleanup(&[&agent]).await;
 }

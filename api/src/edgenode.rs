@@ -49,10 +49,10 @@ fn default_true() -> bool {
 #[serde(rename_all = "camelCase")]
 pub struct EdgeNodeSpec {
     /// Account (owner) of the device.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 253))]
     pub account: String,
     /// Network (LAN) the device sits on; nodes on one network form a cluster.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 253))]
     pub network: String,
     /// Where the device is, for Proximity meshes.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -76,7 +76,7 @@ pub struct MeshSpec {
     pub mesh_type: MeshType,
     /// Account whose nodes form the mesh. Required when type is Account.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 253))]
     pub account: Option<String>,
     /// Networks whose nodes form the mesh (type Network). Absent means every network, each its own cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]

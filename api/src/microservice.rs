@@ -54,7 +54,7 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 pub struct MicroserviceSpec {
     /// Name of the Mesh, in the same namespace, whose nodes run this microservice.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 253))]
     pub mesh: String,
     /// Executable and its leading arguments, as in a Pod's command.
     #[schemars(length(min = 1))]
@@ -90,7 +90,7 @@ pub struct MicroserviceSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct EnvVar {
     /// Name of the variable.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// Value of the variable (may be empty, but must be given).
     pub value: String,
@@ -100,7 +100,7 @@ pub struct EnvVar {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct Artifact {
     /// Where the agent downloads the archive from (http or https).
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 2048))]
     pub url: String,
     /// Lower-case hex SHA-256 of the archive; a mismatch fails the instance.
     #[schemars(pattern(r"^[a-f0-9]{64}$"))]

@@ -33,6 +33,10 @@ struct Args {
     /// Most agents connected at once; more are told to retry later.
     #[arg(long, default_value_t = 10_000)]
     max_agents: usize,
+    /// Connections from one source address that may be in their handshake at once (a NAT
+    /// in front of many devices may need more); more are closed at once.
+    #[arg(long, default_value_t = supermesh_controller::cloudhub::MAX_PENDING_PER_ADDRESS)]
+    max_pending_per_address: usize,
     /// Seconds after a start during which nodes keep their Connected condition while their agents reconnect.
     #[arg(long, default_value_t = supermesh_controller::cloudhub::RECONNECT_GRACE.as_secs())]
     reconnect_grace_seconds: u64,
@@ -113,6 +117,7 @@ async fn main() -> ExitCode {
         cloudhub_names: args.cloudhub_names,
         namespace: args.namespace,
         max_agents: args.max_agents,
+        max_pending_per_address: args.max_pending_per_address,
         reconnect_grace: std::time::Duration::from_secs(args.reconnect_grace_seconds),
         keepalive: std::time::Duration::from_secs(args.keepalive_seconds),
         lifetimes: Lifetimes {

@@ -44,6 +44,8 @@ pub struct Settings {
     pub namespace: String,
     /// Most agents connected at once.
     pub max_agents: usize,
+    /// Connections from one address that may be in their handshake at once.
+    pub max_pending_per_address: usize,
     /// Time after a start during which nodes without a session keep their Connected condition.
     pub reconnect_grace: Duration,
     /// Time between keepalives on idle agent streams.
@@ -145,6 +147,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         client: client.clone(),
         replicas: replicas.clone(),
         forward: forwarder,
+        max_pending_per_address: settings.max_pending_per_address,
     };
     tokio::spawn(cloudhub::serve(agents, serving));
     let state = http::State {

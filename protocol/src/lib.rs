@@ -40,6 +40,7 @@
 
 mod batch;
 mod body;
+pub mod bounds;
 mod connection;
 mod discovery;
 pub mod identity;

@@ -42,6 +42,10 @@ pub const RECONNECT_GRACE: Duration = Duration::from_secs(45);
 pub const KEEPALIVE_SECONDS: u64 = 15;
 /// Handshakes (TLS + upgrade) allowed at once; more wait, which spreads reconnect storms.
 const CONCURRENT_HANDSHAKES: usize = 64;
+/// How long a connection has to send its first bytes, and then to complete its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of connections from one address still in their handshake: more are closed at once.
+pub const MAX_PENDING_PER_ADDRESS: usize = 256;
 /// How long the cloud waits for an agent to answer a query.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes a session reads from its socket at a time. Messages are small and an idle
@@ -152,6 +156,8 @@ struct Shared {
     replicas: Replicas,
     /// Hands the statuses taken to the other replicas.
     forward: Forwarder,
+    /// Events each node may post per minute.
+    event_budget: Arc<reports::EventBudget>,
 }
 
 /// What the cloudhub serves agents with.
@@ -174,19 +180,74 @@ pub struct Serving {
     pub replicas: Replicas,
     /// Hands the statuses taken to the other replicas.
     pub forward: Forwarder,
+    /// Connections from one address that may be in their handshake at once.
+    pub max_pending_per_address: usize,
+}
+
+/// Connections still in their handshake, per source address: one address (or one
+/// attacker behind it) cannot hold every handshake slot.
+#[derive(Clone)]
+struct Pending {
+    by_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    limit: usize,
+}
+
+/// One connection counted in [`Pending`] until dropped.
+struct PendingGuard {
+    pending: Pending,
+    address: IpAddr,
+}
+
+impl Pending {
+    fn enter(&self, address: IpAddr) -> Option<PendingGuard> {
+        let mut by_address = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
+        let count = by_address.entry(address).or_default();
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(PendingGuard { pending: self.clone(), address })
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        let mut by_address = self.pending.by_address.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = by_address.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                by_address.remove(&self.address);
+            }
+        }
+    }
 }
 
 /// Accepts agents on `listener` until the process ends, once it knows the other replicas:
 /// an agent of a node another replica serves is sent there.
 pub async fn serve(listener: TcpListener, serving: Serving) {
-    let Serving { pki, namespace, hub, index, events, metrics, client, replicas, forward } = serving;
+    let Serving { pki, namespace, hub, index, events, metrics, client, replicas, forward, max_pending_per_address } =
+        serving;
+    let pending = Pending { by_address: Arc::default(), limit: max_pending_per_address.max(1) };
     replicas.wait_synced().await;
     let acceptor = TlsAcceptor::from(pki.tls.clone());
     let handshakes = Arc::new(Semaphore::new(CONCURRENT_HANDSHAKES));
     let registrations = Arc::new(Semaphore::new(CONCURRENT_REGISTRATIONS));
     let secrets = kube::Api::namespaced(client.clone(), &namespace);
     let authority = pki.authority.clone();
-    let shared = Shared { hub, index, events, metrics, client, registrations, authority, secrets, replicas, forward };
+    let event_budget = Arc::new(reports::event_budget());
+    let shared = Shared {
+        hub,
+        index,
+        events,
+        metrics,
+        client,
+        registrations,
+        authority,
+        secrets,
+        replicas,
+        forward,
+        event_budget,
+    };
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(conn) => conn,
@@ -196,10 +257,22 @@ pub async fn serve(listener: TcpListener, serving: Serving) {
                 continue;
             }
         };
+        let Some(counted) = pending.enter(peer.ip()) else {
+            debug!(%peer, "too many connections from this address in their handshake; closed");
+            shared.metrics.refused.get_or_create(&ReasonLabels { reason: "per_address" }).inc();
+            continue;
+        };
         let (acceptor, shared, handshakes) = (acceptor.clone(), shared.clone(), handshakes.clone());
         tokio::spawn(async move {
+            // A connection that sends nothing holds no handshake slot: it waits for its first bytes.
+            // (Readiness alone may be reported before any byte came: peek waits for one.)
+            let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut [0u8; 1])).await;
+            if !matches!(first, Ok(Ok(n)) if n > 0) {
+                debug!(%peer, "connection idle before its handshake; closed");
+                return;
+            }
             let Ok(permit) = handshakes.acquire_owned().await else { return };
-            let accepted = tokio::time::timeout(Duration::from_secs(10), handshake(acceptor, tcp, &shared));
+            let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(acceptor, tcp, &shared));
             let (ws, accepted) = match accepted.await {
                 Ok(Ok(accepted)) => accepted,
                 Ok(Err(Refusal::Redirected(node))) => {
@@ -217,7 +290,7 @@ pub async fn serve(listener: TcpListener, serving: Serving) {
                     return;
                 }
             };
-            drop(permit);
+            drop((permit, counted));
             match accepted {
                 Accepted::Session { node, key } => session::run(ws, node, key, peer, shared).await,
                 Accepted::Enroll(token) => enroll::enroll(ws, token, peer, shared).await,

@@ -76,6 +76,15 @@ pub fn in_time(report: &Report, now_ms: i64) -> Result<(), String> {
     }
 }
 
+/// Refuses a report with a string or a list beyond its bound (see `supermesh_protocol::bounds`).
+pub fn within_bounds(report: &Report) -> Result<(), String> {
+    match report {
+        Report::Status(s) => s.check_bounds(),
+        Report::Event(e) => e.check_bounds(),
+        Report::Batch(b) => b.check_bounds(),
+    }
+}
+
 /// A report of a batch that may be taken, with the node, outbox seq and resource it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Relayed {
@@ -106,7 +115,7 @@ pub fn judge_batch(
         let judged = match may_report_for(relay, &entry.node, &reporter) {
             Judgement::Take => Report::relayed(&entry)
                 .map_err(|e| e.to_string())
-                .and_then(|report| in_time(&report, now_ms).map(|()| report)),
+                .and_then(|report| in_time(&report, now_ms).and_then(|()| within_bounds(&report)).map(|()| report)),
             Judgement::Later(reason) => {
                 waiting.push(reason);
                 continue;
@@ -134,6 +143,21 @@ pub struct Intake<'a> {
     pub metrics: &'a Metrics,
     /// Hands the statuses taken to the other replicas.
     pub forward: &'a Forwarder,
+    /// Events each node may post per minute.
+    pub budget: &'a EventBudget,
+}
+
+/// Events a node may post: [`EVENTS_PER_MINUTE`] a minute, in bursts of a fifth of that.
+pub type EventBudget = governor::DefaultKeyedRateLimiter<String>;
+
+/// Events one node may post per minute; more are dropped and counted.
+pub const EVENTS_PER_MINUTE: u32 = 600;
+
+/// A fresh budget of events per node.
+pub fn event_budget() -> EventBudget {
+    let per_minute = std::num::NonZeroU32::new(EVENTS_PER_MINUTE).expect("not zero");
+    let burst = std::num::NonZeroU32::new(EVENTS_PER_MINUTE / 5).expect("not zero");
+    governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute).allow_burst(burst))
 }
 
 impl Intake<'_> {
@@ -162,6 +186,14 @@ impl Intake<'_> {
                 }
             }
             Report::Event(event) => {
+                if self.budget.check_key(&node.to_owned()).is_err() {
+                    self.metrics.events_dropped.inc();
+                    // Nodes that posted nothing lately need no entry (deleted ones included).
+                    if self.budget.len() > 10_000 {
+                        self.budget.retain_recent();
+                    }
+                    return;
+                }
                 if seq.is_some_and(|seq| !self.index.first_event(node, seq)) {
                     debug!(%node, ?seq, %resource, "event taken before; not published again");
                     self.metrics.reports_duplicate.inc();

@@ -14,9 +14,9 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use k8s_openapi::jiff::Timestamp;
 use supermesh_protocol::identity::REVOKED_CLOSE_CODE;
 use supermesh_protocol::{
-    decode, encode, now_ms, Answer, Body, Connection, EndpointsAnswer, ErrorCode, ErrorContent, Hello, Message,
-    NodesAnswer, Operation, ProtocolVersion, Query, Report, ResourceRef, Welcome, BATCH_RESOURCE, CONNECTION_RESOURCE,
-    MOVED_CLOSE_CODE,
+    decode, encode, now_ms, Answer, Body, CodecError, Connection, EndpointsAnswer, ErrorCode, ErrorContent, Hello,
+    Message, NodesAnswer, Operation, ProtocolVersion, Query, Report, ResourceRef, Welcome, BATCH_RESOURCE,
+    CONNECTION_RESOURCE, MOVED_CLOSE_CODE,
 };
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::Message as Frame;
 use tracing::{debug, info, warn};
 
 use super::delivery::{is_membership, Delivery, Outgoing};
-use super::reports::{in_time, judge_batch, outbox_seq, Intake};
+use super::reports::{in_time, judge_batch, outbox_seq, within_bounds, Intake};
 use super::{resolve_peer_address, Shared, Ws};
 use crate::index::{NodeDesired, SessionInfo};
 use crate::metrics::{RefusalLabels, ReportPath};
@@ -33,6 +33,9 @@ use crate::replicas::Replica;
 
 /// Agent-initiated messages (not answers) allowed per second, with a burst of twice that.
 const RATE_PER_SECOND: u32 = 50;
+/// Frames of any kind (answers, acks and keepalives included) allowed per second, with a
+/// burst of twice that: more is a flood, and ends the session.
+const FRAMES_PER_SECOND: u32 = 1_000;
 /// How long the agent has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the index hears that an agent is alive: the session knows it to the frame,
@@ -85,6 +88,10 @@ pub(super) async fn run(mut ws: Ws, node: String, key: String, peer: SocketAddr,
         budget: RateLimiter::direct(
             Quota::per_second(NonZeroU32::new(RATE_PER_SECOND).expect("not zero")).allow_burst(burst),
         ),
+        frames: RateLimiter::direct(
+            Quota::per_second(NonZeroU32::new(FRAMES_PER_SECOND).expect("not zero"))
+                .allow_burst(NonZeroU32::new(2 * FRAMES_PER_SECOND).expect("not zero")),
+        ),
         protocol,
         moved: None,
     };
@@ -118,6 +125,7 @@ async fn read_hello(ws: &mut Ws, node: &str) -> Result<(Hello, ProtocolVersion),
     if hello.node != node {
         return Err(bad(format!("hello names node {:?} but the connection is for {node:?}", hello.node)));
     }
+    hello.check_bounds().map_err(|e| bad(format!("hello refused: {e}")))?;
     let protocol =
         ProtocolVersion::CURRENT.negotiate(hello.protocol).map_err(|reason| (ErrorCode::UnsupportedVersion, reason))?;
     Ok((hello, protocol))
@@ -151,6 +159,8 @@ struct Session {
     /// When the index last heard this agent is alive.
     last_told: Instant,
     budget: DefaultDirectRateLimiter,
+    /// Every frame the agent sends.
+    frames: DefaultDirectRateLimiter,
     protocol: ProtocolVersion,
     /// The replica the node was handed over to, when the live replicas changed.
     moved: Option<Replica>,
@@ -221,6 +231,10 @@ impl Session {
                     }
                 }
                 frame = self.ws.next() => match frame {
+                    Some(Ok(_)) if self.frames.check().is_err() => {
+                        warn!(node = %self.node, limit = FRAMES_PER_SECOND, "agent floods its stream; closing it");
+                        return "more frames per second than allowed";
+                    }
                     Some(Ok(Frame::Text(text))) => {
                         self.heard();
                         if self.receive(&text).await.is_err() { return "send failed"; }
@@ -244,7 +258,8 @@ impl Session {
     /// Where this session's reports go.
     fn intake<'a>(&'a self, metrics: &'a crate::metrics::Metrics) -> Intake<'a> {
         let shared = &self.shared;
-        Intake { index: &shared.index, events: &shared.events, metrics, forward: &shared.forward }
+        let budget = &shared.event_budget;
+        Intake { index: &shared.index, events: &shared.events, metrics, forward: &shared.forward, budget }
     }
 
     fn heard(&mut self) {
@@ -294,7 +309,16 @@ impl Session {
     async fn send_body(&mut self, resource: &str, body: &Body, parent: Option<&str>) -> Result<(), String> {
         let mut msg = Message::with_body(self.delivery.next_id(), now_ms(), resource, body);
         msg.parent_id = parent.map(str::to_owned);
-        self.write(&msg).await
+        match (encode(&msg), parent) {
+            // An answer too big for one message is refused, and the session goes on.
+            (Err(CodecError::Oversized(size)), Some(parent)) => {
+                warn!(node = %self.node, %resource, size, "an answer is too big for one message; refused");
+                let reason = format!("the answer is {size} bytes, more than one message holds; ask for less");
+                let refusal = ErrorContent::new(ErrorCode::Unavailable, reason);
+                self.write(&error(Some(parent), refusal)).await
+            }
+            _ => self.write(&msg).await,
+        }
     }
 
     async fn write(&mut self, msg: &Message) -> Result<(), String> {
@@ -350,6 +374,11 @@ impl Session {
             Body::Query(query) => self.answer(&msg, query).await,
             Body::MetaSync(Report::Batch(batch)) => {
                 metrics.reports_received(ReportPath::Batch, text.len(), batch.entries.len());
+                if let Err(reason) = batch.check_bounds() {
+                    warn!(node = %self.node, %reason, "refused a batch");
+                    metrics.bad_messages.inc();
+                    return self.write(&error(Some(&msg.id), ErrorContent::new(ErrorCode::BadMessage, reason))).await;
+                }
                 let index = &self.shared.index;
                 let (taken, ack, waiting) = judge_batch(&self.node, batch, |n| index.reporter(n), now_ms());
                 if let Some(reason) = waiting.first() {
@@ -377,7 +406,7 @@ impl Session {
             }
             Body::MetaSync(report) => {
                 metrics.reports_received(ReportPath::Direct, text.len(), 1);
-                if let Err(reason) = in_time(&report, now_ms()) {
+                if let Err(reason) = in_time(&report, now_ms()).and_then(|()| within_bounds(&report)) {
                     warn!(node = %self.node, %reason, "refused a report");
                     metrics.reports_not_taken.get_or_create(&RefusalLabels { reason: "refused" }).inc();
                     let refusal = Body::Error(ErrorContent::new(ErrorCode::Forbidden, reason));
