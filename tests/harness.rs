@@ -376,12 +376,16 @@ pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body
 }
 
 /// The cluster registry of the agent whose peer service is at `addr`, asked as `node`
-/// of its cluster with the cluster key derived from `root` ([`cluster_key_root`]).
+/// of its cluster with the (first) cluster key derived from `root` ([`cluster_key_root`]).
 pub fn peer_registry(addr: &str, node: &str, network: &str, root: &str) -> Option<supermesh_protocol::peer::Registry> {
+    peer_registry_with(addr, node, &supermesh_protocol::peer::cluster_key(root, network, 0))
+}
+
+/// The cluster registry of the agent whose peer service is at `addr`, asked as `node` with cluster key `key`.
+pub fn peer_registry_with(addr: &str, node: &str, key: &str) -> Option<supermesh_protocol::peer::Registry> {
     use supermesh_protocol::peer;
-    let key = peer::cluster_key(root, network);
     let body = serde_json::to_vec(&serde_json::json!({"from": node})).ok()?;
-    let signature = peer::sign(&key, &body);
+    let signature = peer::sign(key, &body);
     let headers = [(peer::NODE_HEADER, node), (peer::SIGNATURE_HEADER, signature.as_str())];
     let (code, answer) = http(addr, "POST", peer::REGISTRY_PATH, &headers, &body)?;
     (code == 200).then(|| serde_json::from_str(&answer).ok()).flatten()
@@ -596,6 +600,11 @@ impl Agent {
     /// The agent's cluster registry, asked over its peer service (from the host namespace).
     pub fn registry(&self, root: &str) -> Option<supermesh_protocol::peer::Registry> {
         peer_registry(&self.peer_addr, &self.name, &self.network, root)
+    }
+
+    /// The agent's cluster registry, asked over its peer service with cluster key `key`.
+    pub fn registry_with(&self, key: &str) -> Option<supermesh_protocol::peer::Registry> {
+        peer_registry_with(&self.peer_addr, &self.name, key)
     }
 
     /// Like `registry`, asked from inside the agent's own namespace (works while its network is cut off).

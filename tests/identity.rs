@@ -608,3 +608,42 @@ async fn idle_connections_from_one_address_do_not_keep_a_device_out() {
     drop(idle);
     site.cleanup(&[&agent]).await;
 }
+
+#[tokio::test]
+async fn a_network_cluster_key_rotates_without_a_flap() {
+    let site = Site::new("rotate").await;
+    let agents = [site.agent(0), site.agent(1)];
+    let network = format!("net-{}", site.id);
+    let root = supermesh_tests::cluster_key_root(&site.cluster.client).await;
+    let key = |generation| supermesh_protocol::peer::cluster_key(&root, &network, generation);
+    // Both live for each other, following one supernode: that supernode and when each chose it.
+    let settled = |key: &str| -> Option<Vec<(String, u64)>> {
+        let registries: Vec<_> = agents.iter().map(|a| a.registry_with(key)).collect::<Option<_>>()?;
+        let all_live = registries.iter().all(|r| r.members.len() == 2 && r.members.iter().all(|m| m.live));
+        let chosen: Vec<(String, u64)> =
+            registries.iter().map(|r| Some((r.supernode.clone()?, r.elected_at))).collect::<Option<_>>()?;
+        (all_live && chosen.iter().all(|(s, _)| *s == chosen[0].0)).then_some(chosen)
+    };
+    let mut before = None;
+    site.controller
+        .wait_until("a settled cluster", || {
+            before = settled(&key(0));
+            before.is_some()
+        })
+        .await;
+    let before = before.unwrap();
+    assert!(agents[0].registry_with(&key(1)).is_none(), "the next key is not the cluster's yet");
+
+    let out = supermeshctl(&["network", "rotate-key", &network]).unwrap();
+    assert!(out.contains("generation 1"), "{out}");
+    let mut after = None;
+    site.controller
+        .wait_until("the new key in the whole cluster", || {
+            after = settled(&key(1));
+            after.is_some()
+        })
+        .await;
+    assert_eq!(after.unwrap(), before, "the same supernode, chosen at the same time: no flap");
+    assert!(agents.iter().all(|a| a.log().contains("the cluster key was rotated")));
+    site.cleanup(&[&agents[0], &agents[1]]).await;
+}

@@ -17,10 +17,11 @@ pub fn member(node: &NodeView, address: Option<&str>) -> Member {
     }
 }
 
-/// The membership of `network`: `members` by name, and the cluster key derived from `secret`.
-pub fn build(network: &str, secret: &str, mut members: Vec<Member>) -> Membership {
+/// The membership of `network`: `members` by name, and the cluster key of its `generation`
+/// derived from the cloud's random `root`.
+pub fn build(network: &str, root: &str, generation: u64, mut members: Vec<Member>) -> Membership {
     members.sort_by(|a, b| a.name.cmp(&b.name));
-    Membership { network: network.to_owned(), key: cluster_key(secret, network), members }
+    Membership { network: network.to_owned(), key: cluster_key(root, network, generation), members }
 }
 
 #[cfg(test)]
@@ -39,11 +40,13 @@ mod tests {
         let m = build(
             "lan",
             "secret",
+            0,
             vec![member(&node("c", "lan"), None), member(&node("a", "lan"), Some("10.0.0.1:10360"))],
         );
         assert_eq!(m.network, "lan");
-        assert_eq!(m.key, cluster_key("secret", "lan"));
-        assert_ne!(m.key, build("other", "secret", vec![]).key, "each network has its own key");
+        assert_eq!(m.key, cluster_key("secret", "lan", 0));
+        assert_ne!(m.key, build("other", "secret", 0, vec![]).key, "each network has its own key");
+        assert_ne!(m.key, build("lan", "secret", 1, vec![]).key, "and a new one when it is rotated");
         let names: Vec<&str> = m.members.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(names, ["a", "c"]);
         assert_eq!(m.members[0].address.as_deref(), Some("10.0.0.1:10360"));
@@ -55,14 +58,14 @@ mod tests {
     #[test]
     fn the_version_changes_with_members_and_addresses_only() {
         let members = |addr: Option<&str>| vec![member(&node("a", "lan"), None), member(&node("b", "lan"), addr)];
-        let first = build("lan", "secret", members(None)).version();
+        let first = build("lan", "secret", 0, members(None)).version();
         let mut reversed = members(None);
         reversed.reverse();
-        assert_eq!(build("lan", "secret", reversed).version(), first, "order does not matter");
-        let addressed = build("lan", "secret", members(Some("10.0.0.2:10360"))).version();
+        assert_eq!(build("lan", "secret", 0, reversed).version(), first, "order does not matter");
+        let addressed = build("lan", "secret", 0, members(Some("10.0.0.2:10360"))).version();
         assert_ne!(addressed, first, "a new peer address");
         let mut joined = members(Some("10.0.0.2:10360"));
         joined.push(member(&node("c", "lan"), None));
-        assert_ne!(build("lan", "secret", joined).version(), addressed, "a new member");
+        assert_ne!(build("lan", "secret", 0, joined).version(), addressed, "a new member");
     }
 }

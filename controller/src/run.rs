@@ -95,7 +95,10 @@ pub async fn run(settings: Settings) -> Result<()> {
 
     let metrics = Arc::new(Metrics::default());
     let (index, triggers) = Index::new(pki.cluster_key_root.clone(), settings.reconnect_grace, metrics.clone());
+    // Rotated keys are known before any membership is built: a restart never sends an old key.
+    index.set_key_generations(cloudhub::pki::key_generations(&client, &settings.namespace).await?);
     tokio::spawn(index.clone().run_memberships(MEMBERSHIP_COALESCE));
+    tokio::spawn(follow_key_generations(client.clone(), settings.namespace.clone(), index.clone()));
     // When a replica leaves, its nodes come to the others and their agents are reconnecting:
     // the reconnect grace starts again before anything reconciles them, so no EdgeNode turns
     // Connected=False and no count drops meanwhile.
@@ -333,4 +336,19 @@ where
             }
         })
         .await;
+}
+
+/// How often the generations of the networks' cluster keys are read: a rotation reaches the
+/// network's members within this, plus the membership coalescing.
+const KEY_GENERATIONS_EVERY: Duration = Duration::from_secs(10);
+
+/// Reads the generations of the networks' cluster keys from their Secret, again and again, into `index`.
+async fn follow_key_generations(client: Client, namespace: String, index: Arc<Index>) {
+    loop {
+        match cloudhub::pki::key_generations(&client, &namespace).await {
+            Ok(generations) => index.set_key_generations(generations),
+            Err(e) => warn!(error = %e, "cannot read the generations of the cluster keys"),
+        }
+        tokio::time::sleep(KEY_GENERATIONS_EVERY).await;
+    }
 }

@@ -34,9 +34,14 @@ pub const REGISTRY_PATH: &str = "/peer/v1/registry";
 /// Default multicast group and port of LAN discovery.
 pub const MULTICAST_GROUP: &str = "239.255.77.77";
 
-/// The cluster key of `network`, derived from the cloud's secret: hex HMAC-SHA256.
-pub fn cluster_key(secret: &str, network: &str) -> String {
-    hex::encode(mac(secret.as_bytes(), format!("supermesh cluster key/{network}").as_bytes()))
+/// The cluster key of `network` in its `generation` (bumped by each rotation), derived
+/// from the cloud's random root: hex HMAC-SHA256, a different key per network and generation.
+pub fn cluster_key(root: &str, network: &str, generation: u64) -> String {
+    let label = match generation {
+        0 => format!("supermesh cluster key/{network}"),
+        g => format!("supermesh cluster key/{network}/{g}"),
+    };
+    hex::encode(mac(root.as_bytes(), label.as_bytes()))
 }
 
 /// The hex signature of `body` under the hex `key`.
@@ -222,19 +227,20 @@ mod tests {
 
     #[test]
     fn cluster_keys_differ_per_network_and_secret() {
-        let k = cluster_key("secret-secret-secret", "lan-a");
+        let k = cluster_key("secret-secret-secret", "lan-a", 0);
         assert_eq!(k.len(), 64);
-        assert_eq!(k, cluster_key("secret-secret-secret", "lan-a"));
-        assert_ne!(k, cluster_key("secret-secret-secret", "lan-b"));
-        assert_ne!(k, cluster_key("another-secret-here", "lan-a"));
+        assert_eq!(k, cluster_key("secret-secret-secret", "lan-a", 0));
+        assert_ne!(k, cluster_key("secret-secret-secret", "lan-b", 0));
+        assert_ne!(k, cluster_key("another-secret-here", "lan-a", 0));
+        assert_ne!(k, cluster_key("secret-secret-secret", "lan-a", 1), "a rotation makes a new key");
     }
 
     #[test]
     fn heartbeats_round_trip_only_under_the_right_key() {
-        let key = cluster_key("s", "lan-a");
+        let key = cluster_key("s", "lan-a", 0);
         let bytes = SignedHeartbeat::encode(&heartbeat(), &key);
         assert_eq!(SignedHeartbeat::decode(&bytes, &key).unwrap(), heartbeat());
-        let err = SignedHeartbeat::decode(&bytes, &cluster_key("s", "lan-b")).unwrap_err();
+        let err = SignedHeartbeat::decode(&bytes, &cluster_key("s", "lan-b", 0)).unwrap_err();
         assert!(err.contains("bad signature"), "{err}");
         let tampered = String::from_utf8(bytes.clone()).unwrap().replace("a1", "zz");
         assert!(SignedHeartbeat::decode(tampered.as_bytes(), &key).unwrap_err().contains("bad signature"));

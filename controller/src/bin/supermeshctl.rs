@@ -56,6 +56,19 @@ enum Command {
     /// Approve, revoke or reset a node's identity.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Network clusters.
+    #[command(subcommand)]
+    Network(NetworkCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum NetworkCommand {
+    /// Rotate a network's cluster key: its members get a new key with their next membership
+    /// (within seconds) and keep accepting the old one for two minutes meanwhile.
+    RotateKey {
+        /// The network.
+        network: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -139,6 +152,14 @@ fn main() -> ExitCode {
         }
         Command::Token(command) => with_client(|client| token(client, cli.namespace, command)),
         Command::Node(command) => with_client(|client| node(client, command)),
+        Command::Network(NetworkCommand::RotateKey { network }) => {
+            with_client(|client| async move {
+                let generation =
+                    pki::rotate_cluster_key(&client, &cli.namespace, &network).await.map_err(|e| e.to_string())?;
+                println!("network {network}: cluster key rotated (generation {generation}); its members get it within seconds");
+                Ok(())
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -104,6 +104,51 @@ fn field(s: &Secret, namespace: &str, key: &str) -> Result<String> {
     String::from_utf8(bytes).map_err(|e| pki_error(key, e))
 }
 
+/// Prefix of the Secret's data keys that hold a network's key generation (`generation.<network>`).
+pub const GENERATION_PREFIX: &str = "generation.";
+
+/// The generations of rotated cluster keys, from the cluster key Secret in `namespace`.
+pub async fn key_generations(client: &Client, namespace: &str) -> Result<BTreeMap<String, u64>> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let Some(secret) = secrets.get_opt(CLUSTER_KEY_SECRET).await? else { return Ok(BTreeMap::new()) };
+    Ok(generations_of(&secret))
+}
+
+/// The generations a cluster key Secret holds; an unreadable one counts as 0.
+pub fn generations_of(secret: &Secret) -> BTreeMap<String, u64> {
+    let data = secret.data.iter().flatten();
+    data.filter_map(|(k, v)| {
+        let network = k.strip_prefix(GENERATION_PREFIX)?;
+        let generation = std::str::from_utf8(&v.0).ok()?.trim().parse().ok()?;
+        Some((network.to_owned(), generation))
+    })
+    .collect()
+}
+
+/// Rotates the cluster key of `network`: bumps its generation in the cluster key Secret of
+/// `namespace` (the controllers pick it up and send the network's members the new key).
+/// Returns the new generation.
+pub async fn rotate_cluster_key(client: &Client, namespace: &str, network: &str) -> Result<u64> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    for _ in 0..8 {
+        let Some(mut secret) = secrets.get_opt(CLUSTER_KEY_SECRET).await? else {
+            return Err(pki_error(
+                &format!("no Secret {namespace}/{CLUSTER_KEY_SECRET}"),
+                "start the controller first",
+            ));
+        };
+        let next = generations_of(&secret).get(network).copied().unwrap_or(0) + 1;
+        let key = format!("{GENERATION_PREFIX}{network}");
+        secret.data.get_or_insert_with(BTreeMap::new).insert(key, ByteString(next.to_string().into_bytes()));
+        match secrets.replace(CLUSTER_KEY_SECRET, &PostParams::default(), &secret).await {
+            Ok(_) => return Ok(next),
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(pki_error("rotating the cluster key", "the Secret keeps changing; try again"))
+}
+
 /// Loads (or creates) the CA and the cluster key root in `namespace`, and issues a serving
 /// certificate for `names` (DNS names or IP addresses agents dial).
 pub async fn load(client: &Client, namespace: &str, names: &[String], lifetimes: Lifetimes) -> Result<Pki> {

@@ -149,6 +149,8 @@ struct NetworkEntry {
 
 #[derive(Default)]
 struct State {
+    /// Generation of each network's cluster key that was rotated (absent: 0).
+    key_generations: BTreeMap<String, u64>,
     listed: HashSet<Kind>,
     relisting: HashMap<Kind, HashSet<Key>>,
     meshes: HashMap<Key, MeshEntry>,
@@ -270,6 +272,25 @@ impl Index {
     /// their agents are reconnecting.
     pub fn restart_grace(&self) {
         *self.grace_from.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+    }
+
+    /// Takes the generations of the networks' cluster keys: a network whose key was rotated
+    /// gets its membership, with the new key, sent to its members again.
+    pub fn set_key_generations(&self, generations: BTreeMap<String, u64>) {
+        let mut s = self.lock();
+        if s.key_generations == generations {
+            return;
+        }
+        let changed: Vec<String> = generations
+            .iter()
+            .filter(|(n, g)| s.key_generations.get(*n) != Some(g))
+            .map(|(n, _)| n.clone())
+            .chain(s.key_generations.keys().filter(|n| !generations.contains_key(*n)).cloned())
+            .collect();
+        s.key_generations = generations;
+        s.dirty_networks.extend(changed);
+        drop(s);
+        self.memberships.notify_one();
     }
 
     // ---- fed by the watches ----
@@ -894,7 +915,8 @@ impl State {
                     Some(membership::member(e.view.as_ref()?, e.peer_address()))
                 })
                 .collect();
-            let built = membership::build(&network, &ix.secret, members);
+            let generation = self.key_generations.get(&network).copied().unwrap_or(0);
+            let built = membership::build(&network, &ix.secret, generation, members);
             if built.members.is_empty() {
                 self.networks.remove(&network);
                 continue;

@@ -35,6 +35,9 @@ pub const SILENT_HEARTBEATS: f64 = 2.5;
 const WARM_UP_HEARTBEATS: f64 = 1.5;
 /// Reports queued at a supernode, at most.
 const QUEUE_LIMIT: usize = 20_000;
+/// How long the cluster key before a rotation still counts: members get the new one at
+/// slightly different times, and none of them should look gone meanwhile.
+const KEY_OVERLAP: Duration = Duration::from_secs(120);
 
 /// How this node's outbox reports reach the cloud right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +67,9 @@ struct Peer {
 
 struct State {
     membership: Option<Membership>,
+    /// The cluster key before the last rotation, accepted until the instant given: members
+    /// get the new key at slightly different times.
+    previous_key: Option<(String, Instant)>,
     /// When the membership first arrived: the first election waits to hear the peers.
     listening_since: Option<Instant>,
     peers: BTreeMap<String, Peer>,
@@ -115,6 +121,7 @@ impl Cluster {
             score,
             state: Mutex::new(State {
                 membership: None,
+                previous_key: None,
                 listening_since: None,
                 peers: BTreeMap::new(),
                 supernode: None,
@@ -147,6 +154,10 @@ impl Cluster {
         let mut state = self.state();
         if state.membership.as_ref() != Some(&membership) {
             info!(network = %membership.network, members = membership.members.len(), "cluster membership");
+            if let Some(old) = state.membership.as_ref().filter(|old| old.key != membership.key) {
+                info!(network = %membership.network, "the cluster key was rotated; the old one counts two more minutes");
+                state.previous_key = Some((old.key.clone(), Instant::now() + KEY_OVERLAP));
+            }
             state.membership = Some(membership);
             state.listening_since.get_or_insert_with(Instant::now);
         }
@@ -214,9 +225,18 @@ impl Cluster {
         }
     }
 
-    /// The cluster key, once the cloud sent the membership.
+    /// The cluster key, once the cloud sent the membership: what this node signs with.
     fn key(&self) -> Option<String> {
         self.state().membership.as_ref().map(|m| m.key.clone())
+    }
+
+    /// The keys a peer's message may be signed with: the cluster key, and the one before the
+    /// last rotation for [`KEY_OVERLAP`] after it.
+    fn keys(&self) -> Vec<String> {
+        let state = self.state();
+        let current = state.membership.as_ref().map(|m| m.key.clone());
+        let previous = state.previous_key.as_ref().filter(|(_, until)| Instant::now() < *until).map(|(k, _)| k.clone());
+        current.into_iter().chain(previous).collect()
     }
 
     /// `host:port` peers reach this node at, or `:port` when the cloud has not told it yet.

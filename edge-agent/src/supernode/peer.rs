@@ -90,8 +90,11 @@ pub(super) async fn receive(cluster: Arc<Cluster>, udp: Arc<UdpSocket>) {
                 continue;
             }
         };
-        let Some(key) = cluster.key() else { continue };
-        match SignedHeartbeat::decode(&buf[..len], &key) {
+        let keys = cluster.keys();
+        let Some(current) = keys.first() else { continue };
+        let decoded = SignedHeartbeat::decode(&buf[..len], current)
+            .or_else(|e| keys[1..].iter().find_map(|k| SignedHeartbeat::decode(&buf[..len], k).ok()).ok_or(e));
+        match decoded {
             Ok(heartbeat) => cluster.heard(heartbeat, from, listed_only),
             Err(reason) => debug!(%from, %reason, "heartbeat dropped"),
         }
@@ -123,9 +126,12 @@ fn refuse(status: StatusCode, error: impl std::fmt::Display) -> Reply {
 
 /// Checks a request's signature and sender; returns the sending node.
 fn authenticate(cluster: &Cluster, headers: &HeaderMap, body: &[u8]) -> Result<String, Reply> {
-    let key = cluster.key().ok_or_else(|| refuse(StatusCode::SERVICE_UNAVAILABLE, "this node is in no cluster yet"))?;
+    let keys = cluster.keys();
+    if keys.is_empty() {
+        return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "this node is in no cluster yet"));
+    }
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default();
-    if !verify(&key, body, header(SIGNATURE_HEADER)) {
+    if !keys.iter().any(|key| verify(key, body, header(SIGNATURE_HEADER))) {
         return Err(refuse(StatusCode::UNAUTHORIZED, "bad or missing signature: not signed with this cluster's key"));
     }
     let node = header(NODE_HEADER).to_owned();
