@@ -201,14 +201,7 @@ async fn bad_messages_get_an_error_reply_and_lose_nothing() {
     let site = Site::new("bad-msg").await;
     site.apply(&microservice("kept", "m", ""));
     let name = format!("raw-{}", site.id);
-    let yaml = format!(
-        "node: {{name: {name}, account: acct-{id}, network: net-{id}}}\ncloud: {{address: \"{}\", token: \"{}\"}}\n",
-        site.controller.cloudhub_addr,
-        site.token,
-        id = site.id
-    );
-    let config = supermesh_agent::config::parse(&yaml, "edge.yaml").unwrap();
-    let identity = supermesh_agent::identity::Identity::load(None, config.cloud.token.as_ref().map(|t| &t.0)).unwrap();
+    let (config, identity) = site.device(&name);
     let mut ws = supermesh_agent::edgehub::dial(&config, &identity).await.expect("enroll and dial the cloudhub");
     let hello = Hello {
         node: name.clone(),

@@ -820,6 +820,21 @@ impl Site {
         Agent::launch(&name, &network, &account, &self.controller.cloudhub_addr, &self.token, how)
     }
 
+    /// The edge.yaml of a device `name` of this site (its account and network), and the
+    /// identity it would enroll, held in memory: for tests that speak the protocol by hand.
+    pub fn device(&self, name: &str) -> (supermesh_agent::config::EdgeConfig, supermesh_agent::identity::Identity) {
+        let yaml = format!(
+            "node: {{name: {name}, account: acct-{id}, network: net-{id}}}\ncloud: {{address: \"{}\", token: \"{}\"}}\n",
+            self.controller.cloudhub_addr,
+            self.token,
+            id = self.id
+        );
+        let config = supermesh_agent::config::parse(&yaml, "edge.yaml").expect("a valid edge.yaml");
+        let token = config.cloud.token.as_ref().map(|t| &t.0);
+        let identity = supermesh_agent::identity::Identity::load(None, token).expect("an identity in memory");
+        (config, identity)
+    }
+
     pub fn apply(&self, yaml: &str) {
         apply_yaml(yaml, &["-n", &self.ns]).unwrap_or_else(|e| panic!("apply failed: {e}"));
     }

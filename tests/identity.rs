@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use futures::{SinkExt, StreamExt};
 use kube::api::Api;
 use serde_json::json;
-use supermesh_agent::identity::Identity;
 use supermesh_api::{EdgeNode, Microservice};
 use supermesh_protocol::{
     decode, encode, now_ms, Answer, Body, Connection, ErrorCode, EventReport, Hello, Message, Operation, Query,
@@ -119,15 +118,7 @@ fn claiming(site: &Site, role: &str, name: &str) -> Agent {
 #[tokio::test]
 async fn the_stream_refuses_a_token_alone() {
     let site = Site::new("token-alone").await;
-    let yaml = format!(
-        "node: {{name: alone-{id}, account: acct-{id}, network: net-{id}}}\ncloud: {{address: \"{}\", token: \"{}\"}}\n",
-        site.controller.cloudhub_addr,
-        site.token,
-        id = site.id
-    );
-    let config = supermesh_agent::config::parse(&yaml, "edge.yaml").unwrap();
-    let token = config.cloud.token.as_ref().map(|t| &t.0);
-    let identity = supermesh_agent::identity::Identity::load(None, token).unwrap();
+    let (config, identity) = site.device(&format!("alone-{}", site.id));
     let refused = supermesh_agent::edgehub::connect(&config.cloud.address, &identity).await.expect_err("refused");
     match refused {
         supermesh_agent::edgehub::LinkError::Refused { status, reason, .. } => {
@@ -334,14 +325,7 @@ impl Raw {
 
     /// Enrolls `name` in `site`'s account and network and connects, without a hello.
     async fn connect(site: &Site, name: &str) -> Raw {
-        let yaml = format!(
-            "node: {{name: {name}, account: acct-{id}, network: net-{id}}}\ncloud: {{address: \"{}\", token: \"{}\"}}\n",
-            site.controller.cloudhub_addr,
-            site.token,
-            id = site.id
-        );
-        let config = supermesh_agent::config::parse(&yaml, "edge.yaml").unwrap();
-        let identity = Identity::load(None, config.cloud.token.as_ref().map(|t| &t.0)).unwrap();
+        let (config, identity) = site.device(name);
         let ws = supermesh_agent::edgehub::dial(&config, &identity).await.expect("enroll and dial");
         Raw { ws, name: name.to_owned() }
     }

@@ -55,17 +55,11 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
-/// Labels naming what became of reports not taken.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RefusalLabels {
-    /// `refused` (for good) or `later` (left to come again).
-    pub reason: &'static str,
-}
-
-/// Labels naming why a connection was refused.
+/// Labels naming why something was refused: a connection (`no_certificate`, `expired`,
+/// `not_standing`, `bad_token`, `per_address`, ...) or a report (`refused` for good, `later`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
-    /// `no_certificate`, `expired`, `not_standing`, `bad_token`, `other`.
+    /// Why.
     pub reason: &'static str,
 }
 
@@ -121,7 +115,7 @@ pub struct Metrics {
     /// Enrollments and renewals, by result.
     pub enrollments: Family<ResultLabels, Counter>,
     /// Reports not taken: refused (not the sender's to make, stamped in the future, malformed) or left for later.
-    pub reports_not_taken: Family<RefusalLabels, Counter>,
+    pub reports_not_taken: Family<ReasonLabels, Counter>,
     /// Connections refused at the handshake, by reason.
     pub refused: Family<ReasonLabels, Counter>,
     /// 1 while this replica holds the controller Lease (reconciles Meshes and Microservices).
@@ -182,7 +176,7 @@ impl Default for Metrics {
         registry.register("cloudhub_redirects", "Agents sent to the replica that serves their node", redirects.clone());
         let enrollments = Family::<ResultLabels, Counter>::default();
         registry.register("enrollments", "Node enrollments and certificate renewals, by result", enrollments.clone());
-        let reports_not_taken = Family::<RefusalLabels, Counter>::default();
+        let reports_not_taken = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "reports_not_taken",
             "Reports from agents not taken: refused for good or left to come again",

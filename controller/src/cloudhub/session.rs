@@ -28,7 +28,7 @@ use super::delivery::{is_membership, Delivery, Outgoing};
 use super::reports::{in_time, judge_batch, outbox_seq, within_bounds, Intake};
 use super::{resolve_peer_address, Shared, Ws};
 use crate::index::{NodeDesired, SessionInfo};
-use crate::metrics::{RefusalLabels, ReportPath};
+use crate::metrics::{ReasonLabels, ReportPath};
 use crate::replicas::Replica;
 
 /// Agent-initiated messages (not answers) allowed per second, with a burst of twice that.
@@ -385,13 +385,13 @@ impl Session {
                     debug!(node = %self.node, waiting = waiting.len(), %reason, "relayed reports left to come again");
                     metrics
                         .reports_not_taken
-                        .get_or_create(&RefusalLabels { reason: "later" })
+                        .get_or_create(&ReasonLabels { reason: "later" })
                         .inc_by(waiting.len() as u64);
                 }
                 if !ack.refused.is_empty() {
                     metrics
                         .reports_not_taken
-                        .get_or_create(&RefusalLabels { reason: "refused" })
+                        .get_or_create(&ReasonLabels { reason: "refused" })
                         .inc_by(ack.refused.len() as u64);
                 }
                 let intake = self.intake(&metrics);
@@ -408,7 +408,7 @@ impl Session {
                 metrics.reports_received(ReportPath::Direct, text.len(), 1);
                 if let Err(reason) = in_time(&report, now_ms()).and_then(|()| within_bounds(&report)) {
                     warn!(node = %self.node, %reason, "refused a report");
-                    metrics.reports_not_taken.get_or_create(&RefusalLabels { reason: "refused" }).inc();
+                    metrics.reports_not_taken.get_or_create(&ReasonLabels { reason: "refused" }).inc();
                     let refusal = Body::Error(ErrorContent::new(ErrorCode::Forbidden, reason));
                     return self.send_body(&msg.resource, &refusal, Some(&msg.id)).await;
                 }
