@@ -154,6 +154,12 @@ async fn tokens_enroll_only_in_scope_in_time_and_within_their_uses() {
         .wait_until("a name outside the pattern refused", || refused(&misnamed, "enrolls only nodes named"))
         .await;
 
+    let paris = join_token_with(&["--auto-approve", "--near", "48.8566,2.3522,30"]).await;
+    let nowhere = agent(&site, &format!("nowhere-{}", site.id), &paris);
+    site.controller
+        .wait_until("a node stating no location refused", || refused(&nowhere, "state a location within"))
+        .await;
+
     let once = join_token_with(&["--auto-approve", "--uses", "1"]).await;
     let first = agent(&site, &format!("first-{}", site.id), &once);
     site.controller.wait_until("the first use", || first.log().contains("connected to the cloud")).await;
@@ -178,7 +184,7 @@ async fn tokens_enroll_only_in_scope_in_time_and_within_their_uses() {
         .wait_until("the deleted token refused", || refused(&revoked, "does not exist or was deleted"))
         .await;
 
-    for refused in [&outside, &misnamed, &second, &late, &revoked] {
+    for refused in [&outside, &misnamed, &nowhere, &second, &late, &revoked] {
         assert!(nodes.get_opt(&refused.name).await.unwrap().is_none(), "no EdgeNode for {}", refused.name);
         assert!(refused.held().is_empty());
     }

@@ -11,6 +11,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::Api;
 use supermesh_protocol::identity::{BootstrapToken, EnrollRequest};
+use supermesh_protocol::Location;
 
 /// Type of token Secrets.
 pub const SECRET_TYPE: &str = "supermesh.io/bootstrap-token";
@@ -25,7 +26,7 @@ pub fn secret_name(id: &str) -> String {
 }
 
 /// Where a token may enroll nodes. Empty fields allow anything.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Scope {
     /// The account nodes must state.
     pub account: Option<String>,
@@ -33,10 +34,46 @@ pub struct Scope {
     pub network: Option<String>,
     /// A pattern node names must match; `*` stands for any characters.
     pub node_pattern: Option<String>,
+    /// A circle nodes must state a location in.
+    pub near: Option<Near>,
+}
+
+/// A circle on the Earth: a center and a radius.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Near {
+    /// Its center.
+    pub center: Location,
+    /// Its radius in kilometres.
+    pub radius_km: f64,
+}
+
+impl std::str::FromStr for Near {
+    type Err = String;
+
+    /// Parses `LAT,LON,KM`.
+    fn from_str(text: &str) -> Result<Near, String> {
+        let numbers: Vec<f64> =
+            text.split(',').map(|n| n.trim().parse::<f64>()).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+        let [latitude, longitude, radius_km] = numbers[..] else {
+            return Err("expected LATITUDE,LONGITUDE,KILOMETRES, for example 48.8566,2.3522,10".into());
+        };
+        let center = Location { latitude, longitude };
+        let positive = radius_km.is_finite() && radius_km > 0.0;
+        if !center.is_valid() || !positive {
+            return Err("the latitude must be in -90..90, the longitude in -180..180 and the radius positive".into());
+        }
+        Ok(Near { center, radius_km })
+    }
+}
+
+impl std::fmt::Display for Near {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{},{},{}", self.center.latitude, self.center.longitude, self.radius_km)
+    }
 }
 
 /// A bootstrap token as its Secret holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Token {
     /// The token itself.
     pub token: BootstrapToken,
@@ -119,6 +156,7 @@ impl Token {
             ("account", self.scope.account.clone()),
             ("network", self.scope.network.clone()),
             ("node-pattern", self.scope.node_pattern.clone()),
+            ("near", self.scope.near.map(|n| n.to_string())),
             ("description", Some(self.description.clone()).filter(|d| !d.is_empty())),
         ];
         data.extend(optional.into_iter().filter_map(|(k, v)| Some((k.to_owned(), v?))));
@@ -150,7 +188,15 @@ impl Token {
             expires,
             limit: number("usage-limit")?,
             used: number("used")?.unwrap_or(0),
-            scope: Scope { account: get("account"), network: get("network"), node_pattern: get("node-pattern") },
+            scope: Scope {
+                account: get("account"),
+                network: get("network"),
+                node_pattern: get("node-pattern"),
+                near: get("near")
+                    .map(|n| n.parse())
+                    .transpose()
+                    .map_err(|e| format!("token Secret {name}: near: {e}"))?,
+            },
             auto_approve: get("auto-approve").as_deref() == Some("true"),
             description: get("description").unwrap_or_default(),
         })
@@ -177,6 +223,17 @@ impl Token {
             .or_else(|| outside("network", &self.scope.network, &request.network))
         {
             return Err(refusal);
+        }
+        if let Some(near) = &self.scope.near {
+            if !request.location.is_some_and(|l| l.distance_km(&near.center) <= near.radius_km) {
+                return Err(Refusal::new(
+                    403,
+                    format!(
+                        "bootstrap token {id} enrolls only nodes that state a location within {} km of {},{}",
+                        near.radius_km, near.center.latitude, near.center.longitude
+                    ),
+                ));
+            }
         }
         if let Some(pattern) = &self.scope.node_pattern {
             if !matches_pattern(pattern, &request.node) {
@@ -274,7 +331,12 @@ mod tests {
         t.limit = Some(3);
         t.used = 1;
         t.auto_approve = true;
-        t.scope = Scope { account: Some("acme".into()), network: None, node_pattern: Some("pi-*".into()) };
+        t.scope = Scope {
+            account: Some("acme".into()),
+            network: None,
+            node_pattern: Some("pi-*".into()),
+            near: Some("48.8566,2.3522,10".parse().unwrap()),
+        };
         t.description = "kitchen devices".into();
         let back = Token::from_secret(&stored(&t)).unwrap();
         assert_eq!(back.token, t.token);
@@ -299,8 +361,12 @@ mod tests {
         t.used = 2;
         assert!(t.admits(&presented, &request("pi", "a", "n"), now).unwrap_err().reason.contains("used up"));
         t.used = 1;
-        t.scope =
-            Scope { account: Some("acme".into()), network: Some("home".into()), node_pattern: Some("pi-*".into()) };
+        t.scope = Scope {
+            account: Some("acme".into()),
+            network: Some("home".into()),
+            node_pattern: Some("pi-*".into()),
+            near: None,
+        };
         assert_eq!(t.admits(&presented, &request("pi-1", "acme", "home"), now), Ok(()));
         for (node, account, network, says) in [
             ("pi-1", "other", "home", "account"),
@@ -310,6 +376,26 @@ mod tests {
             let refusal = t.admits(&presented, &request(node, account, network), now).unwrap_err();
             assert_eq!(refusal.status, 403);
             assert!(refusal.reason.contains(says), "{refusal:?}");
+        }
+    }
+
+    #[test]
+    fn a_token_near_a_place_enrolls_only_nodes_there() {
+        let presented: BootstrapToken = "abc123.0123456789abcdef".parse().unwrap();
+        let mut t = token();
+        t.scope.near = Some("48.8566,2.3522,30".parse().unwrap());
+        let at = |latitude, longitude| EnrollRequest {
+            location: Some(Location { latitude, longitude }),
+            ..request("pi", "a", "n")
+        };
+        let now = Timestamp::now();
+        assert_eq!(t.admits(&presented, &at(48.8049, 2.1204), now), Ok(()), "Versailles is within 30 km of Paris");
+        let london = t.admits(&presented, &at(51.5074, -0.1278), now).unwrap_err();
+        assert_eq!(london.status, 403);
+        assert!(london.reason.contains("within 30 km"), "{london:?}");
+        assert_eq!(t.admits(&presented, &request("pi", "a", "n"), now).unwrap_err().status, 403, "no location stated");
+        for bad in ["48.8,2.3", "91,2,10", "48,2,-1", "a,b,c"] {
+            assert!(bad.parse::<Near>().is_err(), "{bad}");
         }
     }
 

@@ -13,7 +13,7 @@ use kube::{Api, Client};
 use supermesh_api::names::identity;
 use supermesh_api::EdgeNode;
 use supermesh_controller::cloudhub::pki;
-use supermesh_controller::tokens::{self, Scope, Token};
+use supermesh_controller::tokens::{self, Near, Scope, Token};
 use supermesh_protocol::identity::{BootstrapToken, JoinString};
 
 /// Command-line client of supermesh-controller.
@@ -98,6 +98,9 @@ struct CreateArgs {
     /// Enroll only nodes whose name matches this pattern (`*` for any characters).
     #[arg(long)]
     node_pattern: Option<String>,
+    /// Enroll only nodes that state a location within KM kilometres of LAT,LON.
+    #[arg(long, value_name = "LAT,LON,KM")]
+    near: Option<Near>,
     /// Enroll at most this many nodes.
     #[arg(long)]
     uses: Option<u32>,
@@ -210,7 +213,12 @@ async fn token(client: Client, namespace: String, command: TokenCommand) -> Resu
             })?;
             let mut token = Token::new(BootstrapToken::generate(rand::random), args.ttl);
             token.limit = args.uses;
-            token.scope = Scope { account: args.account, network: args.network, node_pattern: args.node_pattern };
+            token.scope = Scope {
+                account: args.account,
+                network: args.network,
+                node_pattern: args.node_pattern,
+                near: args.near,
+            };
             token.auto_approve = args.auto_approve;
             token.description = args.description;
             tokens::create(&secrets, &token).await.map_err(|e| format!("cannot create the token: {e}"))?;
@@ -267,8 +275,9 @@ async fn token(client: Client, namespace: String, command: TokenCommand) -> Resu
 }
 
 fn describe_scope(token: &Token) -> String {
-    let Scope { account, network, node_pattern } = &token.scope;
-    let parts: Vec<String> = [("account", account), ("network", network), ("nodes", node_pattern)]
+    let Scope { account, network, node_pattern, near } = &token.scope;
+    let near = near.map(|n| n.to_string());
+    let parts: Vec<String> = [("account", account), ("network", network), ("nodes", node_pattern), ("near", &near)]
         .into_iter()
         .filter_map(|(what, v)| v.as_ref().map(|v| format!("{what}={v}")))
         .collect();
