@@ -417,11 +417,6 @@ impl Index {
         self.lock().nodes.get(node).and_then(|e| e.view.as_ref()).map(|v| v.identity.clone())
     }
 
-    /// The network `node`'s EdgeNode names.
-    pub fn network_of(&self, node: &str) -> Option<String> {
-        self.lock().nodes.get(node).and_then(|e| e.view.as_ref()).map(|v| v.network.clone())
-    }
-
     /// What the cloud's own records say of `node` as a reporter: its EdgeNode's network (while
     /// it is active), its place in its cluster as last reported, and whether it is connected.
     pub fn reporter(&self, node: &str) -> Option<crate::view::Reporter> {
