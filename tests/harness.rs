@@ -597,6 +597,33 @@ impl Agent {
         agent
     }
 
+    /// Joins a device as a user does, with `supermesh-agent join`: it writes the device's
+    /// edge.yaml and keeps running. The devices share this host, so each gets its own ports.
+    pub fn join(name: &str, network: &str, account: &str, cloudhub: &str, token: &str) -> Agent {
+        let dir = target_dir().join("e2e/agents").join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("agent dir");
+        let peer_addr = format!("127.0.0.1:{}", free_port());
+        let mut agent = Agent {
+            name: name.into(),
+            data_dir: dir.join("data"),
+            peer_addr,
+            network: network.into(),
+            config: dir.join("edge.yaml"),
+            log: dir.join("agent.log"),
+            child: None,
+            netns: None,
+            binary: binary("supermesh-agent"),
+        };
+        let api = format!("127.0.0.1:{}", free_port());
+        let mut command = Command::new(&agent.binary);
+        command.args(["join", "--cloud", cloudhub, "--token", token, "--name", name, "--account", account]);
+        command.args(["--network", network, "--peer-listen", &agent.peer_addr, "--api-listen", &api]);
+        command.arg("--config").arg(&agent.config).arg("--data-dir").arg(&agent.data_dir);
+        agent.spawn(command);
+        agent
+    }
+
     /// The agent's cluster registry, asked over its peer service (from the host namespace).
     pub fn registry(&self, root: &str) -> Option<supermesh_protocol::peer::Registry> {
         peer_registry(&self.peer_addr, &self.name, &self.network, root)
@@ -617,21 +644,24 @@ impl Agent {
 
     /// Starts the agent process again (after `stop` or `kill`), appending to its log.
     pub fn restart(&mut self) {
-        let binary = &self.binary;
-        assert!(binary.exists(), "{} is missing: run `cargo build --bins`", binary.display());
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("agent log");
         // `ip netns exec` execs the agent in place, so the child's pid is the agent's.
         let mut command = match &self.netns {
             Some(netns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", netns]).arg(binary);
+                c.args(["netns", "exec", netns]).arg(&self.binary);
                 c
             }
-            None => Command::new(binary),
+            None => Command::new(&self.binary),
         };
+        command.arg("--config").arg(&self.config);
+        self.spawn(command);
+    }
+
+    /// Runs `command` (this agent's binary with its arguments) as this agent, logging to its log.
+    fn spawn(&mut self, mut command: Command) {
+        assert!(self.binary.exists(), "{} is missing: run `cargo build --bins`", self.binary.display());
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("agent log");
         let child = command
-            .arg("--config")
-            .arg(&self.config)
             .args(["--log-level", "info,supermesh_agent=debug"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))

@@ -4,6 +4,7 @@ pub mod config;
 pub mod edged;
 pub mod edgehub;
 pub mod identity;
+pub mod join;
 pub mod localapi;
 pub mod metamanager;
 pub mod metasync;

@@ -1,9 +1,11 @@
-//! supermesh-agent binary: `--config edge.yaml` runs the agent; `inspect` shows its store.
+//! supermesh-agent binary: `--config edge.yaml` runs the agent; `join` writes edge.yaml
+//! and then runs the agent with it; `inspect` shows its store.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use supermesh_agent::join::{JoinArgs, Joined};
 use tracing_subscriber::EnvFilter;
 
 /// The supermesh edge agent.
@@ -28,6 +30,11 @@ enum Command {
         #[arg(long)]
         data_dir: PathBuf,
     },
+    /// Make this device a node of a cloud: check the values, write edge.yaml (0600), run the agent.
+    ///
+    /// A device that already joined keeps its edge.yaml and identity: joining again as the same
+    /// node of the same cloud changes nothing, joining as another node is refused.
+    Join(Box<JoinArgs>),
 }
 
 #[tokio::main]
@@ -50,14 +57,79 @@ async fn main() -> ExitCode {
             }
             Err(e) => fail(e),
         },
-        (None, Some(path)) => match supermesh_agent::config::load(&path) {
-            Ok(config) => match supermesh_agent::run::run(config).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(e.to_string()),
-            },
+        (Some(Command::Join(args)), _) => match supermesh_agent::join::join(&args) {
+            Ok(joined) => {
+                report(&args, &joined);
+                if args.no_run {
+                    ExitCode::SUCCESS
+                } else {
+                    exec_agent(&args.config, &cli.log_level)
+                }
+            }
             Err(e) => fail(e.to_string()),
         },
+        (None, Some(path)) => run(&path).await,
         (None, None) => fail("give --config edge.yaml to run the agent, or a subcommand (see --help)".into()),
+    }
+}
+
+/// Runs the agent with the configuration at `path`.
+async fn run(path: &Path) -> ExitCode {
+    match supermesh_agent::config::load(path) {
+        Ok(config) => match supermesh_agent::run::run(config).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e.to_string()),
+        },
+        Err(e) => fail(e.to_string()),
+    }
+}
+
+/// Replaces this process with `supermesh-agent --config PATH`: the agent runs exactly as when
+/// started so, and the join token leaves the process table instead of staying in this
+/// command line for as long as the agent runs.
+fn exec_agent(path: &Path, log_level: &str) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let error = match std::env::current_exe() {
+        Ok(agent) => std::process::Command::new(agent)
+            .arg("--config")
+            .arg(path)
+            .arg("--log-level")
+            .arg(log_level)
+            .env_remove("SUPERMESH_JOIN_TOKEN")
+            .exec(),
+        Err(e) => e,
+    };
+    fail(format!("cannot start the agent: {error}"))
+}
+
+/// Says what `join` did and, with `--no-run`, how to start the agent.
+fn report(args: &JoinArgs, joined: &Joined) {
+    let path = args.config.display();
+    let config = joined.config();
+    let node = format!(
+        "node {} (account {}, network {}) of cloud {}",
+        config.node.name, config.node.account, config.node.network, config.cloud.address
+    );
+    match joined {
+        Joined::Written(_) => println!("wrote {path}: this device joins as {node}"),
+        Joined::Kept { differs, .. } => {
+            println!("this device already joined as {node}; keeping {path} and its identity");
+            if !differs.is_empty() {
+                println!("note: {path} keeps its own {}; edit it to change them", differs.join(", "));
+            }
+        }
+    }
+    if !args.no_run {
+        return;
+    }
+    // The service reads the default path only.
+    if args.config == Path::new(supermesh_agent::join::DEFAULT_CONFIG) {
+        println!("start the agent with: systemctl enable --now supermesh-agent");
+    } else {
+        println!(
+            "start the agent with: supermesh-agent --config {path} (the supermesh-agent service reads {})",
+            supermesh_agent::join::DEFAULT_CONFIG
+        );
     }
 }
 

@@ -4,20 +4,19 @@
 
 use std::fs;
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use anyhow::{bail, Context, Result};
 
+pub use crate::procs::stop;
+use crate::procs::Procs;
 use crate::shell::{self, ensure_program, target_dir};
 
 /// Kubernetes version of the cached kube-apiserver.
-const KUBE_VERSION: &str = "v1.20.2";
-const BUILD_SCRIPT: &str = include_str!("../scripts/build-apiserver.sh");
+pub const KUBE_VERSION: &str = "v1.20.2";
+pub const BUILD_SCRIPT: &str = include_str!("../scripts/build-kube.sh");
 
 #[derive(clap::Subcommand, Clone, Copy)]
 pub enum Action {
@@ -72,11 +71,13 @@ pub fn with_cluster<T>(work: impl FnOnce(&str) -> Result<T>) -> Result<T> {
 /// The control plane whose state lives in `target/controlplane/`.
 pub struct ControlPlane {
     dir: PathBuf,
+    procs: Procs,
 }
 
 impl ControlPlane {
     pub fn new() -> Self {
-        ControlPlane { dir: target_dir().join("controlplane") }
+        let dir = target_dir().join("controlplane");
+        ControlPlane { procs: Procs::new(dir.clone(), "kube-apiserver"), dir }
     }
 
     /// Path of the admin kubeconfig written by `up`.
@@ -86,7 +87,7 @@ impl ControlPlane {
 
     /// Whether both processes run and the API server answers `/readyz`.
     pub fn is_running(&self) -> bool {
-        self.pid("etcd").is_some() && self.pid("kube-apiserver").is_some() && self.readyz()
+        self.procs.pid("etcd").is_some() && self.procs.pid("kube-apiserver").is_some() && self.readyz()
     }
 
     /// Starts the control plane unless it already runs. Idempotent.
@@ -112,7 +113,7 @@ impl ControlPlane {
 
         eprintln!("==> starting etcd on 127.0.0.1:{etcd_port}");
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
-        self.spawn(
+        self.procs.spawn(
             "etcd",
             Command::new("etcd")
                 .arg("--data-dir")
@@ -126,7 +127,7 @@ impl ControlPlane {
 
         eprintln!("==> starting kube-apiserver {KUBE_VERSION} on 127.0.0.1:{api_port}");
         let d = |name: &str| self.dir.join(name).display().to_string();
-        self.spawn(
+        self.procs.spawn(
             "kube-apiserver",
             Command::new(&apiserver).args([
                 format!("--etcd-servers={etcd_url}"),
@@ -163,11 +164,7 @@ impl ControlPlane {
     /// started by `up` (recorded in pid files and run from this directory) are touched.
     pub fn down(&self) -> Result<()> {
         for name in ["kube-apiserver", "etcd"] {
-            if let Some(pid) = self.pid(name) {
-                eprintln!("==> stopping {name} (pid {pid})");
-                stop(pid, Duration::from_secs(10));
-            }
-            let _ = fs::remove_file(self.pid_file(name));
+            self.procs.stop(name, Duration::from_secs(10));
         }
         let _ = fs::remove_dir_all(self.dir.join("etcd-data"));
         Ok(())
@@ -182,57 +179,8 @@ impl ControlPlane {
         self.kubeconfig().exists() && self.kubectl(&["get", "--raw", "/readyz", "--request-timeout=5s"]).is_ok()
     }
 
-    fn pid_file(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.pid"))
-    }
-
-    /// The recorded pid of `name`, if that process is alive and is ours.
-    fn pid(&self, name: &str) -> Option<Pid> {
-        let pid: i32 = fs::read_to_string(self.pid_file(name)).ok()?.trim().parse().ok()?;
-        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let ours = String::from_utf8_lossy(&cmdline).contains(&self.dir.display().to_string());
-        ours.then(|| Pid::from_raw(pid))
-    }
-
-    fn spawn(&self, name: &str, cmd: &mut Command) -> Result<()> {
-        let log = fs::File::create(self.dir.join(format!("{name}.log")))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0) // outlives `cargo xtask` and ignores its terminal's Ctrl-C
-            .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
-        fs::write(self.pid_file(name), child.id().to_string())?;
-        Ok(())
-    }
-
-    /// Polls `ready` until it holds; fails with the process log when `what` does not come up.
-    fn wait(&self, what: &str, limit: Duration, mut ready: impl FnMut() -> bool) -> Result<()> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if ready() {
-                return Ok(());
-            }
-            for name in ["etcd", "kube-apiserver"] {
-                let recorded = fs::read_to_string(self.pid_file(name)).ok().and_then(|p| p.trim().parse().ok());
-                if recorded.is_some_and(|pid| !alive(Pid::from_raw(pid))) {
-                    bail!("{name} exited while waiting for {what}; its log:\n{}", self.log_tail(name));
-                }
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        Err(anyhow!(
-            "{what} not ready after {}s; kube-apiserver log:\n{}",
-            limit.as_secs(),
-            self.log_tail("kube-apiserver")
-        ))
-    }
-
-    fn log_tail(&self, name: &str) -> String {
-        let text = fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+    fn wait(&self, what: &str, limit: Duration, ready: impl FnMut() -> bool) -> Result<()> {
+        self.procs.wait(what, &["etcd", "kube-apiserver"], limit, ready)
     }
 }
 
@@ -252,7 +200,10 @@ fn ensure_tools() -> Result<PathBuf> {
             "==> building kube-apiserver {KUBE_VERSION} from Debian's source package (once; cached in {})",
             cache.display()
         );
-        shell::run(Command::new("bash").arg("-c").arg(BUILD_SCRIPT).arg("build-apiserver").arg(&cache)).context(
+        shell::run(
+            Command::new("bash").arg("-c").arg(BUILD_SCRIPT).arg("build-kube").arg(&cache).arg("kube-apiserver"),
+        )
+        .context(
             "building kube-apiserver failed; see the output above. It needs root, Debian's source \
              archive and about 3 GB of free disk. Or set SUPERMESH_KUBE_APISERVER to a kube-apiserver binary",
         )?;
@@ -274,39 +225,17 @@ pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn hex_token() -> Result<String> {
+pub fn hex_token() -> Result<String> {
     use std::io::Read;
     let mut buf = [0u8; 16];
     fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn write_private(path: &Path, contents: &str) -> Result<()> {
+pub fn write_private(path: &Path, contents: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
     f.write_all(contents.as_bytes())?;
     Ok(())
-}
-
-/// SIGTERM, then SIGKILL after `grace`, to a process or (negative pid) a group (the apiserver can hang on SIGTERM once etcd is gone).
-pub fn stop(pid: Pid, grace: Duration) {
-    if kill(pid, Signal::SIGTERM).is_err() {
-        return;
-    }
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if !alive(pid) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = kill(pid, Signal::SIGKILL);
-}
-
-/// Whether `pid` runs (a zombie, exited but not yet reaped, does not).
-fn alive(pid: Pid) -> bool {
-    // A negative pid names a process group, which has no /proc entry of its own.
-    kill(pid, None).is_ok()
-        && (pid.as_raw() < 0 || fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z ")))
 }

@@ -1,10 +1,15 @@
 //! `cargo xtask`: the project's own automation. Every command installs what it needs.
 
 mod bench;
+mod cluster;
 mod compat;
 mod controlplane;
 mod crdgen;
 mod demo;
+mod helm;
+mod image;
+mod package;
+mod procs;
 mod shell;
 mod test;
 
@@ -31,6 +36,11 @@ enum Command {
         #[command(subcommand)]
         action: controlplane::Action,
     },
+    /// Manage a real single-node Kubernetes (containerd, kubelet, kube-proxy, ...) for the chart's tests.
+    Cluster {
+        #[command(subcommand)]
+        action: cluster::Action,
+    },
     /// Run every check and test, end-to-end ones included, against a real API server.
     Test {
         /// Extra arguments for the test runner (for example a test name filter).
@@ -39,6 +49,16 @@ enum Command {
     },
     /// Bring up a control plane and the controller, apply examples/, show the result.
     Demo,
+    /// Build the supermesh-controller container image as a docker-archive (`docker load`, `ctr images import`).
+    Image,
+    /// Run helm (Helm's SDK behind a `helm` command line when none is installed): `cargo xtask helm -- lint charts/supermesh`.
+    Helm {
+        /// Arguments for helm.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build the Debian package of supermesh-agent (target/debian/*.deb) and check it with lintian.
+    Package,
     /// Run a benchmark and print its figures (`sync`, `scale`, `supernode`).
     Bench {
         /// Which benchmark: `sync`, `scale` or `supernode`.
@@ -56,8 +76,12 @@ fn main() {
     let result: Result<()> = match cli.command {
         Command::Crdgen { check } => crdgen::run(check),
         Command::Controlplane { action } => controlplane::run(action),
+        Command::Cluster { action } => cluster::run(action),
         Command::Test { args } => test::run(&args),
         Command::Demo => demo::run(),
+        Command::Image => image::build().map(drop),
+        Command::Helm { args } => helm::run(&args),
+        Command::Package => package::run(),
         Command::Bench { what, args } => bench::run(&what, &args),
     };
     if let Err(e) = result {

@@ -13,6 +13,8 @@ pub fn run(extra: &[String]) -> Result<()> {
     shell::run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     step("generated CRDs match the Rust types");
     crate::crdgen::run(true)?;
+    step("helm lint charts/supermesh");
+    crate::helm::check_chart()?;
     step("the agent links no Kubernetes client or types");
     agent_is_kube_free()?;
     // The end-to-end tests put agents in network namespaces (`ip`) and run Python microservices.
@@ -22,21 +24,60 @@ pub fn run(extra: &[String]) -> Result<()> {
     shell::run(cargo().args(["build", "--workspace", "--bins"]))?;
     step("the previous release's agent, for the protocol compatibility test");
     let previous = crate::compat::previous_agent()?;
+    step("the Debian package of the agent, for the test that installs it");
+    let deb = crate::package::build()?;
 
-    let mut tests = if shell::has("cargo-nextest") {
-        let mut c = cargo();
-        c.args(["nextest", "run", "--workspace"]);
-        c
-    } else {
-        let mut c = cargo();
-        c.args(["test", "--workspace", "--", "--test-threads=1"]);
-        c
-    };
     // Any cluster given by KUBECONFIG is used as is; otherwise a local one is brought up.
     crate::controlplane::with_cluster(|kubeconfig| {
         step("tests");
-        shell::run(tests.args(extra).env("KUBECONFIG", kubeconfig).env(crate::compat::ENV, &previous))
+        let mut tests = test_runner(extra, Tier::ControlPlane);
+        let tests = tests.env("KUBECONFIG", kubeconfig).env(crate::compat::ENV, &previous);
+        shell::run(tests.env(crate::package::ENV, &deb))
+    })?;
+
+    // The cluster tier: the chart installed with Helm on a real cluster with a node, which
+    // runs the controller image.
+    step("the controller image");
+    let image = crate::image::build()?;
+    let helm = crate::helm::ensure_helm()?;
+    let path = std::env::join_paths(
+        std::iter::once(helm).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+    )?;
+    crate::cluster::with_cluster(&image, |kubeconfig| {
+        step("cluster tests");
+        shell::run(test_runner(extra, Tier::Cluster).env("KUBECONFIG", kubeconfig).env("PATH", &path))
     })
+}
+
+/// Which cluster a run of the end-to-end tests needs.
+#[derive(PartialEq)]
+enum Tier {
+    /// An API server: every test but the cluster ones.
+    ControlPlane,
+    /// A cluster with a node that runs Pods: `tests/cluster.rs`.
+    Cluster,
+}
+
+/// The test runner (nextest when installed) for `tier`, with the user's extra arguments.
+fn test_runner(extra: &[String], tier: Tier) -> std::process::Command {
+    let mut c = cargo();
+    if shell::has("cargo-nextest") {
+        c.args(["nextest", "run", "--no-tests=pass"]);
+        match tier {
+            Tier::ControlPlane => c.args(["--workspace", "-E", "not binary(cluster)"]),
+            Tier::Cluster => c.args(["-p", "supermesh-tests", "--test", "cluster"]),
+        };
+        c.args(extra);
+    } else {
+        match tier {
+            Tier::ControlPlane => {
+                c.args(["test", "--workspace"]).args(extra).args(["--", "--skip", "on_a_real_cluster"])
+            }
+            Tier::Cluster => c.args(["test", "-p", "supermesh-tests", "--test", "cluster"]).args(extra).arg("--"),
+        };
+        c.arg("--test-threads=1");
+    }
+    c
 }
 
 /// The agent speaks the wire protocol only: its dependency tree has neither kube nor
