@@ -177,3 +177,35 @@ fn append<W: std::io::Write>(tar: &mut tar::Builder<W>, entry: &Entry) -> Result
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn archive(dir: &Path, name: &str, entries: &[Entry]) -> (String, Vec<u8>) {
+        let out = dir.join(name);
+        let config = serde_json::json!({"architecture": "amd64", "os": "linux", "config": {"Entrypoint": ["/x"]}});
+        let id = write_docker_archive(&out, "docker.io/example/x:1", entries, config).unwrap();
+        (id, fs::read(out).unwrap())
+    }
+
+    #[test]
+    fn the_same_files_make_the_same_image_whatever_their_order() {
+        let dir = std::env::temp_dir().join(format!("supermesh-image-test-{}", std::process::id()));
+        let a = [Entry::dir("etc", 0o755), Entry::file("etc/passwd", b"root:x:0:0::/:/x\n".to_vec(), 0o644)];
+        let b = [Entry::file("etc/passwd", b"root:x:0:0::/:/x\n".to_vec(), 0o644), Entry::dir("etc", 0o755)];
+        let (first, bytes) = archive(&dir, "a.tar", &a);
+        let (second, again) = archive(&dir, "b.tar", &b);
+        assert_eq!((first.as_str(), bytes.len()), (second.as_str(), again.len()));
+        assert_eq!(bytes, again);
+        // The archive holds what `docker load` and `ctr images import` read.
+        let mut tar = tar::Archive::new(bytes.as_slice());
+        let names: Vec<String> =
+            tar.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
+        assert_eq!(names.len(), 3);
+        assert!(names.contains(&"manifest.json".to_owned()) && names.contains(&format!("{first}.json")));
+        let changed = [Entry::dir("etc", 0o755), Entry::file("etc/passwd", b"root:x:0:0::/:/y\n".to_vec(), 0o644)];
+        assert_ne!(archive(&dir, "c.tar", &changed).0, first, "a changed file kept the image id");
+        let _ = fs::remove_dir_all(dir);
+    }
+}
