@@ -48,7 +48,12 @@ enum Command {
         args: Vec<String>,
     },
     /// Bring up a control plane and the controller, apply examples/, show the result.
-    Demo,
+    Demo {
+        /// Install the controller image with the Helm chart on the single-node cluster (`cargo xtask
+        /// cluster`; started if needed and stopped afterwards only then) instead of a local process.
+        #[arg(long)]
+        cluster: bool,
+    },
     /// Build the supermesh-controller container image as a docker-archive (`docker load`, `ctr images import`).
     Image,
     /// Run helm (Helm's SDK behind a `helm` command line when none is installed): `cargo xtask helm -- lint charts/supermesh`.
@@ -78,7 +83,7 @@ fn main() {
         Command::Controlplane { action } => controlplane::run(action),
         Command::Cluster { action } => cluster::run(action),
         Command::Test { args } => test::run(&args),
-        Command::Demo => demo::run(),
+        Command::Demo { cluster } => demo::run(cluster),
         Command::Image => image::build().map(drop),
         Command::Helm { args } => helm::run(&args),
         Command::Package => package::run(),
