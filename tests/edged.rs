@@ -236,6 +236,8 @@ async fn an_agent_restarted_offline_brings_instances_back_and_status_catches_up(
 async fn a_wrong_artifact_hash_fails_and_runs_nothing() {
     let site = Site::new("artifact").await;
     let agent = site.agent(0);
+    // The archive comes over plain http, which only a node that allows it takes.
+    site.node_security(&agent, serde_json::json!({"allowInsecureArtifacts": true})).await;
     let served = std::env::temp_dir().join(format!("artifact-{}", site.id));
     std::fs::create_dir_all(served.join("bundle")).unwrap();
     std::fs::write(served.join("bundle/run.sh"), "touch ran\nsleep 3600\n").unwrap();

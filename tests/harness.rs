@@ -501,6 +501,21 @@ pub async fn cluster_key_root(client: &Client) -> String {
     }
 }
 
+/// A command running `binary` as `uid` with exactly the capabilities the packaged systemd
+/// unit gives the agent (its `AmbientCapabilities=`), as systemd would start it.
+fn service_user(uid: u32, binary: &Path) -> Command {
+    let unit = std::fs::read_to_string(workspace().join("packaging/supermesh-agent.service")).expect("the unit");
+    let line = unit.lines().find_map(|l| l.strip_prefix("AmbientCapabilities=")).expect("AmbientCapabilities=");
+    let caps: Vec<String> =
+        line.split_whitespace().map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase())).collect();
+    let caps = caps.join(",");
+    let mut command = Command::new("setpriv");
+    command.arg(format!("--reuid={uid}")).arg(format!("--regid={uid}")).arg("--clear-groups");
+    command.arg(format!("--inh-caps={caps}")).arg(format!("--ambient-caps={caps}"));
+    command.arg(format!("--bounding-set=-all,{caps}")).arg("--").arg(binary);
+    command
+}
+
 /// How to start an agent, beyond its name, network, account and cloud.
 #[derive(Default)]
 pub struct Launch<'a> {
@@ -512,6 +527,9 @@ pub struct Launch<'a> {
     pub binary: Option<PathBuf>,
     /// The node name its edge.yaml states, when not its own (a device claiming another's name).
     pub claims: Option<&'a str>,
+    /// Run it as this uid (and gid), owning its directory, with only the capabilities
+    /// `packaging/supermesh-agent.service` gives the agent.
+    pub user: Option<u32>,
 }
 
 /// A `supermesh-agent` process with its own edge.yaml and data dir under target/e2e/agents/.
@@ -529,6 +547,7 @@ pub struct Agent {
     child: Option<Child>,
     netns: Option<String>,
     binary: PathBuf,
+    user: Option<u32>,
 }
 
 impl Agent {
@@ -558,7 +577,7 @@ impl Agent {
 
     /// Writes the agent's edge.yaml and starts it as `how` says.
     pub fn launch(name: &str, network: &str, account: &str, cloudhub: &str, token: &str, how: Launch<'_>) -> Agent {
-        let Launch { host, extra, binary: chosen, claims } = how;
+        let Launch { host, extra, binary: chosen, claims, user } = how;
         let stated = claims.unwrap_or(name);
         let dir = target_dir().join("e2e/agents").join(name);
         let _ = std::fs::remove_dir_all(&dir);
@@ -592,7 +611,13 @@ impl Agent {
             child: None,
             netns: host.map(|h| h.netns.clone()),
             binary: chosen.unwrap_or_else(|| binary("supermesh-agent")),
+            user,
         };
+        if let Some(uid) = user {
+            let owner = format!("{uid}:{uid}");
+            let chown = Command::new("chown").args(["-R", &owner]).arg(&dir).status();
+            assert!(chown.is_ok_and(|s| s.success()), "chown {owner} {}", dir.display());
+        }
         agent.restart();
         agent
     }
@@ -614,6 +639,7 @@ impl Agent {
             child: None,
             netns: None,
             binary: binary("supermesh-agent"),
+            user: None,
         };
         let api = format!("127.0.0.1:{}", free_port());
         let mut command = Command::new(&agent.binary);
@@ -651,7 +677,10 @@ impl Agent {
                 c.args(["netns", "exec", netns]).arg(&self.binary);
                 c
             }
-            None => Command::new(&self.binary),
+            None => match self.user {
+                Some(uid) => service_user(uid, &self.binary),
+                None => Command::new(&self.binary),
+            },
         };
         command.arg("--config").arg(&self.config);
         self.spawn(command);
@@ -881,6 +910,15 @@ impl Site {
         self.controller
             .wait_until(&format!("{n} agents connected"), || self.controller.metric(AGENTS, "") == Some(n))
             .await;
+    }
+
+    /// Sets `spec.security` of `agent`'s EdgeNode (JSON, `null` to clear), once it enrolled.
+    pub async fn node_security(&self, agent: &Agent, security: serde_json::Value) {
+        use kube::api::{Patch, PatchParams};
+        let nodes: Api<supermesh_api::EdgeNode> = Api::all(self.cluster.client.clone());
+        self.controller.wait_for(&nodes, &agent.name, "the node to enroll", |_| true).await;
+        let patch = serde_json::json!({"spec": {"security": security}});
+        nodes.patch(&agent.name, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch spec.security");
     }
 
     pub async fn cleanup(&self, agents: &[&Agent]) {

@@ -23,7 +23,8 @@ use supermesh_tests::*;
 /// saw to `discovery.json`. It also serves "hello from <node>" on port 8080.
 const PROBE: &str = r#"
 import json, os, threading, time, urllib.request, http.server
-API, TOKEN, NODE = os.environ["SUPERMESH_API"], os.environ["SUPERMESH_TOKEN"], os.environ["SUPERMESH_NODE"]
+API, NODE = os.environ["SUPERMESH_API"], os.environ["SUPERMESH_NODE"]
+TOKEN = open(os.environ["SUPERMESH_TOKEN_FILE"]).read()
 direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 class Hello(http.server.BaseHTTPRequestHandler):
     def do_GET(self):

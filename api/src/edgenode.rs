@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use supermesh_protocol::Location;
 
+use crate::microservice::MicroserviceSpec;
+
 fn default_true() -> bool {
     true
 }
@@ -63,6 +65,55 @@ pub struct EdgeNodeSpec {
     /// When true, no new microservice instance is placed on the node; running ones stay.
     #[serde(default)]
     pub unschedulable: bool,
+    /// What microservices on the node may have beyond the default sandbox. Empty by
+    /// default: each instance runs as its own unprivileged user with no capabilities,
+    /// and artifacts come only over https.
+    #[serde(default, skip_serializing_if = "NodeSecurity::is_default")]
+    pub security: NodeSecurity,
+}
+
+/// What a node allows its microservices beyond the default sandbox.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSecurity {
+    /// Whether a microservice may choose its user and group (`securityContext.runAsUser`,
+    /// `runAsGroup`), root included.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_run_as_user: bool,
+    /// Capabilities (without `CAP_`, e.g. `NET_BIND_SERVICE`) a microservice may keep.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = r"^[A-Z][A-Z0-9_]{0,31}$")))]
+    pub allowed_capabilities: Vec<String>,
+    /// Whether artifacts may be downloaded over plain http (otherwise https only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_insecure_artifacts: bool,
+}
+
+impl NodeSecurity {
+    /// Whether nothing beyond the default sandbox is allowed.
+    pub fn is_default(&self) -> bool {
+        *self == NodeSecurity::default()
+    }
+
+    /// What `spec` needs that this node does not allow, for a user to read; `None` when it may run here.
+    pub fn refuses(&self, spec: &MicroserviceSpec) -> Option<String> {
+        let mut missing = Vec::new();
+        if let Some(sc) = &spec.security_context {
+            if (sc.run_as_user.is_some() || sc.run_as_group.is_some()) && !self.allow_run_as_user {
+                missing.push("allowRunAsUser: true".to_owned());
+            }
+            let caps: Vec<&str> =
+                sc.capabilities.iter().filter(|c| !self.allowed_capabilities.contains(c)).map(String::as_str).collect();
+            if !caps.is_empty() {
+                missing.push(format!("allowedCapabilities with {}", caps.join(", ")));
+            }
+        }
+        let insecure = spec.artifact.as_ref().is_some_and(|a| !a.url.starts_with("https://"));
+        if insecure && !self.allow_insecure_artifacts {
+            missing.push("allowInsecureArtifacts: true (the artifact URL is not https)".to_owned());
+        }
+        (!missing.is_empty()).then(|| missing.join("; "))
+    }
 }
 
 pub use supermesh_protocol::NodeRole;

@@ -84,7 +84,34 @@ pub struct MicroserviceSpec {
     /// When the agent restarts an instance that exited.
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+    /// What an instance needs beyond the default sandbox (its own unprivileged user, no
+    /// capabilities). Placed only on nodes whose EdgeNode `spec.security` allows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<SecurityContext>,
 }
+
+/// Who an instance runs as and which capabilities it keeps.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecurityContext {
+    /// User id to run as instead of the microservice's own allocated one (0 is root).
+    /// Needs `allowRunAsUser` on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 4294967294u32))]
+    pub run_as_user: Option<u32>,
+    /// Group id to run as instead of the microservice's own. Needs `allowRunAsUser` on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 4294967294u32))]
+    pub run_as_group: Option<u32>,
+    /// Linux capabilities the instance keeps, without the `CAP_` prefix (for example
+    /// `NET_BIND_SERVICE`). Each must be in the node's `allowedCapabilities`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = r"^[A-Z][A-Z0-9_]{0,31}$")))]
+    pub capabilities: Vec<Capability>,
+}
+
+/// A Linux capability name without the `CAP_` prefix, upper case (`NET_BIND_SERVICE`).
+pub type Capability = String;
 
 /// One environment variable.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

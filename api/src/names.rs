@@ -44,6 +44,8 @@ pub mod condition {
     pub const MESH_INVALID: &str = "MeshInvalid";
     /// No node of the mesh matches the Microservice.
     pub const NO_MATCHING_NODES: &str = "NoMatchingNodes";
+    /// The nodes that match the Microservice do not allow what its securityContext or artifact needs.
+    pub const SECURITY_NOT_ALLOWED: &str = "SecurityNotAllowed";
     /// Instances were placed and are awaited on their nodes.
     pub const PLACED: &str = "Placed";
     /// Not every desired instance reports ready yet.

@@ -271,7 +271,7 @@ mod aggregate_tests {
     use supermesh_api::microservice::UnhealthyInstance;
 
     fn placed(n: usize) -> Plan {
-        Plan::Placed(Placement { nodes: (0..n).map(|i| format!("n{i}")).collect(), candidates: n })
+        Plan::Placed(Placement { nodes: (0..n).map(|i| format!("n{i}")).collect(), candidates: n, refused: None })
     }
 
     fn msvc() -> Microservice {

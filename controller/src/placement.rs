@@ -12,7 +12,7 @@ use kube::core::{Selector, SelectorExt};
 use sha2::{Digest, Sha256};
 use supermesh_api::mesh::{MeshSpec, Proximity};
 use supermesh_api::microservice::MicroserviceSpec;
-use supermesh_api::names::condition::{INVALID_SPEC, MESH_INVALID, MESH_NOT_FOUND};
+use supermesh_api::names::condition::{INVALID_SPEC, MESH_INVALID, MESH_NOT_FOUND, SECURITY_NOT_ALLOWED};
 use supermesh_api::MeshType;
 
 use crate::view::NodeView;
@@ -145,6 +145,9 @@ pub struct Placement {
     pub nodes: BTreeSet<String>,
     /// Number of mesh nodes that could host the microservice.
     pub candidates: usize,
+    /// Mesh nodes matching the node selector that do not allow what the spec needs
+    /// (EdgeNode `spec.security`), with what the first of them lacks.
+    pub refused: Option<(usize, String)>,
 }
 
 /// Places a microservice (identified by `key`, stable for its lifetime) on the
@@ -163,17 +166,25 @@ pub fn place<'a>(
 
 /// Places a valid microservice among `members`, the nodes its mesh admits.
 pub fn place_among(members: &[&NodeView], key: &str, msvc: &MicroserviceSpec, current: &BTreeSet<String>) -> Placement {
+    let mut refused: Option<(usize, String)> = None;
     let candidates: Vec<&String> = members
         .iter()
         .filter(|n| labels_match(&msvc.node_selector, &n.labels))
         .filter(|n| !n.unschedulable || current.contains(&n.name))
+        .filter(|n| match n.security.refuses(msvc) {
+            None => true,
+            Some(lacks) => {
+                refused.get_or_insert((0, lacks)).0 += 1;
+                false
+            }
+        })
         .map(|n| &n.name)
         .collect();
     let chosen = match msvc.replicas {
         None => candidates.iter().map(|n| (*n).clone()).collect(),
         Some(r) => rendezvous(key, &candidates, usize::try_from(r).unwrap_or(0)),
     };
-    Placement { nodes: chosen, candidates: candidates.len() }
+    Placement { nodes: chosen, candidates: candidates.len(), refused }
 }
 
 fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
@@ -265,7 +276,18 @@ pub fn plan(
     if let Err(e) = validate_microservice(spec) {
         return Plan::Blocked { reason: INVALID_SPEC, message: e.0 };
     }
-    Plan::Placed(place_among(members, &format!("{namespace}/{name}"), spec, current))
+    let placement = place_among(members, &format!("{namespace}/{name}"), spec, current);
+    match &placement.refused {
+        Some((count, lacks)) if placement.nodes.is_empty() && spec.replicas != Some(0) => Plan::Blocked {
+            reason: SECURITY_NOT_ALLOWED,
+            message: format!(
+                "{count} node(s) of Mesh {:?} match but do not allow what it needs; set {lacks} in the \
+                 EdgeNode spec.security of the nodes that should run it, or change spec.securityContext",
+                spec.mesh
+            ),
+        },
+        _ => Plan::Placed(placement),
+    }
 }
 
 #[cfg(test)]
@@ -286,6 +308,7 @@ mod tests {
                 location: None,
                 supernode_eligible: true,
                 unschedulable: false,
+                security: Default::default(),
             },
         )
     }
@@ -389,6 +412,39 @@ mod tests {
         assert_eq!(names(&place(&m, &views(&nodes), "k", &msvc(), NONE).unwrap()), ["a2", "b1", "b2"]);
         let current: BTreeSet<String> = ["a1".to_string()].into();
         assert_eq!(names(&place(&m, &views(&nodes), "k", &msvc(), &current).unwrap()), ["a1", "a2", "b1", "b2"]);
+    }
+
+    #[test]
+    fn what_a_microservice_needs_beyond_the_sandbox_goes_only_where_its_node_allows_it() {
+        let mut nodes = fleet();
+        nodes[1].spec.security.allowed_capabilities = vec!["NET_BIND_SERVICE".into()];
+        nodes[2].spec.security.allow_insecure_artifacts = true;
+        nodes[3].spec.security.allow_run_as_user = true;
+        let members = views(&nodes);
+        let members: Vec<&NodeView> = members.iter().collect();
+        let mut s = msvc();
+        s.security_context = Some(supermesh_api::microservice::SecurityContext {
+            capabilities: vec!["NET_BIND_SERVICE".into()],
+            ..Default::default()
+        });
+        let placed = |s: &MicroserviceSpec| plan("team", "web", s, MeshState::Members(&members), NONE);
+        assert!(matches!(placed(&s), Plan::Placed(ref p) if names(p) == ["a2"] && p.refused.as_ref().unwrap().0 == 3));
+        s.security_context.as_mut().unwrap().capabilities = vec!["SYS_ADMIN".into()];
+        let Plan::Blocked { reason, message } = placed(&s) else { panic!("placed without an allowing node") };
+        assert_eq!(reason, SECURITY_NOT_ALLOWED);
+        assert!(message.contains("4 node(s)") && message.contains("allowedCapabilities with SYS_ADMIN"), "{message}");
+        s.security_context =
+            Some(supermesh_api::microservice::SecurityContext { run_as_user: Some(0), ..Default::default() });
+        assert!(matches!(placed(&s), Plan::Placed(ref p) if names(p) == ["b2"]));
+        let mut plain = msvc();
+        plain.artifact =
+            Some(supermesh_api::microservice::Artifact { url: "http://x/a.tgz".into(), sha256: "0".repeat(64) });
+        assert!(matches!(placed(&plain), Plan::Placed(ref p) if names(p) == ["b1"]));
+        plain.artifact.as_mut().unwrap().url = "https://x/a.tgz".into();
+        assert!(matches!(placed(&plain), Plan::Placed(ref p) if names(p).len() == 4 && p.refused.is_none()));
+        s.security_context.as_mut().unwrap().capabilities = vec!["SYS_ADMIN".into()];
+        s.replicas = Some(0);
+        assert!(matches!(placed(&s), Plan::Placed(ref p) if p.nodes.is_empty()), "zero replicas need no node");
     }
 
     #[test]

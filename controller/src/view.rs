@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use supermesh_api::edgenode::NodeAddress;
+use supermesh_api::edgenode::{NodeAddress, NodeSecurity};
 use supermesh_api::names::condition::READY;
 use supermesh_api::names::identity;
 use supermesh_api::EdgeNode;
@@ -29,6 +29,8 @@ pub struct NodeView {
     pub supernode_eligible: bool,
     /// Whether it takes no new instances.
     pub unschedulable: bool,
+    /// What it allows microservices beyond the default sandbox.
+    pub security: NodeSecurity,
     /// Whether the EdgeNode is being deleted.
     pub deleting: bool,
     /// Who may be the node, and whether it is approved.
@@ -86,6 +88,7 @@ impl From<&EdgeNode> for NodeView {
             labels: node.labels().clone(),
             supernode_eligible: node.spec.supernode_eligible,
             unschedulable: node.spec.unschedulable,
+            security: node.spec.security.clone(),
             deleting: node.metadata.deletion_timestamp.is_some(),
             identity: NodeIdentity::of(node),
         }

@@ -33,6 +33,11 @@ pub fn workload(spec: &MicroserviceSpec) -> wire::Workload {
             crd::RestartPolicy::OnFailure => wire::RestartPolicy::OnFailure,
             crd::RestartPolicy::Never => wire::RestartPolicy::Never,
         },
+        security_context: spec.security_context.as_ref().map(|sc| wire::SecurityContext {
+            run_as_user: sc.run_as_user,
+            run_as_group: sc.run_as_group,
+            capabilities: sc.capabilities.clone(),
+        }),
     }
 }
 

@@ -8,6 +8,8 @@ use serde::Deserialize;
 use supermesh_protocol::identity::JoinString;
 use supermesh_protocol::Location;
 
+use crate::metamanager::store::{OutboxCap, DEFAULT_OUTBOX_BYTES, DEFAULT_OUTBOX_REPORTS};
+
 /// The whole contents of `edge.yaml`.
 #[derive(Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -28,6 +30,50 @@ pub struct EdgeConfig {
     /// The local HTTP API the node serves its microservices.
     #[serde(default)]
     pub local_api: LocalApiConfig,
+    /// How instances run: isolation and the users they run as.
+    #[serde(default)]
+    pub edged: EdgedConfig,
+}
+
+/// How instances run (`edged`).
+#[derive(Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct EdgedConfig {
+    /// Whether each microservice runs as a user of its own (see `edged::sandbox`).
+    pub isolation: IsolationMode,
+    /// The uids (and gids of the same numbers) given to microservices.
+    pub instance_users: InstanceUsers,
+}
+
+/// Whether instances run isolated (`edged.isolation`).
+#[derive(Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IsolationMode {
+    /// Isolated when the agent may switch users (root, or CAP_SETUID, CAP_SETGID and
+    /// CAP_CHOWN); otherwise instances run as the agent's user and the agent warns.
+    #[default]
+    Auto,
+    /// Always isolated: instances fail to start where the agent may not switch users.
+    Required,
+    /// Never: instances run as the agent's user and can read what it can.
+    Off,
+}
+
+/// A range of uids for instances (`edged.instanceUsers`).
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct InstanceUsers {
+    /// First uid of the range.
+    pub first: u32,
+    /// Number of uids: how many microservices the node can run isolated.
+    pub count: u32,
+}
+
+impl Default for InstanceUsers {
+    fn default() -> Self {
+        // Far above login users (1000..60000), systemd's dynamic users (61184..65519) and
+        // the usual subordinate ranges of container runtimes (100000 + 65536 per user).
+        InstanceUsers { first: 1_900_000_000, count: 100_000 }
+    }
 }
 
 /// Cluster settings (`supernode`).
@@ -123,6 +169,29 @@ impl TryFrom<String> for JoinToken {
 pub struct MetaConfig {
     /// Synchronisation with the cloud.
     pub sync: SyncConfig,
+    /// The cap on reports waiting for the cloud.
+    pub outbox: OutboxConfig,
+}
+
+/// The outbox's cap (`meta.outbox`): past it the oldest events are dropped, never the last status.
+#[derive(Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutboxConfig {
+    /// Most reports waiting for the cloud, at least [`MIN_OUTBOX_REPORTS`].
+    pub max_reports: u64,
+    /// Most bytes of reports waiting for the cloud, at least [`MIN_OUTBOX_BYTES`].
+    pub max_bytes: u64,
+}
+
+/// Least `meta.outbox.maxReports`: room for the status snapshot and some events.
+pub const MIN_OUTBOX_REPORTS: u64 = 100;
+/// Least `meta.outbox.maxBytes`: room for a large node's status snapshot and some events.
+pub const MIN_OUTBOX_BYTES: u64 = 1024 * 1024;
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig { max_reports: DEFAULT_OUTBOX_REPORTS, max_bytes: DEFAULT_OUTBOX_BYTES }
+    }
 }
 
 /// Synchronisation settings (`meta.sync`).
@@ -231,6 +300,11 @@ impl EdgeConfig {
         Duration::from_secs(self.meta.sync.podstatus.interval)
     }
 
+    /// How much the outbox holds before it drops its oldest events.
+    pub fn outbox_cap(&self) -> OutboxCap {
+        OutboxCap { reports: self.meta.outbox.max_reports, bytes: self.meta.outbox.max_bytes }
+    }
+
     /// Checks what serde cannot, and strips the optional `wss://` from the cloud address.
     fn validate(mut self) -> Result<Self, Rejection> {
         let node = &self.node;
@@ -259,6 +333,12 @@ impl EdgeConfig {
         check(self.meta.sync.podstatus.interval >= 1, "meta.sync.podstatus.interval", || {
             "must be at least 1 (seconds), e.g. 60".to_owned()
         })?;
+        check(self.meta.outbox.max_reports >= MIN_OUTBOX_REPORTS, "meta.outbox.maxReports", || {
+            format!("must be at least {MIN_OUTBOX_REPORTS}, e.g. {DEFAULT_OUTBOX_REPORTS}")
+        })?;
+        check(self.meta.outbox.max_bytes >= MIN_OUTBOX_BYTES, "meta.outbox.maxBytes", || {
+            format!("must be at least {MIN_OUTBOX_BYTES} (1 MiB), e.g. {DEFAULT_OUTBOX_BYTES} (16 MiB)")
+        })?;
         let address = host_port(&self.cloud.address).ok_or_else(|| {
             let message = format!(
                 "{:?} is not host:port; expected e.g. 127.0.0.1:10350 or wss://cloud.example.com:10350 \
@@ -268,6 +348,13 @@ impl EdgeConfig {
             ("cloud.address", message)
         })?;
         self.cloud.address = address.to_owned();
+        let users = self.edged.instance_users;
+        check(users.first >= 1000 && users.count >= 1, "edged.instanceUsers", || {
+            format!("{users:?} needs first >= 1000 (not a system user) and count >= 1, e.g. {{first: 1900000000, count: 100000}}")
+        })?;
+        check(u64::from(users.first) + u64::from(users.count) <= u64::from(u32::MAX), "edged.instanceUsers", || {
+            format!("first + count must stay below {}, the largest uid", u32::MAX)
+        })?;
         check(self.supernode.heartbeat_seconds >= 1, "supernode.heartbeatSeconds", || {
             "must be at least 1 (seconds), e.g. 2".to_owned()
         })?;
@@ -341,12 +428,14 @@ cloud:
         assert_eq!(token.token.id, "abcdef");
         assert_eq!(config.data_dir, Path::new("/var/lib/supermesh"));
         assert_eq!(config.podstatus_interval(), Duration::from_secs(60));
+        assert_eq!(config.outbox_cap(), OutboxCap { reports: 10_000, bytes: 16 * 1024 * 1024 });
     }
 
     #[test]
     fn defaults_apply() {
         let config = parse(MINIMAL, "edge.yaml").unwrap();
         assert_eq!(config.meta.sync.podstatus.interval, 60);
+        assert_eq!(config.outbox_cap(), OutboxCap::default());
         assert_eq!(config.data_dir, Path::new("/var/lib/supermesh"));
         assert!(config.node.supernode_eligible);
         assert_eq!(config.node.location, None);
@@ -361,12 +450,13 @@ cloud:
     #[test]
     fn explicit_values_override_defaults_and_wss_is_stripped() {
         let text = MINIMAL.replace("127.0.0.1:10350", "wss://cloud.example.com:443")
-            + "dataDir: /data\nmeta: {sync: {podstatus: {interval: 5}}}\n";
+            + "dataDir: /data\nmeta: {sync: {podstatus: {interval: 5}}, outbox: {maxReports: 500, maxBytes: 2097152}}\n";
         let text = text.replace("network: home", "network: home\n  supernodeEligible: false");
         let config = parse(&text, "edge.yaml").unwrap();
         assert_eq!(config.cloud.address, "cloud.example.com:443");
         assert_eq!(config.data_dir, Path::new("/data"));
         assert_eq!(config.podstatus_interval(), Duration::from_secs(5));
+        assert_eq!(config.outbox_cap(), OutboxCap { reports: 500, bytes: 2 * 1024 * 1024 });
         assert!(!config.node.supernode_eligible);
     }
 
@@ -423,6 +513,15 @@ cloud:
                 "meta: {sync: {podstatus: {interval: 0}}}\ncloud:",
                 "meta.sync.podstatus.interval",
                 "at least 1",
+            ),
+            ("cloud:", "meta: {outbox: {maxReports: 99}}\ncloud:", "meta.outbox.maxReports", "at least 100"),
+            ("cloud:", "meta: {outbox: {maxBytes: 1000}}\ncloud:", "meta.outbox.maxBytes", "at least 1048576"),
+            ("cloud:", "edged: {instanceUsers: {first: 0}}\ncloud:", "edged.instanceUsers", "first >= 1000"),
+            (
+                "cloud:",
+                "edged: {instanceUsers: {first: 4294967000, count: 1000}}\ncloud:",
+                "edged.instanceUsers",
+                "below 4294967295",
             ),
         ];
         for (from, to, expected_key, hint) in cases {

@@ -75,12 +75,25 @@ async fn main() -> ExitCode {
 
 /// Runs the agent with the configuration at `path`.
 async fn run(path: &Path) -> ExitCode {
+    keep_private(path);
     match supermesh_agent::config::load(path) {
         Ok(config) => match supermesh_agent::run::run(config).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e.to_string()),
         },
         Err(e) => fail(e.to_string()),
+    }
+}
+
+/// Makes edge.yaml (it may hold the join token) readable by its owner only, as `join` writes it.
+fn keep_private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else { return };
+    if meta.permissions().mode() & 0o077 != 0 {
+        match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+            Ok(()) => eprintln!("note: {} was readable by others; it is now 0600", path.display()),
+            Err(e) => eprintln!("warning: {} is readable by others and cannot be made private: {e}", path.display()),
+        }
     }
 }
 

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{info, warn};
 
-use crate::config::EdgeConfig;
-use crate::edged::process::ProcessRuntime;
+use crate::config::{EdgeConfig, IsolationMode};
+use crate::edged::process::{ProcessConfig, ProcessRuntime};
 use crate::edged::runtime::Runtime;
+use crate::edged::sandbox::{self, InstanceUserTable, SandboxError};
 use crate::edged::Desired;
 use crate::edgehub::Signals;
 use crate::identity::{Identity, IdentityError, Standing};
@@ -49,12 +50,25 @@ pub enum StartError {
     /// The node's key or certificate could not be read, or there is nothing to enroll with.
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// Isolation is required but the agent may not switch users.
+    #[error(
+        "edged.isolation is Required, but the agent may not run instances as other users: run it as root, \
+         or give it CAP_SETUID, CAP_SETGID and CAP_CHOWN (see packaging/supermesh-agent.service)"
+    )]
+    CannotIsolate,
+    /// The table of instance users could not be opened.
+    #[error(transparent)]
+    InstanceUsers(#[from] SandboxError),
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: EdgeConfig) -> Result<(), StartError> {
+    // Whatever the agent writes is its own; instances get their files explicitly (edged::sandbox).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let config = Arc::new(config);
-    let store = Store::open(config.data_dir.join(DATABASE)).map_err(MetaError::from)?;
+    let mut store = Store::open(config.data_dir.join(DATABASE)).map_err(MetaError::from)?;
+    store.set_outbox_cap(config.outbox_cap());
+    let isolation = instance_users(&config)?;
     info!(node = %config.node.name, data = %config.data_dir.display(), cloud = %config.cloud.address, "supermesh-agent starting");
     let (peer_tcp, peer_udp) = supernode::bind(&config).await.map_err(|source| StartError::Listen {
         what: "peers (supernode service, TCP and UDP)",
@@ -102,7 +116,9 @@ pub async fn run(config: EdgeConfig) -> Result<(), StartError> {
     let hub_signals = Signals { outbox: Arc::new(Notify::new()), connected: producers.connected.clone() };
     tokio::spawn(fan_out(queued, hub_signals.outbox.clone(), cluster.clone()));
 
-    let runtime = Arc::new(ProcessRuntime::new(config.data_dir.clone(), config.node.name.clone()));
+    let process_config = ProcessConfig { isolation, ..ProcessConfig::default() };
+    let runtime =
+        Arc::new(ProcessRuntime::with_config(config.data_dir.clone(), config.node.name.clone(), process_config));
     tokio::spawn(metasync::run(
         runtime.statuses(),
         meta.clone(),
@@ -129,6 +145,29 @@ pub async fn run(config: EdgeConfig) -> Result<(), StartError> {
     // Dropping the runtime leaves instances running: the next agent adopts them.
     info!("supermesh-agent stopping; instances are left running");
     Ok(())
+}
+
+/// The users instances run as, when they run isolated (`edged.isolation`).
+fn instance_users(config: &EdgeConfig) -> Result<Option<Arc<InstanceUserTable>>, StartError> {
+    let able = sandbox::can_switch_users();
+    match config.edged.isolation {
+        IsolationMode::Off => {
+            warn!("edged.isolation is Off: instances run as the agent's user and can read its files");
+            return Ok(None);
+        }
+        IsolationMode::Required if !able => return Err(StartError::CannotIsolate),
+        IsolationMode::Auto if !able => {
+            warn!(
+                "the agent may not switch users (it needs root, or CAP_SETUID, CAP_SETGID and CAP_CHOWN): \
+                 instances run as the agent's user, NOT isolated; set edged.isolation: Required to refuse this"
+            );
+            return Ok(None);
+        }
+        _ => {}
+    }
+    let users = config.edged.instance_users;
+    info!(first = users.first, count = users.count, "instances run isolated, each as a user of its own");
+    Ok(Some(Arc::new(InstanceUserTable::open(&config.data_dir.join(DATABASE), users)?)))
 }
 
 /// Passes the metamanager's changes on: memberships to the cluster, the rest to edged.
@@ -186,7 +225,14 @@ pub fn inspect(data_dir: &Path) -> Result<String, String> {
             out += &format!("{:<50} {:<14} {:<44} {:>6}\n", row.key, row.res_type, row.version, row.value.len());
         }
     }
-    let pending = store.pending(usize::MAX >> 1).map_err(|e| e.to_string())?;
-    out += &format!("\n{} resources; {} reports waiting in the outbox; integrity ok\n", versions.len(), pending.len());
+    let usage = store.outbox_usage().map_err(|e| e.to_string())?;
+    let dropped = store.dropped_events().map_err(|e| e.to_string())?;
+    out += &format!(
+        "\n{} resources; {} reports waiting in the outbox ({} bytes; {dropped} events dropped while it was full); \
+         integrity ok\n",
+        versions.len(),
+        usage.reports,
+        usage.bytes
+    );
     Ok(out)
 }

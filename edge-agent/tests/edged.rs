@@ -100,8 +100,10 @@ fn spec(name: &str, command: &[&str]) -> InstanceSpec {
             ports: vec![],
             health_check: None,
             restart_policy: RestartPolicy::Always,
+            security_context: None,
         },
         env: BTreeMap::new(),
+        token: None,
     }
 }
 

@@ -69,8 +69,8 @@ pub use status::{
     ClusterView, EventReport, FailureReason, InstanceEvent, InstanceReport, NodeRole, Phase, StatusReport,
 };
 pub use workload::{
-    version, Artifact, Assignment, EnvVar, ExecCheck, HealthCheck, HttpCheck, Port, Protocol, RestartPolicy, TcpCheck,
-    Workload,
+    version, Artifact, Assignment, EnvVar, ExecCheck, HealthCheck, HttpCheck, Port, Protocol, RestartPolicy,
+    SecurityContext, TcpCheck, Workload,
 };
 
 /// Resource type of microservices on the wire (`namespace/microservice/name`).

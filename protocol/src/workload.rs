@@ -72,6 +72,25 @@ pub struct Workload {
     /// When the agent restarts an instance that exited.
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+    /// What the instance needs beyond the default sandbox; the cloud sends it only to
+    /// nodes whose EdgeNode allows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<SecurityContext>,
+}
+
+/// Who an instance runs as and which capabilities it keeps (`spec.securityContext`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecurityContext {
+    /// User id instead of the microservice's allocated one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_user: Option<u32>,
+    /// Group id instead of the microservice's allocated one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_group: Option<u32>,
+    /// Capabilities kept, without the `CAP_` prefix.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
 }
 
 /// One environment variable.

@@ -168,6 +168,7 @@ async fn admit(request: &EnrollRequest, token: &BootstrapToken, shared: &Shared)
                     location: request.location,
                     supernode_eligible: request.supernode_eligible,
                     unschedulable: !approved,
+                    security: Default::default(),
                 };
                 let mut node = EdgeNode::new(&request.node, spec);
                 node.metadata.annotations = Some(annotations.clone());

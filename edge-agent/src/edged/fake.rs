@@ -75,8 +75,10 @@ mod tests {
                 ports: vec![Port { name: Some("http".into()), port: 8080, protocol: Protocol::TCP }],
                 health_check: None,
                 restart_policy: RestartPolicy::Always,
+                security_context: None,
             },
             env: BTreeMap::new(),
+            token: None,
         }
     }
 

@@ -2,7 +2,7 @@
 //! each bounded by a timeout.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -121,6 +121,8 @@ pub struct ExecContext {
     pub dir: PathBuf,
     /// Complete environment.
     pub env: BTreeMap<String, String>,
+    /// The instance's sandbox, which its exec checks run in too.
+    pub sandbox: Option<std::sync::Arc<super::sandbox::Sandbox>>,
 }
 
 /// Runs `probe` once, failing after `timeout`.
@@ -132,7 +134,7 @@ async fn run(probe: &Probe, context: &ExecContext, timeout: Duration) -> Result<
     match probe {
         Probe::Http { port, path } => http_get(*port, path, timeout).await,
         Probe::Tcp { port } => connect(*port).await.map(drop),
-        Probe::Exec { command: argv } => exec(argv, &context.dir, &context.env).await,
+        Probe::Exec { command: argv } => exec(argv, context).await,
     }
 }
 
@@ -166,9 +168,13 @@ async fn http_get(port: u16, path: &str, timeout: Duration) -> Result<(), Health
     }
 }
 
-async fn exec(argv: &[String], dir: &Path, env: &BTreeMap<String, String>) -> Result<(), HealthError> {
+async fn exec(argv: &[String], context: &ExecContext) -> Result<(), HealthError> {
     let program = argv.first().cloned().unwrap_or_default();
-    let mut cmd = command(argv, dir, env).ok_or_else(|| HealthError::Invalid("exec command is empty".into()))?;
+    let mut cmd = command(argv, &context.dir, &context.env)
+        .ok_or_else(|| HealthError::Invalid("exec command is empty".into()))?;
+    if let Some(sandbox) = &context.sandbox {
+        sandbox.apply(&mut cmd);
+    }
     cmd.kill_on_drop(true);
     let mut child = cmd.spawn().map_err(|e| HealthError::Spawn { program, reason: e.to_string() })?;
     // A check that times out is dropped mid-wait; its whole group goes with it.
@@ -214,7 +220,7 @@ mod tests {
 
     fn context() -> ExecContext {
         let path = std::env::var("PATH").unwrap_or_default();
-        ExecContext { dir: std::env::temp_dir(), env: BTreeMap::from([("PATH".to_owned(), path)]) }
+        ExecContext { dir: std::env::temp_dir(), env: BTreeMap::from([("PATH".to_owned(), path)]), sandbox: None }
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod health;
 pub mod logs;
 pub mod process;
 pub mod runtime;
+pub mod sandbox;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -70,8 +71,10 @@ pub const ENV_ACCOUNT: &str = "SUPERMESH_ACCOUNT";
 pub const ENV_NETWORK: &str = "SUPERMESH_NETWORK";
 /// Variable holding the base URL of the agent's local API, e.g. `http://127.0.0.1:10380`.
 pub const ENV_API: &str = "SUPERMESH_API";
-/// Variable holding the instance's bearer token for the local API.
-pub const ENV_TOKEN: &str = "SUPERMESH_TOKEN";
+/// Variable naming the file that holds the instance's bearer token for the local API
+/// (readable only by the instance's user; never in the environment, where
+/// `/proc/<pid>/environ` would show it).
+pub const ENV_TOKEN_FILE: &str = "SUPERMESH_TOKEN_FILE";
 
 /// What edged tells every instance about where it runs: the node and how to reach its local API.
 #[derive(Clone, PartialEq, Eq)]
@@ -113,6 +116,14 @@ impl fmt::Debug for Context {
     }
 }
 
+/// The instance of `assignment` on this node: its context environment and its token.
+pub fn instance_spec(context: &Context, assignment: &Assignment) -> InstanceSpec {
+    InstanceSpec {
+        token: Some(localapi::token_for(&context.secret, &assignment.resource())),
+        ..InstanceSpec::from_assignment(assignment, context_env(context, assignment))
+    }
+}
+
 /// The context environment of an instance: who and where it is, and how it reaches the local API.
 pub fn context_env(context: &Context, assignment: &Assignment) -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -123,7 +134,6 @@ pub fn context_env(context: &Context, assignment: &Assignment) -> BTreeMap<Strin
         (ENV_ACCOUNT.to_owned(), context.account.clone()),
         (ENV_NETWORK.to_owned(), context.network.clone()),
         (ENV_API.to_owned(), context.api_url.clone()),
-        (ENV_TOKEN.to_owned(), localapi::token_for(&context.secret, &assignment.resource())),
     ])
 }
 
@@ -145,7 +155,7 @@ pub async fn reconcile<R: Runtime>(
             }
             match serde_json::from_str::<Assignment>(&d.value) {
                 Ok(a) => {
-                    runtime.ensure(InstanceSpec::from_assignment(&a, context_env(context, &a))).await;
+                    runtime.ensure(instance_spec(context, &a)).await;
                     ensured.insert(key.clone(), d.version.clone());
                 }
                 Err(e) => warn!(%key, error = %e, "stored assignment is unreadable; not run"),
@@ -203,7 +213,8 @@ mod tests {
             generation: 1,
             spec: serde_json::from_value(serde_json::json!({"mesh": "lan", "command": ["web"]})).unwrap(),
         };
-        let env = context_env(&context, &assignment("web"));
+        let spec = instance_spec(&context, &assignment("web"));
+        let env = &spec.env;
         let get = |name: &str| env.get(name).map(String::as_str);
         assert_eq!(get("SUPERMESH_NODE"), Some("pi-kitchen"));
         assert_eq!(get("SUPERMESH_NAMESPACE"), Some("team"));
@@ -213,9 +224,10 @@ mod tests {
         assert_eq!(get("SUPERMESH_NETWORK"), Some("home"));
         assert_eq!(get("SUPERMESH_API"), Some("http://127.0.0.1:10380"));
         let token = localapi::token_for("s3cret", "team/microservice/web");
-        assert_eq!(get("SUPERMESH_TOKEN"), Some(token.as_str()));
-        let other = context_env(&context, &assignment("db"));
-        assert_ne!(other["SUPERMESH_TOKEN"], token, "each microservice has its own token");
+        assert_eq!(spec.token.as_deref(), Some(token.as_str()));
+        assert!(env.values().all(|v| *v != token), "the token is handed in a file, not in the environment");
+        let other = instance_spec(&context, &assignment("db"));
+        assert_ne!(other.token, spec.token, "each microservice has its own token");
         assert!(!format!("{context:?}").contains("s3cret"), "the secret stays out of logs");
     }
 }

@@ -31,6 +31,7 @@ use super::artifact::ArtifactStore;
 use super::group::{self, Identity};
 use super::logs;
 use super::runtime::{InstanceSpec, InstanceStatus, Phase, Runtime, Statuses};
+use super::sandbox::{self, InstanceUserTable};
 
 mod supervisor;
 
@@ -43,7 +44,7 @@ pub struct ProcessConfig {
     pub log_max_bytes: u64,
     /// Rotated log files kept.
     pub log_keep: usize,
-    /// How often log sizes are checked.
+    /// Longest wait between two checks of a log's size; sooner while it grows fast (see `logs`).
     pub log_check_interval: Duration,
     /// First wait before a restart.
     pub backoff_initial: Duration,
@@ -55,6 +56,8 @@ pub struct ProcessConfig {
     pub health_timeout: Duration,
     /// How often an adopted process (not our child, so not waitable) is looked at.
     pub exit_poll_interval: Duration,
+    /// The users instances run as ([`sandbox`](super::sandbox)); `None` runs them as the agent's user.
+    pub isolation: Option<Arc<InstanceUserTable>>,
 }
 
 impl Default for ProcessConfig {
@@ -69,6 +72,7 @@ impl Default for ProcessConfig {
             backoff_reset_after: Duration::from_secs(600),
             health_timeout: Duration::from_secs(5),
             exit_poll_interval: Duration::from_millis(500),
+            isolation: None,
         }
     }
 }
@@ -144,6 +148,11 @@ impl InstanceDir {
     /// `instance.json`: which process runs which version.
     pub fn record(&self) -> PathBuf {
         self.0.join("instance.json")
+    }
+
+    /// The instance's bearer token for the local API, readable only by the instance's user.
+    pub fn token(&self) -> PathBuf {
+        self.0.join("token")
     }
 
     /// Digest of the artifact unpacked in `work`.
@@ -303,6 +312,16 @@ impl ProcessRuntime {
             warn!(target: "edged", strays, "stopped processes a previous agent started but never recorded");
         }
         let artifacts = ArtifactStore::new(data_dir.join("artifacts"));
+        if config.isolation.is_some() {
+            // Instance users pass through to their own directories, and see nothing else.
+            let instances = data_dir.join("instances");
+            let opened = std::fs::create_dir_all(&instances)
+                .and_then(|()| sandbox::pass_through(&data_dir))
+                .and_then(|()| sandbox::pass_through(&instances));
+            if let Err(e) = opened {
+                warn!(target: "edged", dir = %instances.display(), error = %e, "cannot open the instance directories to their users");
+            }
+        }
         ProcessRuntime {
             shared: Arc::new(Shared {
                 data_dir,

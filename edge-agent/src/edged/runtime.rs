@@ -33,6 +33,8 @@ pub struct InstanceSpec {
     pub spec: Workload,
     /// Context environment the agent adds (node, mesh, namespace, microservice, local API address).
     pub env: BTreeMap<String, String>,
+    /// Bearer token of the instance for the local API, handed in a file of its own.
+    pub token: Option<String>,
 }
 
 impl InstanceSpec {
@@ -45,6 +47,7 @@ impl InstanceSpec {
             version: assignment.version(),
             spec: assignment.spec.clone(),
             env,
+            token: None,
         }
     }
 }

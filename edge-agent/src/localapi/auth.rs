@@ -1,5 +1,5 @@
-//! Who is calling the local API. Each instance finds a bearer token in
-//! `SUPERMESH_TOKEN`: an HMAC of its microservice's resource string under the
+//! Who is calling the local API. Each instance finds a bearer token in the file
+//! `SUPERMESH_TOKEN_FILE` names (readable only by the instance's user): an HMAC of its microservice's resource string under the
 //! agent's secret, which lives in `<dataDir>/api.key`. The secret survives agent
 //! restarts, so instances the next agent adopts keep working tokens.
 
@@ -112,10 +112,11 @@ pub fn callers(secret: &str, desired: &BTreeMap<String, Desired>) -> HashMap<Str
 
 /// The token of an `Authorization` header (`None` when the request has none).
 pub fn bearer(header: Option<&str>) -> Result<&str, &'static str> {
-    let header = header.ok_or("missing Authorization header; send Authorization: Bearer $SUPERMESH_TOKEN")?;
+    let header = header
+        .ok_or("missing Authorization header; send Authorization: Bearer <the contents of $SUPERMESH_TOKEN_FILE>")?;
     match header.trim().split_once(' ') {
         Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => Ok(token.trim()),
-        _ => Err("the Authorization header is not \"Bearer <token>\"; send Authorization: Bearer $SUPERMESH_TOKEN"),
+        _ => Err("the Authorization header is not \"Bearer <token>\"; send Authorization: Bearer <the contents of $SUPERMESH_TOKEN_FILE>"),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The local API: what the agent serves its microservices over HTTP/1.1 on
 //! `localApi.listen` (keep it on loopback), JSON in and out. Instances find its
-//! address in `SUPERMESH_API` and their bearer token in `SUPERMESH_TOKEN`; the
+//! address in `SUPERMESH_API` and their bearer token in the file `SUPERMESH_TOKEN_FILE` names; the
 //! token says which microservice calls ([`auth`]).
 //!
 //! Endpoints, all under `/v1`:
@@ -350,8 +350,8 @@ impl FromRequestParts<Arc<LocalApi>> for Caller {
         let token = auth::bearer(header).map_err(|e| ApiError::Unauthorized(e.to_owned()))?;
         api.caller(token).ok_or_else(|| {
             ApiError::Unauthorized(
-                "unknown token: it belongs to no microservice placed on this node; send the instance's \
-                 $SUPERMESH_TOKEN"
+                "unknown token: it belongs to no microservice placed on this node; send the contents of \
+                 the instance's $SUPERMESH_TOKEN_FILE"
                     .to_owned(),
             )
         })

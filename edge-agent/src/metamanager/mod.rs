@@ -5,13 +5,17 @@
 //! channel; the task drains what is queued, commits it in one transaction, then
 //! tells edged about what really changed and acks every change to the cloud.
 //! Nothing is acked before it is on disk, so the cloud may resend freely.
+//!
+//! Reports for the cloud wait in the outbox, which is capped: a full outbox drops
+//! its oldest events (never a status snapshot), counts them in the database and
+//! says so in a warning at most every [`DROP_WARNING_EVERY`].
 
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use supermesh_protocol::{
@@ -21,7 +25,7 @@ use supermesh_protocol::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
-use store::{Change, KvPut, OutboxEntry, Outcome, Store, StoreError};
+use store::{Change, KvPut, OutboxEntry, Outcome, Queued, Store, StoreError};
 
 /// Capacity of the command queue; senders wait while it is full.
 pub const QUEUE_CAPACITY: usize = 1024;
@@ -29,6 +33,8 @@ pub const QUEUE_CAPACITY: usize = 1024;
 pub const MAX_BATCH: usize = 256;
 /// How long a query forwarded to the cloud waits for its answer.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Least time between two warnings about events dropped from the full outbox.
+pub const DROP_WARNING_EVERY: Duration = Duration::from_secs(600);
 
 /// What edged hears about a resource that really changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +68,8 @@ pub struct Stats {
     pub unchanged: u64,
     /// Events delivered to edged.
     pub edged_events: u64,
+    /// Events dropped from the full outbox, in all, across restarts.
+    pub events_dropped: u64,
 }
 
 /// Why a metamanager request failed.
@@ -146,7 +154,14 @@ pub struct MetaHandle {
 /// of calling [`MetaHandle::from_cloud`], since the task waits on `to_cloud` when it is full.
 pub fn spawn(store: Store, to_cloud: mpsc::Sender<Message>, to_edged: mpsc::Sender<EdgedEvent>) -> MetaHandle {
     let (commands, queue) = mpsc::channel(QUEUE_CAPACITY);
-    let actor = Actor { store, to_cloud: to_cloud.clone(), to_edged, unchanged: 0, edged_events: 0 };
+    let actor = Actor {
+        store,
+        to_cloud: to_cloud.clone(),
+        to_edged,
+        unchanged: 0,
+        edged_events: 0,
+        drops: DropWarning::default(),
+    };
     let runtime = tokio::runtime::Handle::current();
     // On a blocking thread: every commit waits for fsync, which must not stall the
     // runtime's workers. The task only awaits channels, which need no driver.
@@ -279,10 +294,15 @@ impl MetaHandle {
         operation: Operation,
         resource: &str,
         content: &Value,
-        write: fn(&mut Store, Operation, &str, &str) -> Result<i64, StoreError>,
+        write: fn(&mut Store, Operation, &str, &str) -> Result<Queued, StoreError>,
     ) -> Result<i64, MetaError> {
         let (resource, content) = (resource.to_owned(), content.to_string());
-        self.with_actor(move |a| write(&mut a.store, operation, &resource, &content)).await
+        self.with_actor(move |a| {
+            let queued = write(&mut a.store, operation, &resource, &content)?;
+            a.drops.note(&queued, a.store.outbox_cap(), Instant::now());
+            Ok(queued.seq)
+        })
+        .await
     }
 
     /// Up to `limit` reports not yet acked by the cloud, oldest first.
@@ -335,6 +355,7 @@ impl MetaHandle {
                 batches: s.batches,
                 unchanged: a.unchanged,
                 edged_events: a.edged_events,
+                events_dropped: a.store.dropped_events()?,
             })
         })
         .await
@@ -374,6 +395,50 @@ struct Actor {
     to_edged: mpsc::Sender<EdgedEvent>,
     unchanged: u64,
     edged_events: u64,
+    drops: DropWarning,
+}
+
+/// Warns about a full outbox, at most every [`DROP_WARNING_EVERY`]: a week offline
+/// must not fill the journal with one line per event.
+#[derive(Debug, Default)]
+struct DropWarning {
+    last: Option<Instant>,
+    /// Events dropped since the last warning.
+    unreported: u64,
+}
+
+impl DropWarning {
+    /// Takes note of a write to the outbox; returns whether it warned.
+    fn note(&mut self, queued: &Queued, cap: store::OutboxCap, now: Instant) -> bool {
+        let over = !queued.usage.within(cap);
+        if queued.dropped == 0 && !over {
+            return false;
+        }
+        self.unreported = self.unreported.saturating_add(queued.dropped);
+        if self.last.is_some_and(|last| now.duration_since(last) < DROP_WARNING_EVERY) {
+            return false;
+        }
+        self.last = Some(now);
+        let dropped = std::mem::take(&mut self.unreported);
+        let (reports, bytes) = (queued.usage.reports, queued.usage.bytes);
+        if over {
+            warn!(
+                reports, bytes, cap_reports = cap.reports, cap_bytes = cap.bytes, dropped, total = queued.dropped_total,
+                "status snapshots alone exceed the outbox cap, so every event is dropped; raise meta.outbox.maxReports \
+                 or meta.outbox.maxBytes in edge.yaml"
+            );
+        } else {
+            warn!(
+                dropped,
+                total = queued.dropped_total,
+                cap_reports = cap.reports,
+                cap_bytes = cap.bytes,
+                "the outbox is full (the cloud has not acked for a while): dropped the oldest events; \
+                 status snapshots are kept"
+            );
+        }
+        true
+    }
 }
 
 impl Actor {

@@ -4,6 +4,12 @@
 //!
 //! A [`Store`] wraps one connection and is owned by the metamanager task alone,
 //! so SQLite never sees two writers and never answers "database is locked".
+//!
+//! The outbox is bounded by an [`OutboxCap`] (reports and bytes) while the cloud is
+//! away. A status snapshot supersedes the unsent snapshots of its resource, so each
+//! resource has at most one. When a write leaves the outbox over its cap, the oldest
+//! events are dropped until it fits and counted in `counters`; snapshots are never
+//! dropped, so the last status of every resource still reaches the cloud.
 
 use std::collections::BTreeMap;
 use std::fs::{self, DirBuilder, OpenOptions, Permissions};
@@ -15,7 +21,8 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction}
 use supermesh_protocol::Operation;
 
 /// Schema migrations; entry `i` moves the schema from `user_version` i to i+1.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE meta (
         key TEXT PRIMARY KEY,
         type TEXT NOT NULL,
@@ -42,7 +49,28 @@ const MIGRATIONS: &[&str] = &["
         value BLOB NOT NULL,
         PRIMARY KEY (microservice, key)
     );
-"];
+",
+    "
+    ALTER TABLE outbox ADD COLUMN snapshot INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE outbox ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+    -- Older agents superseded only their status report (STATUS_RESOURCE): it is the snapshot.
+    UPDATE outbox SET snapshot = (resource = 'node/status'),
+        bytes = length(CAST(resource AS BLOB)) + length(CAST(content AS BLOB));
+    CREATE INDEX outbox_kind ON outbox(snapshot, seq, bytes);
+    CREATE TABLE counters (
+        name TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    );
+",
+];
+
+/// Name in `counters` of the events dropped from the full outbox, in all.
+const EVENTS_DROPPED: &str = "outbox_events_dropped";
+
+/// Most reports the outbox holds by default.
+pub const DEFAULT_OUTBOX_REPORTS: u64 = 10_000;
+/// Most bytes (resource and content) the outbox holds by default.
+pub const DEFAULT_OUTBOX_BYTES: u64 = 16 * 1024 * 1024;
 
 /// How long a second connection (e.g. `supermesh-agent inspect`) waits for a lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -160,6 +188,50 @@ pub struct OutboxEntry {
     pub created_ms: i64,
 }
 
+/// How much the outbox holds before it drops its oldest events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxCap {
+    /// Most reports (snapshots and events).
+    pub reports: u64,
+    /// Most bytes of resource strings and contents (SQLite's own overhead comes on top).
+    pub bytes: u64,
+}
+
+impl Default for OutboxCap {
+    fn default() -> Self {
+        OutboxCap { reports: DEFAULT_OUTBOX_REPORTS, bytes: DEFAULT_OUTBOX_BYTES }
+    }
+}
+
+/// What the outbox holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxUsage {
+    /// Reports waiting for the cloud's ack.
+    pub reports: u64,
+    /// Bytes of their resource strings and contents.
+    pub bytes: u64,
+}
+
+impl OutboxUsage {
+    /// Whether this usage is within `cap`.
+    pub fn within(self, cap: OutboxCap) -> bool {
+        self.reports <= cap.reports && self.bytes <= cap.bytes
+    }
+}
+
+/// What writing a report to the outbox did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Queued {
+    /// Seq of the new report (gone already if it was itself dropped to make room).
+    pub seq: i64,
+    /// Events this write dropped, oldest first, to keep the outbox within its cap.
+    pub dropped: u64,
+    /// Events dropped in all, across restarts.
+    pub dropped_total: u64,
+    /// What the outbox holds after the write; over the cap only when snapshots alone exceed it.
+    pub usage: OutboxUsage,
+}
+
 /// What [`Store::kv_put`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvPut {
@@ -186,6 +258,7 @@ pub struct Store {
     conn: Connection,
     path: PathBuf,
     stats: StoreStats,
+    outbox_cap: OutboxCap,
 }
 
 /// Maps a SQLite error, telling a damaged file apart from a failed statement.
@@ -205,11 +278,67 @@ fn check(conn: &Connection, pragma: &str) -> rusqlite::Result<Result<(), String>
     Ok(if report == ["ok"] { Ok(()) } else { Err(report.join("; ")) })
 }
 
-/// Inserts one outbox row; the operation is stored as its variant name, which `pending` parses back.
-fn insert_report(conn: &Connection, operation: Operation, resource: &str, content: &str) -> rusqlite::Result<i64> {
-    conn.prepare_cached("INSERT INTO outbox (operation, resource, content, created_ms) VALUES (?1, ?2, ?3, ?4)")?
-        .execute((format!("{operation:?}"), resource, content, supermesh_protocol::now_ms()))?;
+/// Inserts one outbox row, a snapshot or an event; the operation is stored as its
+/// variant name, which `pending` parses back.
+fn insert_report(
+    conn: &Connection,
+    operation: Operation,
+    resource: &str,
+    content: &str,
+    snapshot: bool,
+) -> rusqlite::Result<i64> {
+    let bytes = resource.len() + content.len();
+    conn.prepare_cached(
+        "INSERT INTO outbox (operation, resource, content, created_ms, snapshot, bytes)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute((format!("{operation:?}"), resource, content, supermesh_protocol::now_ms(), snapshot, bytes))?;
     Ok(conn.last_insert_rowid())
+}
+
+/// What the outbox holds.
+fn outbox_usage(conn: &Connection) -> rusqlite::Result<OutboxUsage> {
+    conn.prepare_cached("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM outbox")?
+        .query_row([], |r| Ok(OutboxUsage { reports: r.get(0)?, bytes: r.get(1)? }))
+}
+
+/// The value of counter `name`, 0 if never counted.
+fn counter(conn: &Connection, name: &str) -> rusqlite::Result<u64> {
+    conn.prepare_cached("SELECT value FROM counters WHERE name = ?1")?
+        .query_row([name], |r| r.get(0))
+        .optional()
+        .map(Option::unwrap_or_default)
+}
+
+/// Drops the oldest events until the outbox is within `cap` (or holds only
+/// snapshots) and counts them; returns how many it dropped and the usage left.
+fn trim_outbox(conn: &Connection, cap: OutboxCap) -> rusqlite::Result<(u64, OutboxUsage)> {
+    let mut usage = outbox_usage(conn)?;
+    if usage.within(cap) {
+        return Ok((0, usage));
+    }
+    let (mut dropped, mut last) = (0u64, None);
+    {
+        let mut oldest = conn.prepare_cached("SELECT seq, bytes FROM outbox WHERE snapshot = 0 ORDER BY seq")?;
+        let mut rows = oldest.query([])?;
+        while !usage.within(cap) {
+            let Some(row) = rows.next()? else { break };
+            let (seq, bytes): (i64, u64) = (row.get(0)?, row.get(1)?);
+            usage.reports = usage.reports.saturating_sub(1);
+            usage.bytes = usage.bytes.saturating_sub(bytes);
+            dropped += 1;
+            last = Some(seq);
+        }
+    }
+    if let Some(last) = last {
+        conn.prepare_cached("DELETE FROM outbox WHERE snapshot = 0 AND seq <= ?1")?.execute([last])?;
+        conn.prepare_cached(
+            "INSERT INTO counters (name, value) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+        )?
+        .execute((EVENTS_DROPPED, dropped))?;
+    }
+    Ok((dropped, usage))
 }
 
 /// Runs `PRAGMA integrity_check` on the database at `path` from a separate connection.
@@ -277,7 +406,7 @@ impl Store {
 
         let mut conn = Connection::open(&path).map_err(sql_err(&path))?;
         prepare(&mut conn, &path)?;
-        Ok(Store { conn, path, stats: StoreStats::default() })
+        Ok(Store { conn, path, stats: StoreStats::default(), outbox_cap: OutboxCap::default() })
     }
 
     /// The database file.
@@ -325,21 +454,58 @@ impl Store {
             .map_err(sql_err(&self.path))
     }
 
-    /// Appends a report to the outbox and returns its seq.
-    pub fn enqueue(&mut self, operation: Operation, resource: &str, content: &str) -> Result<i64, StoreError> {
-        insert_report(&self.conn, operation, resource, content).map_err(sql_err(&self.path))
+    /// Sets how much the outbox holds; the next report written enforces it.
+    pub fn set_outbox_cap(&mut self, cap: OutboxCap) {
+        self.outbox_cap = cap;
     }
 
-    /// Appends a report that supersedes every unsent report of the same operation and
-    /// resource (a newer full snapshot makes older ones moot), in one transaction.
-    pub fn replace(&mut self, operation: Operation, resource: &str, content: &str) -> Result<i64, StoreError> {
+    /// How much the outbox holds before it drops its oldest events.
+    pub fn outbox_cap(&self) -> OutboxCap {
+        self.outbox_cap
+    }
+
+    /// What the outbox holds now.
+    pub fn outbox_usage(&self) -> Result<OutboxUsage, StoreError> {
+        outbox_usage(&self.conn).map_err(sql_err(&self.path))
+    }
+
+    /// Events dropped from the full outbox, in all, across restarts.
+    pub fn dropped_events(&self) -> Result<u64, StoreError> {
+        counter(&self.conn, EVENTS_DROPPED).map_err(sql_err(&self.path))
+    }
+
+    /// Appends an event to the outbox; the oldest events make room if it is full.
+    pub fn enqueue(&mut self, operation: Operation, resource: &str, content: &str) -> Result<Queued, StoreError> {
+        self.write_report(operation, resource, content, false)
+    }
+
+    /// Appends a snapshot that supersedes every unsent snapshot of the same operation
+    /// and resource (a newer full snapshot makes older ones moot); the oldest events
+    /// make room if the outbox is full.
+    pub fn replace(&mut self, operation: Operation, resource: &str, content: &str) -> Result<Queued, StoreError> {
+        self.write_report(operation, resource, content, true)
+    }
+
+    /// Writes a report and trims the outbox to its cap, in one transaction.
+    fn write_report(
+        &mut self,
+        operation: Operation,
+        resource: &str,
+        content: &str,
+        snapshot: bool,
+    ) -> Result<Queued, StoreError> {
         let err = sql_err(&self.path);
         let tx = self.conn.transaction().map_err(&err)?;
-        tx.execute("DELETE FROM outbox WHERE operation = ?1 AND resource = ?2", (format!("{operation:?}"), resource))
-            .map_err(&err)?;
-        let seq = insert_report(&tx, operation, resource, content).map_err(&err)?;
+        if snapshot {
+            tx.prepare_cached("DELETE FROM outbox WHERE snapshot = 1 AND operation = ?1 AND resource = ?2")
+                .and_then(|mut s| s.execute((format!("{operation:?}"), resource)))
+                .map_err(&err)?;
+        }
+        let seq = insert_report(&tx, operation, resource, content, snapshot).map_err(&err)?;
+        let (dropped, usage) = trim_outbox(&tx, self.outbox_cap).map_err(&err)?;
+        let dropped_total = counter(&tx, EVENTS_DROPPED).map_err(&err)?;
         tx.commit().map_err(&err)?;
-        Ok(seq)
+        Ok(Queued { seq, dropped, dropped_total, usage })
     }
 
     /// Up to `limit` outbox entries, oldest first.
@@ -504,7 +670,7 @@ mod tests {
             .conn
             .query_row("SELECT * FROM pragma_journal_mode, pragma_user_version", [], |r| Ok((r.get(0)?, r.get(1)?)))
             .unwrap();
-        assert_eq!((mode.as_str(), version), ("wal", 1));
+        assert_eq!((mode.as_str(), version), ("wal", MIGRATIONS.len() as i64));
         assert_eq!(store.list("microservice").unwrap().iter().map(|r| r.version.as_str()).collect::<Vec<_>>(), ["2"]);
         assert_eq!(store.held_versions().unwrap(), BTreeMap::from([("team/microservice/web".into(), "2".into())]));
         assert!(store.list("edgenode").unwrap().is_empty());
@@ -565,5 +731,122 @@ mod tests {
         Store::open(&newer).unwrap().conn.pragma_update(None, "user_version", 9).unwrap();
         let err = Store::open(&newer).unwrap_err().to_string();
         assert!(err.contains("newer agent") && err.contains("newer.db"), "{err}");
+    }
+
+    /// What the outbox holds, as (resource, content) in seq order.
+    fn outbox(store: &Store) -> Vec<(String, String)> {
+        store.pending(usize::MAX >> 1).unwrap().into_iter().map(|e| (e.resource, e.content)).collect()
+    }
+
+    #[test]
+    fn a_week_offline_stays_under_the_cap_keeps_every_last_status_and_counts_dropped_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let mut store = Store::open(&path).unwrap();
+        // Speed only: a week of writes, each otherwise waiting for fsync.
+        store.conn.pragma_update(None, "synchronous", "OFF").unwrap();
+        let cap = OutboxCap { reports: 400, bytes: 48 * 1024 };
+        store.set_outbox_cap(cap);
+        let snapshots = [supermesh_protocol::STATUS_RESOURCE, "team/status/relay-a", "team/status/relay-b"];
+        let instances: Vec<String> = (0..5).map(|i| format!("team/microservice/ms-{i}")).collect();
+        let (mut events, mut dropped, mut bound) = (Vec::new(), 0, (false, false));
+        // Status every 60 s for 7 days; instance i has an event every 7·(i+1) minutes,
+        // longer each day, so the report count binds first and the byte limit later.
+        for minute in 0..7 * 24 * 60u64 {
+            for (i, instance) in instances.iter().enumerate() {
+                if minute % (7 * (i as u64 + 1)) == 0 {
+                    let detail = "x".repeat(minute as usize / (24 * 60) * 40);
+                    let n = events.len();
+                    let content = format!(r#"{{"reason":"Restarted","message":"restart {n} at {minute} {detail}"}}"#);
+                    let queued = store.enqueue(Operation::MetaSync, instance, &content).unwrap();
+                    assert!(queued.usage.within(cap), "minute {minute}: {queued:?}");
+                    dropped += queued.dropped;
+                    if queued.dropped > 0 {
+                        let by_count = queued.usage.reports == cap.reports;
+                        bound = (bound.0 || by_count, bound.1 || !by_count);
+                    }
+                    events.push((instance.clone(), content));
+                }
+            }
+            for resource in snapshots {
+                let content = format!(r#"{{"takenMs":{minute},"instances":[{}]}}"#, "{}, ".repeat(40));
+                let queued = store.replace(Operation::MetaSync, resource, &content).unwrap();
+                assert!(queued.usage.within(cap), "minute {minute}: {queued:?}");
+                assert_eq!(queued.dropped_total, dropped + queued.dropped);
+                dropped += queued.dropped;
+            }
+            assert!(store.outbox_usage().unwrap().within(cap), "minute {minute}");
+        }
+        assert_eq!(bound, (true, true), "both the report count and the byte limit must have bound");
+        let held = outbox(&store);
+        let last = format!(r#"{{"takenMs":{},"instances":[{}]}}"#, 7 * 24 * 60 - 1, "{}, ".repeat(40));
+        for resource in snapshots {
+            let kept: Vec<_> = held.iter().filter(|(r, _)| r == resource).collect();
+            assert_eq!(kept, [&(resource.to_owned(), last.clone())], "exactly the last status of {resource}");
+        }
+        // What is left of the events is the newest ones, in order; the rest were counted.
+        let kept_events: Vec<_> = held.into_iter().filter(|(r, _)| r.starts_with("team/microservice/")).collect();
+        assert!(!kept_events.is_empty() && kept_events.len() < events.len());
+        assert_eq!(kept_events, events[events.len() - kept_events.len()..]);
+        assert_eq!(dropped, (events.len() - kept_events.len()) as u64);
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.dropped_events().unwrap(), dropped, "the count survives a restart");
+        assert!(store.outbox_usage().unwrap().within(cap));
+    }
+
+    #[test]
+    fn a_snapshot_supersedes_only_snapshots_and_snapshots_are_never_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path().join("agent.db")).unwrap();
+        store.set_outbox_cap(OutboxCap { reports: 2, bytes: 1 << 20 });
+        let web = "team/microservice/web";
+        store.enqueue(Operation::MetaSync, web, "{\"event\":1}").unwrap();
+        store.replace(Operation::MetaSync, web, "{\"status\":1}").unwrap();
+        store.replace(Operation::MetaSync, web, "{\"status\":2}").unwrap();
+        assert_eq!(
+            outbox(&store),
+            [(web.to_owned(), "{\"event\":1}".to_owned()), (web.to_owned(), "{\"status\":2}".to_owned())],
+            "a snapshot replaces the older snapshot, not the event"
+        );
+        // Snapshots alone over the cap: every event goes, every snapshot stays.
+        for n in 0..3 {
+            let queued = store.replace(Operation::MetaSync, &format!("node/status-{n}"), "{}").unwrap();
+            assert_eq!(queued.dropped, u64::from(n == 0));
+        }
+        let queued = store.enqueue(Operation::MetaSync, web, "{\"event\":2}").unwrap();
+        assert_eq!((queued.dropped, queued.dropped_total), (1, 2), "the new event itself is dropped");
+        assert!(!queued.usage.within(store.outbox_cap()));
+        assert_eq!(queued.usage.reports, 4);
+        assert!(outbox(&store).iter().all(|(_, content)| !content.contains("event")));
+        assert_eq!(store.dropped_events().unwrap(), 2);
+    }
+
+    #[test]
+    fn an_outbox_of_the_first_schema_is_migrated_and_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            for (resource, content) in
+                [("team/microservice/web", "{\"é\":1}"), (supermesh_protocol::STATUS_RESOURCE, "{\"old\":1}")]
+            {
+                conn.execute(
+                    "INSERT INTO outbox (operation, resource, content, created_ms) VALUES ('MetaSync', ?1, ?2, 1)",
+                    [resource, content],
+                )
+                .unwrap();
+            }
+        }
+        let mut store = Store::open(&path).unwrap();
+        let bytes = ("team/microservice/web".len() + "{\"é\":1}".len() + "node/status{\"old\":1}".len()) as u64;
+        assert_eq!(store.outbox_usage().unwrap(), OutboxUsage { reports: 2, bytes }, "sizes in bytes, not chars");
+        assert_eq!(store.dropped_events().unwrap(), 0);
+        // The old status row became a snapshot: the new one supersedes it.
+        store.replace(Operation::MetaSync, supermesh_protocol::STATUS_RESOURCE, "{\"new\":1}").unwrap();
+        let held = outbox(&store);
+        assert_eq!(held.iter().map(|(_, c)| c.as_str()).collect::<Vec<_>>(), ["{\"é\":1}", "{\"new\":1}"]);
     }
 }

@@ -8,7 +8,7 @@ use supermesh_protocol::{decode, encode};
 use tempfile::TempDir;
 use tokio::time::timeout;
 
-use super::store::{integrity_check, Row};
+use super::store::{integrity_check, OutboxCap, OutboxUsage, Row};
 use super::*;
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -28,11 +28,11 @@ fn rig() -> Rig {
 }
 
 /// A task on a fresh database, after `prepare` had its way with the store.
-fn rig_with(prepare: impl FnOnce(&Store)) -> Rig {
+fn rig_with(prepare: impl FnOnce(&mut Store)) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state/agent.db");
-    let store = Store::open(&path).unwrap();
-    prepare(&store);
+    let mut store = Store::open(&path).unwrap();
+    prepare(&mut store);
     let (to_cloud, cloud) = mpsc::channel(QUEUE_CAPACITY);
     let (to_edged, edged) = mpsc::channel(QUEUE_CAPACITY);
     Rig { meta: spawn(store, to_cloud, to_edged), path, _dir: dir, cloud, edged }
@@ -265,7 +265,7 @@ async fn the_outbox_keeps_unacked_reports_across_reopen() {
 
 #[tokio::test]
 async fn a_failed_commit_nacks_the_whole_batch_and_the_task_goes_on() {
-    let mut rig = rig_with(Store::fill_disk);
+    let mut rig = rig_with(|store| store.fill_disk());
     let release = pause(&rig.meta).await;
     let small = "team/microservice/small";
     rig.meta.from_cloud(change(Operation::Insert, "c-1", small, Some("1"), json!({}))).await;
@@ -318,4 +318,40 @@ async fn concurrent_changes_and_queries_never_meet_a_locked_database() {
         assert_eq!(ack.operation, Operation::Response, "{:?}", ack.content);
     }
     assert_eq!(rig.meta.held_versions().await.unwrap().len(), 200);
+}
+
+#[tokio::test]
+async fn a_full_outbox_drops_the_oldest_events_counts_them_and_keeps_the_status() {
+    let rig = rig_with(|store| store.set_outbox_cap(OutboxCap { reports: 3, bytes: 1 << 20 }));
+    let status = supermesh_protocol::STATUS_RESOURCE;
+    for n in 0..5 {
+        rig.meta.enqueue_report(Operation::MetaSync, WEB, &json!({"event": n})).await.unwrap();
+    }
+    rig.meta.replace_report(Operation::MetaSync, status, &json!({"status": 1})).await.unwrap();
+    rig.meta.replace_report(Operation::MetaSync, status, &json!({"status": 2})).await.unwrap();
+    let held: Vec<_> = rig.meta.outbox_pending(10).await.unwrap().into_iter().map(|e| e.content).collect();
+    assert_eq!(held, [r#"{"event":3}"#, r#"{"event":4}"#, r#"{"status":2}"#]);
+    assert_eq!(rig.meta.stats().await.unwrap().events_dropped, 3);
+    // Acked reports make room again: nothing more is dropped.
+    let seqs: Vec<i64> = rig.meta.outbox_pending(2).await.unwrap().into_iter().map(|e| e.seq).collect();
+    assert_eq!(rig.meta.outbox_acked(&seqs).await.unwrap(), 2);
+    rig.meta.enqueue_report(Operation::MetaSync, WEB, &json!({"event": 5})).await.unwrap();
+    assert_eq!(rig.meta.stats().await.unwrap().events_dropped, 3);
+    assert_eq!(Store::open(&rig.path).unwrap().dropped_events().unwrap(), 3, "the count is in the file");
+}
+
+#[test]
+fn drop_warnings_come_at_most_every_interval_with_what_was_dropped_since() {
+    let cap = OutboxCap { reports: 3, bytes: 1 << 20 };
+    let queued =
+        |dropped, reports| Queued { seq: 1, dropped, dropped_total: 0, usage: OutboxUsage { reports, bytes: 0 } };
+    let (mut warning, start) = (DropWarning::default(), Instant::now());
+    assert!(!warning.note(&queued(0, 3), cap, start), "a full outbox that dropped nothing is no news");
+    assert!(warning.note(&queued(2, 3), cap, start));
+    assert!(!warning.note(&queued(1, 3), cap, start + DROP_WARNING_EVERY / 2));
+    assert!(!warning.note(&queued(1, 3), cap, start + DROP_WARNING_EVERY / 2));
+    assert_eq!(warning.unreported, 2, "held for the next warning");
+    assert!(warning.note(&queued(1, 3), cap, start + DROP_WARNING_EVERY));
+    assert_eq!(warning.unreported, 0);
+    assert!(warning.note(&queued(0, 4), cap, start + DROP_WARNING_EVERY * 2), "snapshots alone over the cap");
 }

@@ -25,11 +25,13 @@ use super::{
     blocking, command, read_record, write_record, Desired, InstanceDir, Outcome, ProcessConfig, Record, Shared,
     StartError,
 };
-use crate::edged::artifact::{self, io_error, ArtifactError, ArtifactStore};
+use crate::edged::artifact::{io_error, ArtifactError, ArtifactStore};
 use crate::edged::group::{self, Identity};
 use crate::edged::health::{self, ExecContext, HealthError, Probe};
 use crate::edged::logs;
 use crate::edged::runtime::{now_ms, InstanceSpec, InstanceStatus, Phase, ENV_MICROSERVICE, ENV_NAMESPACE, ENV_NODE};
+use crate::edged::sandbox::{self, Sandbox, SandboxError};
+use crate::edged::ENV_TOKEN_FILE;
 
 /// Variables passed from the agent's environment to instances; nothing else is, so
 /// the agent's own secrets (join token, ...) never reach a microservice.
@@ -218,7 +220,7 @@ fn prepare_artifact(
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_error("cannot empty work directory", &work)(e)),
         _ => {}
     }
-    artifact::unpack(&archive, &work)?;
+    store.unpack(&archive, &work)?;
     std::fs::write(&marker, &artifact.sha256).map_err(io_error("cannot write", &marker))
 }
 
@@ -375,8 +377,19 @@ impl Supervisor {
                 return Ok(State::Backoff(Instant::now() + delay));
             }
         }
+        let sandbox = match self.sandbox(spec).await {
+            Ok(sandbox) => sandbox,
+            Err(e @ SandboxError::UnknownCapability(_)) => {
+                return Ok(self.fail(FailureReason::InvalidSpec, e.to_string()))
+            }
+            Err(e) => {
+                let delay = self.backoff.delay(Duration::ZERO);
+                self.set_phase(Phase::Backoff, Some(format!("{e}; retrying in {}", human(delay))));
+                return Ok(State::Backoff(Instant::now() + delay));
+            }
+        };
         self.set_phase(Phase::Starting, None);
-        match self.spawn(spec).await {
+        match self.spawn(spec, sandbox).await {
             Ok(live) => {
                 info!(target: "edged", key = %self.key, pid = live.identity.pid, version = %live.version, "started instance");
                 self.status.pid = Some(live.identity.pid);
@@ -424,8 +437,23 @@ impl Supervisor {
         }
     }
 
+    /// The sandbox of the instance: its user (allocated once) and what its spec asks for;
+    /// `None` when this node runs instances as the agent's user and the spec asks nothing.
+    async fn sandbox(&self, spec: &InstanceSpec) -> Result<Option<Arc<Sandbox>>, SandboxError> {
+        let context = spec.spec.security_context.clone();
+        let Some(users) = self.shared.config.isolation.clone() else {
+            let own = nix::unistd::geteuid().as_raw();
+            return context.map(|c| Sandbox::new(own, Some(&c)).map(Arc::new)).transpose();
+        };
+        let key = self.key.clone();
+        let uid = tokio::task::spawn_blocking(move || users.uid_of(&key))
+            .await
+            .map_err(|e| SandboxError::Interrupted(e.to_string()))??;
+        Ok(Some(Arc::new(Sandbox::new(uid, context.as_ref())?)))
+    }
+
     /// Starts the process with its log file as stdout and stderr, and records it.
-    async fn spawn(&mut self, spec: &InstanceSpec) -> Result<Live, StartError> {
+    async fn spawn(&mut self, spec: &InstanceSpec, sandbox: Option<Arc<Sandbox>>) -> Result<Live, StartError> {
         let io_failed = |what, path: PathBuf| move |source| StartError::Io { what, path, source };
         let (work, log) = (self.dir.work(), self.dir.log());
         tokio::fs::create_dir_all(&work).await.map_err(io_failed("cannot create work directory", work.clone()))?;
@@ -434,6 +462,7 @@ impl Supervisor {
                 .await
                 .map_err(io_failed("cannot create log directory", logs_dir.into()))?;
         }
+        self.hand_over(spec, sandbox.clone()).await?;
         // The child gets the descriptor (O_APPEND): its output never passes through
         // the agent, and truncation by rotation is safe.
         let stdout = std::fs::OpenOptions::new()
@@ -445,6 +474,9 @@ impl Supervisor {
         let argv: Vec<String> = spec.spec.command.iter().chain(&spec.spec.args).cloned().collect();
         let mut cmd = command(&argv, &work, &self.instance_env(spec)).ok_or(StartError::NoCommand)?;
         cmd.stdout(stdout).stderr(stderr);
+        if let Some(sandbox) = &sandbox {
+            sandbox.apply(&mut cmd);
+        }
         let program = argv.first().cloned().unwrap_or_default();
         let mut child = cmd.spawn().map_err(|source| StartError::Spawn { program, source })?;
         // The child stays unreaped until we wait, so its pid and /proc entry hold still.
@@ -477,6 +509,42 @@ impl Supervisor {
         Ok(Live { child: Some(child), identity, version: spec.version.clone(), started: Instant::now() })
     }
 
+    /// Gives the instance's user its work directory and its token file, and checks that it
+    /// can reach them; without a sandbox the token file is the agent's own (0400).
+    async fn hand_over(&self, spec: &InstanceSpec, sandbox: Option<Arc<Sandbox>>) -> Result<(), StartError> {
+        let (dir, token) = (self.dir.clone(), spec.token.clone());
+        blocking(move || {
+            let failed = |what: &'static str, path: PathBuf| {
+                move |e: io::Error| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+            };
+            if let Some(sandbox) = &sandbox {
+                sandbox::pass_through(dir.path()).map_err(failed("cannot open", dir.path().into()))?;
+                sandbox.reachable(&dir.work()).map_err(io::Error::other)?;
+                // Its log is written through a descriptor it is handed, never read back by it.
+                if let Some(logs) = dir.log().parent() {
+                    let private = std::os::unix::fs::PermissionsExt::from_mode(sandbox::PRIVATE_DIR);
+                    std::fs::set_permissions(logs, private).map_err(failed("cannot close", logs.into()))?;
+                }
+                sandbox.own(&dir.work()).map_err(failed("cannot hand over", dir.work()))?;
+            }
+            match (token, &sandbox) {
+                (Some(token), Some(sandbox)) => sandbox.write_private(&dir.token(), token.as_bytes()),
+                (Some(token), None) => {
+                    let own = Sandbox::new(nix::unistd::geteuid().as_raw(), None).map_err(io::Error::other)?;
+                    own.write_private(&dir.token(), token.as_bytes())
+                }
+                (None, _) => Ok(()),
+            }
+            .map_err(failed("cannot write the token file", dir.token()))
+        })
+        .await
+        .map_err(|source| StartError::Io {
+            what: "cannot prepare the instance in",
+            path: self.dir.path().into(),
+            source,
+        })
+    }
+
     /// Environment of the process and its exec checks: a few inherited variables,
     /// the spec's, then the context (which the spec cannot override).
     fn instance_env(&self, spec: &InstanceSpec) -> BTreeMap<String, String> {
@@ -489,6 +557,9 @@ impl Supervisor {
         env.insert(ENV_NAMESPACE.to_owned(), spec.namespace.clone());
         env.insert(ENV_MICROSERVICE.to_owned(), spec.name.clone());
         env.extend(spec.env.clone());
+        if spec.token.is_some() {
+            env.insert(ENV_TOKEN_FILE.to_owned(), self.dir.token().display().to_string());
+        }
         env
     }
 
@@ -505,12 +576,15 @@ impl Supervisor {
         let period = Duration::from_secs(check.map_or(10, |c| c.period_seconds).max(1).unsigned_abs().into());
         let threshold = check.map_or(3, |c| c.failure_threshold).max(1).unsigned_abs();
         let timeout = period.min(config.health_timeout);
-        let context = ExecContext { dir: self.dir.work(), env: self.instance_env(spec) };
+        let sandbox = self.sandbox(spec).await.ok().flatten();
+        let context = ExecContext { dir: self.dir.work(), env: self.instance_env(spec), sandbox };
         let mut check_due = next_check(&probe, &context, timeout, period.min(FIRST_CHECK_DELAY));
         let mut failures = 0u32;
         let mut rotation =
             tokio::time::interval_at(Instant::now() + config.log_check_interval, config.log_check_interval);
         rotation.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut log_watch =
+            logs::LogWatch::new(self.dir.log(), config.log_max_bytes, config.log_keep, config.log_check_interval);
         loop {
             let event = {
                 let Some(live) = self.live.as_mut() else { return Ok(State::Start) };
@@ -544,17 +618,25 @@ impl Supervisor {
                     warn!(target: "edged", key = %self.key, error = %e, failures, "health check failed");
                     check_due = next_check(&probe, &context, timeout, period);
                 }
-                Event::RotateLogs => self.rotate_logs().await,
+                Event::RotateLogs => rotation.reset_after(self.rotate_logs(&mut log_watch).await),
                 Event::Desired(true) => return Err(Interrupt::Changed),
                 Event::Desired(false) => return Err(Interrupt::Closed),
             }
         }
     }
 
-    async fn rotate_logs(&self) {
-        let (log, max, keep) = (self.dir.log(), self.shared.config.log_max_bytes, self.shared.config.log_keep);
-        if let Err(e) = blocking(move || logs::rotate_if_larger(&log, max, keep)).await {
-            warn!(target: "edged", key = %self.key, error = %e, "cannot rotate instance log");
+    /// Rotates the instance's log if it is over its cap; returns when to look again.
+    async fn rotate_logs(&self, watch: &mut logs::LogWatch) -> Duration {
+        let mut next = watch.clone();
+        match blocking(move || next.check(std::time::Instant::now()).map(|delay| (next, delay))).await {
+            Ok((checked, delay)) => {
+                *watch = checked;
+                delay
+            }
+            Err(e) => {
+                warn!(target: "edged", key = %self.key, error = %e, "cannot rotate instance log");
+                self.shared.config.log_check_interval
+            }
         }
     }
 
@@ -655,8 +737,16 @@ impl Supervisor {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         });
-        if let Err(e) = removed.await {
-            warn!(target: "edged", key = %self.key, error = %e, "cannot remove instance files");
+        match removed.await {
+            Err(e) => warn!(target: "edged", key = %self.key, error = %e, "cannot remove instance files"),
+            Ok(()) => {
+                if let Some(users) = self.shared.config.isolation.clone() {
+                    let key = self.key.clone();
+                    if let Err(e) = blocking(move || users.release(&key).map_err(io::Error::other)).await {
+                        warn!(target: "edged", key = %self.key, error = %e, "cannot release the instance's user");
+                    }
+                }
+            }
         }
     }
 
