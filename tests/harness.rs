@@ -381,14 +381,155 @@ pub fn peer_registry(addr: &str, node: &str, network: &str, root: &str) -> Optio
     peer_registry_with(addr, node, &supermesh_protocol::peer::cluster_key(root, network, 0))
 }
 
-/// The cluster registry of the agent whose peer service is at `addr`, asked as `node` with cluster key `key`.
+/// The cluster registry of the agent whose peer service is at `addr`, asked as `node` with
+/// cluster key `key`: over mutual TLS with `node`'s own certificate (from its data dir, see
+/// [`identity_dir`]), the answer's signature checked against the key the server's certificate carries.
 pub fn peer_registry_with(addr: &str, node: &str, key: &str) -> Option<supermesh_protocol::peer::Registry> {
     use supermesh_protocol::peer;
-    let body = serde_json::to_vec(&serde_json::json!({"from": node})).ok()?;
-    let signature = peer::sign(key, &body);
-    let headers = [(peer::NODE_HEADER, node), (peer::SIGNATURE_HEADER, signature.as_str())];
-    let (code, answer) = http(addr, "POST", peer::REGISTRY_PATH, &headers, &body)?;
-    (code == 200).then(|| serde_json::from_str(&answer).ok()).flatten()
+    let body = b"{}";
+    let signature = peer::sign(key, body);
+    let head = peer_head(peer::REGISTRY_PATH, addr, body.len(), Some(&signature));
+    let answer = peer_http(addr, Some(&identity_dir(node)), &head, body).ok()?;
+    if answer.status != 200 {
+        return None;
+    }
+    let signed: peer::SignedRegistry = serde_json::from_str(&answer.body).ok()?;
+    let server = supermesh_agent::supernode::tls::read_cert(answer.server_certificate.as_deref()?).ok()?;
+    signed.open(&server.key).ok()
+}
+
+/// Where `Agent::launch` keeps agent `node`'s key and certificate (its `dataDir/identity`).
+pub fn identity_dir(node: &str) -> PathBuf {
+    target_dir().join("e2e/agents").join(node).join("data/identity")
+}
+
+/// The head of a POST of `length` bytes to `path` of the peer service at `addr`, with the
+/// cluster key HMAC `signature` if given.
+pub fn peer_head(path: &str, addr: &str, length: usize, signature: Option<&str>) -> String {
+    let mut head = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {length}\r\n");
+    if let Some(signature) = signature {
+        head += &format!("{}: {signature}\r\n", supermesh_protocol::peer::SIGNATURE_HEADER);
+    }
+    head + "\r\n"
+}
+
+/// What the peer service answered over TLS.
+#[derive(Debug)]
+pub struct PeerAnswer {
+    /// HTTP status.
+    pub status: u16,
+    /// Body.
+    pub body: String,
+    /// The certificate the server presented (DER).
+    pub server_certificate: Option<Vec<u8>>,
+}
+
+/// One HTTP/1.1 request (`head`, then `body`) to the peer service at `addr` over TLS,
+/// presenting the node certificate and key kept in `identity` (none: no certificate), taking
+/// any server certificate (and returning it). `Err` says where it failed.
+pub fn peer_http(addr: &str, identity: Option<&Path>, head: &str, body: &[u8]) -> Result<PeerAnswer, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let credentials = match identity {
+        Some(dir) => {
+            let chain =
+                vec![CertificateDer::from_pem_file(dir.join("node.crt")).map_err(|e| format!("node.crt: {e}"))?];
+            let key = PrivateKeyDer::from_pem_file(dir.join("node.key")).map_err(|e| format!("node.key: {e}"))?;
+            Some((chain, key))
+        }
+        None => None,
+    };
+    peer_http_as(addr, credentials, head, body)
+}
+
+/// A node certificate chain and its key, as a TLS client presents them.
+pub type Credentials = (Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>);
+
+/// Like [`peer_http`], presenting `credentials` (for example a hand-made device's, from its
+/// `Identity::client_auth`).
+pub fn peer_http_as(
+    addr: &str,
+    credentials: Option<Credentials>,
+    head: &str,
+    body: &[u8],
+) -> Result<PeerAnswer, String> {
+    use rustls::pki_types::ServerName;
+    use std::io::{Read, Write};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let verifier = std::sync::Arc::new(AnyServer { provider: provider.clone(), seen: seen.clone() });
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let config = match credentials {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).map_err(|e| e.to_string())?,
+        None => builder.with_no_client_auth(),
+    };
+    let name = ServerName::try_from("supermesh-peer").map_err(|e| e.to_string())?;
+    let connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name).map_err(|e| e.to_string())?;
+    let address: std::net::SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let tcp = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(connection, tcp);
+    tls.write_all(head.as_bytes()).map_err(|e| format!("sending the head: {e}"))?;
+    tls.write_all(body).map_err(|e| format!("sending the body: {e}"))?;
+    let mut response = Vec::new();
+    match tls.read_to_end(&mut response) {
+        Ok(_) => {}
+        // The server may close without close_notify after its answer: what came is the answer.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => {}
+        Err(e) => return Err(format!("reading the answer: {e}")),
+    }
+    let response = String::from_utf8_lossy(&response);
+    let status = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or("no HTTP answer")?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let server_certificate = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    Ok(PeerAnswer { status, body, server_certificate })
+}
+
+/// Takes any server certificate and keeps it: the tests check what it says themselves.
+#[derive(Debug)]
+struct AnyServer {
+    provider: std::sync::Arc<rustls::crypto::CryptoProvider>,
+    seen: std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(end_entity.to_vec());
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// A port free now for TCP and UDP, never handed out before by this process, and below
@@ -818,6 +959,20 @@ impl Drop for Agent {
             let _ = supermesh_agent::edged::group::signal(pgid, Signal::SIGKILL);
         }
     }
+}
+
+impl Agent {
+    /// Process id of the running agent, for example to read its memory use from /proc.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+/// Resident memory of process `pid` in KiB (`VmRSS` of /proc/<pid>/status).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 impl Controller {

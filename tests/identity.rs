@@ -387,6 +387,7 @@ async fn a_node_reports_only_for_itself_and_never_from_the_future() {
         resource: STATUS_RESOURCE.into(),
         content,
         created_ms: now,
+        signature: None,
     };
     let batch = ReportBatch { entries: vec![entry(&raw.name.clone(), 1, own), entry(&victim.name, 7, forged)] };
     raw.send("b-1", BATCH_RESOURCE, &Body::MetaSync(Report::Batch(batch))).await;
@@ -525,6 +526,7 @@ async fn oversized_input_is_refused_and_costs_the_others_nothing() {
             resource: key.clone(),
             content: json!({"warning": true, "reason": "Exited", "message": format!("flood {seq}")}),
             created_ms: now_ms(),
+            signature: None,
         })
         .collect();
     let batch = |entries: Vec<RelayedReport>| Body::MetaSync(Report::Batch(ReportBatch { entries }));
@@ -547,6 +549,7 @@ async fn oversized_input_is_refused_and_costs_the_others_nothing() {
             resource: key.clone(),
             content: json!({"warning": true, "reason": "Exited", "message": "flood"}),
             created_ms: now_ms(),
+            signature: None,
         })
         .collect();
     raw.send("b-2", BATCH_RESOURCE, &batch(entries)).await;

@@ -324,7 +324,9 @@ impl Agent {
                 next_batch: AtomicU64::new(1),
             }),
         };
+        let identity = identity_of(&spec.name, &config)?;
         let device = Arc::new(SimDevice {
+            identity: identity.clone(),
             name: spec.name.clone(),
             membership_resource: Membership::resource(&spec.network),
             held: Mutex::default(),
@@ -343,7 +345,6 @@ impl Agent {
             status_changed: AtomicBool::new(false),
             status_notify: Notify::new(),
         });
-        let identity = identity_of(&spec.name, &config)?;
         let hub = tokio::spawn(edgehub::run(config, identity, device.clone(), outbound, signals));
         let lifecycle = tokio::spawn(lifecycle(device.clone(), started, spec.ready_after, spec.status_interval, phase));
         Ok(Agent { device, tasks: vec![hub, lifecycle] })
@@ -434,6 +435,8 @@ async fn until(at: Option<Instant>) {
 
 /// The in-memory device of a simulated agent.
 pub struct SimDevice {
+    /// Its key: a member signs the reports its supernode relays, as an agent does.
+    identity: Arc<Identity>,
     name: String,
     /// Resource of its network's membership, which names its cluster.
     membership_resource: String,
@@ -608,7 +611,9 @@ impl SimDevice {
                 resource: q.entry.resource.clone(),
                 content: serde_json::from_str(&q.entry.content).unwrap_or(serde_json::Value::Null),
                 created_ms: q.entry.created_ms,
+                signature: None,
             })
+            .map(|r| r.sign(|purpose, body| self.identity.sign(purpose, body)))
             .collect()
     }
 

@@ -17,7 +17,7 @@ use tracing::instrument;
 
 use crate::conditions::{self, Wanted};
 use crate::context::{reconcile_in_finalizer, Context, RESYNC};
-use crate::view::{NodeIdentity, SessionInfo};
+use crate::view::{capacity_quantities, NodeIdentity, SessionInfo};
 use crate::Result;
 
 /// How stale `lastHeartbeatTime` may get before it is rewritten while the agent stays
@@ -60,6 +60,9 @@ pub fn status_for(
             status.os = Some(s.os.clone());
             status.arch = Some(s.arch.clone());
             status.addresses = addresses(s);
+            if let Some(capacity) = s.capacity {
+                status.capacity = capacity_quantities(capacity);
+            }
             Some(connection("True", AGENT_CONNECTED, format!("supermesh-agent {} connected", s.agent_version)))
         }
         None if was.as_deref() == Some(AGENT_CONNECTED) && !grace_over => None,
@@ -168,6 +171,7 @@ mod tests {
             arch: "x86_64".into(),
             address: "10.0.0.7".into(),
             peer_address: None,
+            capacity: None,
         }
     }
 
@@ -223,6 +227,20 @@ mod tests {
         assert_eq!(offline.address(NodeAddress::PEER), Some("10.0.0.7:10360"));
         let without = status_for(&n, counts(0), Some(&session(2000)), None, true);
         assert_eq!(without.address(NodeAddress::PEER), None, "a reconnect without a peer address drops it");
+    }
+
+    #[test]
+    fn the_capacity_an_agent_tells_is_recorded_and_read_back_while_offline() {
+        let mut n = EdgeNode::new("n1", serde_json::from_value(json!({"account": "a", "network": "n"})).unwrap());
+        let capacity = supermesh_protocol::Capacity { cpus: 4, memory_bytes: 8 << 30 };
+        let s = status_for(&n, counts(0), Some(&SessionInfo { capacity: Some(capacity), ..session(1000) }), None, true);
+        assert_eq!(s.capacity.get("cpu").map(String::as_str), Some("4"));
+        assert_eq!(s.capacity.get("memory").map(String::as_str), Some("8388608Ki"));
+        n.status = Some(s);
+        assert_eq!(crate::view::NodeStatusView::from(&n).capacity, Some(capacity));
+        let offline = status_for(&n, counts(0), None, None, true);
+        assert_eq!(crate::view::capacity_of(&offline.capacity), Some(capacity), "kept while offline");
+        assert_eq!(capacity.class(), 4008);
     }
 
     #[test]

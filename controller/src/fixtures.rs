@@ -81,6 +81,7 @@ pub fn session(peer: Option<&str>) -> SessionInfo {
         arch: "x86_64".into(),
         address: "10.0.0.9".into(),
         peer_address: peer.map(str::to_owned),
+        capacity: None,
     }
 }
 

@@ -56,7 +56,8 @@ pub struct ResultLabels {
 }
 
 /// Labels naming why something was refused: a connection (`no_certificate`, `expired`,
-/// `not_standing`, `bad_token`, `per_address`, ...) or a report (`refused` for good, `later`).
+/// `not_standing`, `bad_token`, `per_address`, ...) or a report (`refused` for good, `later`, or
+/// `bad_signature`: relayed for another node without that node's signature).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     /// Why.
@@ -114,7 +115,8 @@ pub struct Metrics {
     pub redirects: Counter,
     /// Enrollments and renewals, by result.
     pub enrollments: Family<ResultLabels, Counter>,
-    /// Reports not taken: refused (not the sender's to make, stamped in the future, malformed) or left for later.
+    /// Reports not taken: refused (not the sender's to make, stamped in the future, malformed), relayed
+    /// without their node's signature (`bad_signature`) or left for later.
     pub reports_not_taken: Family<ReasonLabels, Counter>,
     /// Connections refused at the handshake, by reason.
     pub refused: Family<ReasonLabels, Counter>,

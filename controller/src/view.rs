@@ -10,7 +10,7 @@ use supermesh_api::edgenode::{NodeAddress, NodeSecurity};
 use supermesh_api::names::condition::READY;
 use supermesh_api::names::identity;
 use supermesh_api::EdgeNode;
-use supermesh_protocol::{Location, NodeRole};
+use supermesh_protocol::{Capacity, Location, NodeRole};
 
 /// What placement and memberships read of an EdgeNode: spec, labels and whether it is being deleted.
 #[derive(Debug, Clone, PartialEq)]
@@ -108,6 +108,8 @@ pub struct NodeStatusView {
     pub peer_address: Option<String>,
     /// The address its agent last connected from.
     pub internal_ip: Option<String>,
+    /// What the device has, as last written.
+    pub capacity: Option<Capacity>,
 }
 
 impl From<&EdgeNode> for NodeStatusView {
@@ -119,8 +121,24 @@ impl From<&EdgeNode> for NodeStatusView {
             supernode: s.supernode.clone(),
             peer_address: s.address(NodeAddress::PEER).map(str::to_owned),
             internal_ip: s.address(NodeAddress::INTERNAL_IP).map(str::to_owned),
+            capacity: capacity_of(&s.capacity),
         }
     }
+}
+
+/// A device's capacity as EdgeNode status records it: `cpu` in cores, `memory` in Ki.
+pub fn capacity_quantities(capacity: Capacity) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("cpu".to_owned(), capacity.cpus.to_string()),
+        ("memory".to_owned(), format!("{}Ki", capacity.memory_bytes >> 10)),
+    ])
+}
+
+/// The capacity EdgeNode status records ([`capacity_quantities`]), if it reads well.
+pub fn capacity_of(quantities: &BTreeMap<String, String>) -> Option<Capacity> {
+    let cpus = quantities.get("cpu")?.parse().ok()?;
+    let kib: u64 = quantities.get("memory")?.strip_suffix("Ki")?.parse().ok()?;
+    Some(Capacity { cpus, memory_bytes: kib.saturating_mul(1024) })
 }
 
 /// What the cloud knows about a connected agent.
@@ -140,6 +158,8 @@ pub struct SessionInfo {
     pub address: String,
     /// `host:port` at which the node's cluster peers reach its supernode service, if it advertises one.
     pub peer_address: Option<String>,
+    /// What the device has, if its agent says.
+    pub capacity: Option<Capacity>,
 }
 
 /// What the cloud's own records say of a node that reports or is reported for.

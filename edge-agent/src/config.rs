@@ -87,7 +87,8 @@ pub struct SupernodeConfig {
     pub advertise: Option<String>,
     /// Seconds between heartbeats (at least 1); a peer silent for 2.5 heartbeats is gone.
     pub heartbeat_seconds: u64,
-    /// LAN discovery: also send heartbeats to the multicast group and accept peers found there.
+    /// LAN discovery: also send heartbeats to the multicast group and learn there where
+    /// members are (only members the membership lists, with their enrolled keys, are peers).
     pub multicast: bool,
 }
 

@@ -24,7 +24,7 @@ use supermesh_protocol::identity::{
 use supermesh_protocol::names::ca_fingerprint;
 use supermesh_protocol::{
     decode, encode, now_ms, Answer, Body, Connection, ConnectionState, ErrorCode, ErrorContent, Hello, LogChunk,
-    LogQuery, Message, ProtocolVersion, Query, ResourceRef, CONNECTION_RESOURCE, CONNECT_PATH, MAX_LOG_CHUNK,
+    LogQuery, Message, ProtocolVersion, Query, ResourceRef, Welcome, CONNECTION_RESOURCE, CONNECT_PATH, MAX_LOG_CHUNK,
     MAX_MESSAGE_BYTES, MICROSERVICE, MOVED_CLOSE_CODE, MOVED_STATUS,
 };
 use tokio::net::TcpStream;
@@ -369,6 +369,7 @@ pub fn hello(config: &EdgeConfig, held: BTreeMap<String, String>) -> Hello {
             config.supernode.advertise.clone().unwrap_or_else(|| format!(":{}", config.supernode.listen.port())),
         ),
         protocol: ProtocolVersion::CURRENT,
+        capacity: Some(crate::supernode::election::local_capacity()),
     }
 }
 
@@ -492,6 +493,29 @@ const MAX_REDIRECTS: u32 = 3;
 /// notice one gone within seconds (see the controller's `replicas`).
 const MAX_DETOURS: u32 = 15;
 
+/// How often the agent speaks on an idle stream, and how long it waits for a word from the cloud.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Idle time after which the agent sends a keepalive.
+    pub every: Duration,
+    /// Silence of the cloud after which the agent gives the stream up: three keepalives.
+    pub silence: Duration,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive { every: Duration::from_secs(15), silence: Duration::from_secs(45) }
+    }
+}
+
+impl Keepalive {
+    /// What the cloud's welcome asks for.
+    pub fn of(welcome: &Welcome) -> Keepalive {
+        let every = Duration::from_secs(welcome.keepalive_seconds.max(1));
+        Keepalive { every, silence: 3 * every }
+    }
+}
+
 /// One connected session.
 struct Session<'a, D> {
     ws: Ws,
@@ -502,7 +526,7 @@ struct Session<'a, D> {
     signals: &'a Signals,
     /// Outbox entries sent and not yet acknowledged, by seq.
     unacked: BTreeSet<i64>,
-    keepalive: Duration,
+    keepalive: Keepalive,
     last_heard: Instant,
     last_sent: Instant,
 }
@@ -518,7 +542,7 @@ impl<'a, D: Device> Session<'a, D> {
             device,
             signals,
             unacked: BTreeSet::new(),
-            keepalive: Duration::from_secs(15),
+            keepalive: Keepalive::default(),
             last_heard: Instant::now(),
             last_sent: Instant::now(),
         }
@@ -554,11 +578,11 @@ impl<'a, D: Device> Session<'a, D> {
                     if let Err(e) = self.send(&msg).await { return e; }
                 }
                 _ = tick.tick() => {
-                    if self.last_heard.elapsed() > 3 * self.keepalive {
-                        return LinkError::Lost(format!("no word from the cloud for {} s", 3 * self.keepalive.as_secs()));
+                    if self.last_heard.elapsed() > self.keepalive.silence {
+                        return LinkError::Lost(format!("no word from the cloud for {} s", self.keepalive.silence.as_secs()));
                     }
                     if let Err(e) = self.flush_outbox().await { return e; }
-                    if self.last_sent.elapsed() >= self.keepalive {
+                    if self.last_sent.elapsed() >= self.keepalive.every {
                         let ping = message(CONNECTION_RESOURCE, &Body::Keepalive);
                         if let Err(e) = self.send(&ping).await { return e; }
                     }
@@ -589,7 +613,7 @@ impl<'a, D: Device> Session<'a, D> {
                 return Err(LinkError::Lost(format!("the cloud answered the hello with a {:?}", other.operation())))
             }
         };
-        self.keepalive = Duration::from_secs(welcome.keepalive_seconds.max(1));
+        self.keepalive = Keepalive::of(&welcome);
         self.last_heard = Instant::now();
         info!(cloud = %self.address, held, protocol = %welcome.protocol, "connected to the cloud");
         Ok(())

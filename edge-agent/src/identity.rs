@@ -3,6 +3,10 @@
 //! agent trades its join token for the certificate once (enrollment), then connects
 //! with the certificate and renews it at 70 to 90 % of its lifetime; a certificate
 //! that expired while the device was offline renews itself within the cloud's grace.
+//!
+//! The same key signs what the node says on its LAN (heartbeats, relayed reports,
+//! registries, see `supernode`): its peers and the cloud check those signatures against
+//! the key fingerprint the cloud recorded when the node enrolled.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,7 +17,8 @@ use rcgen::{CertificateParams, DnType, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::{Deserialize, Serialize};
-use supermesh_protocol::identity::{Issued, JoinString};
+use supermesh_protocol::identity::{key_fingerprint, Issued, JoinString};
+use supermesh_protocol::signing::{KeyAlgorithm, NodeSignature, Purpose};
 
 /// Files of the identity directory.
 const KEY_FILE: &str = "node.key";
@@ -162,6 +167,35 @@ impl Identity {
     pub fn approved(&self) -> bool {
         self.held.read().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|h| h.validity.approved)
     }
+
+    /// Fingerprint of the node's public key: what the cloud records when the node enrolls,
+    /// and what its peers check its signatures against.
+    pub fn fingerprint(&self) -> String {
+        key_fingerprint(self.key.public_key_raw())
+    }
+
+    /// The node's signature of `body` for `purpose`; `None` for a key of an algorithm peers
+    /// cannot check (agents make ECDSA P-256 keys).
+    pub fn sign(&self, purpose: Purpose, body: &[u8]) -> Option<NodeSignature> {
+        let algorithm = key_algorithm(&self.key)?;
+        NodeSignature::make(algorithm, self.key.public_key_raw(), purpose, body, |message| {
+            rcgen::SigningKey::sign(&self.key, message).ok()
+        })
+    }
+}
+
+/// The peer-protocol name of `key`'s algorithm, if peers can check its signatures.
+fn key_algorithm(key: &KeyPair) -> Option<KeyAlgorithm> {
+    let alg = key.algorithm();
+    if alg == &rcgen::PKCS_ECDSA_P256_SHA256 {
+        Some(KeyAlgorithm::EcdsaP256)
+    } else if alg == &rcgen::PKCS_ECDSA_P384_SHA384 {
+        Some(KeyAlgorithm::EcdsaP384)
+    } else if alg == &rcgen::PKCS_ED25519 {
+        Some(KeyAlgorithm::Ed25519)
+    } else {
+        None
+    }
 }
 
 /// A point between 70 and 90 % of the certificate's lifetime, so that nodes enrolled
@@ -266,6 +300,19 @@ mod tests {
         assert!(restarted.approved());
         restarted.store(&issued(t - 100, t - 1)).unwrap();
         assert_eq!(restarted.standing(), Standing::Expired);
+    }
+
+    #[test]
+    fn the_node_signs_with_the_key_the_cloud_records_at_enrollment() {
+        let join: JoinString = JOIN.parse().unwrap();
+        let identity = Identity::load(None, Some(&join)).unwrap();
+        let signed = identity.sign(Purpose::Heartbeat, b"beat").unwrap();
+        assert_eq!(signed.verify(&identity.fingerprint(), Purpose::Heartbeat, b"beat"), Ok(()));
+        // The cloud fingerprints the key of the CSR it signs, and of the certificate presented.
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(&identity.csr("pi").unwrap()).unwrap();
+        assert_eq!(key_fingerprint(rcgen::PublicKeyData::der_bytes(&csr.public_key)), identity.fingerprint());
+        let other = Identity::load(None, Some(&join)).unwrap();
+        assert!(signed.verify(&other.fingerprint(), Purpose::Heartbeat, b"beat").is_err());
     }
 
     #[test]

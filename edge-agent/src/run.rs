@@ -90,7 +90,7 @@ pub async fn run(config: EdgeConfig) -> Result<(), StartError> {
     let (to_cloud, outbound) = mpsc::channel(1024);
     let (to_router, from_meta) = mpsc::channel(1024);
     let meta = metamanager::spawn(store, to_cloud.clone(), to_router);
-    let cluster = Cluster::new(config.clone(), meta.clone(), to_cloud);
+    let cluster = Cluster::new(config.clone(), meta.clone(), identity.clone(), to_cloud);
     for row in meta.list(MEMBERSHIP).await? {
         match serde_json::from_str::<Membership>(&row.value) {
             Ok(m) => cluster.set_membership(m),

@@ -368,8 +368,10 @@ mod tests {
             address: None,
             location: None,
             supernode_eligible: true,
+            key: None,
+            capacity: 0,
         };
-        Membership { network: "lan".into(), key: "k".into(), members: vec![member] }
+        Membership { network: "lan".into(), key: "k".into(), members: vec![member], cloud_key: None }
     }
 
     fn round_trip(resource: &str, body: Body) {
@@ -436,6 +438,7 @@ mod tests {
             resource: resource.into(),
             content,
             created_ms: 0,
+            signature: None,
         };
         assert!(matches!(
             Report::relayed(&entry(STATUS_RESOURCE, json!({"takenMs": 1, "instances": []}))),

@@ -38,6 +38,29 @@ pub struct Hello {
     /// The newest protocol version the agent speaks (absent before 1.1: 1.0).
     #[serde(default)]
     pub protocol: ProtocolVersion,
+    /// What the device has: its cluster's election compares it, as the cloud records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Capacity>,
+}
+
+/// What a device has, as its agent tells the cloud.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Capacity {
+    /// CPU cores.
+    pub cpus: u32,
+    /// Memory, in bytes.
+    pub memory_bytes: u64,
+}
+
+impl Capacity {
+    /// The capacity class the supernode election compares: CPU cores × 1000 + memory in GiB
+    /// (capped at 999), so cores count first.
+    pub fn class(self) -> u32 {
+        let cores = self.cpus.min(4_000_000);
+        let gib = u32::try_from((self.memory_bytes >> 30).min(999)).unwrap_or(999);
+        cores.saturating_mul(1000).saturating_add(gib)
+    }
 }
 
 fn yes() -> bool {

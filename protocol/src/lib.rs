@@ -50,12 +50,13 @@ mod membership;
 mod message;
 pub mod names;
 pub mod peer;
+pub mod signing;
 mod status;
 mod workload;
 
-pub use batch::{BatchAck, RelayedReport, ReportBatch, ReportId};
+pub use batch::{BatchAck, Receipt, Receipted, RelayedReport, ReportBatch, ReportId};
 pub use body::{Answer, Body, Change, Connection, Prepared, Query, Report};
-pub use connection::{Hello, Welcome};
+pub use connection::{Capacity, Hello, Welcome};
 pub use discovery::{Endpoint, EndpointsAnswer, NodeInfo, NodesAnswer, Scope};
 pub use location::Location;
 pub use log::{LogChunk, LogQuery, MAX_LOG_CHUNK};

@@ -5,7 +5,8 @@ use sha2::Digest;
 
 use crate::{Location, MEMBERSHIP};
 
-/// Who belongs to a network cluster, and the key its members sign peer traffic with
+/// Who belongs to a network cluster as the cloud's records say: each member's enrolled
+/// key and election inputs, the cluster key, and the key the cloud signs receipts with
 /// (content of Insert and Update on `_/membership/<network>`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -16,6 +17,9 @@ pub struct Membership {
     pub key: String,
     /// Every EdgeNode of the network, by name.
     pub members: Vec<Member>,
+    /// Hex of the public key the cloud signs its [`crate::Receipt`]s with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_key: Option<String>,
 }
 
 /// One node of a [`Membership`].
@@ -34,9 +38,23 @@ pub struct Member {
     pub location: Option<Location>,
     /// Whether it may be elected supernode.
     pub supernode_eligible: bool,
+    /// Fingerprint of the key it enrolled ([`crate::identity::key_fingerprint`]): what its
+    /// heartbeats, reports, registries and certificate must carry. `None` before it enrolled;
+    /// such a member is no peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Its capacity class as the cloud knows it (CPU cores × 1000 + memory in GiB, capped
+    /// at 999), what the election compares; 0 while unknown.
+    #[serde(default)]
+    pub capacity: u32,
 }
 
 impl Membership {
+    /// The member named `name`, if listed.
+    pub fn member(&self, name: &str) -> Option<&Member> {
+        self.members.iter().find(|m| m.name == name)
+    }
+
     /// The resource string of the membership of `network`.
     pub fn resource(network: &str) -> String {
         format!("_/{MEMBERSHIP}/{network}")

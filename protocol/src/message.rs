@@ -421,6 +421,18 @@ mod tests {
     }
 
     #[test]
+    fn a_decoded_message_encodes_and_decodes_to_itself() {
+        // Found by the cloud_message fuzz target: without serde_json's float_roundtrip, this
+        // number read as 12.777777777777779, which read back as 12.77777777777778.
+        let frame = r#"{"version":1,"id":"c-1","timestamp":1,"operation":"Response","resource":"_/nodes/account",
+            "content":{"nodes":[{"distanceKm":12.7777777777777777777777777777775}]}}"#;
+        let decoded = decode(frame).unwrap();
+        assert_eq!(decode(&encode(&decoded).unwrap()).unwrap(), decoded);
+        let number = &decoded.content["nodes"][0]["distanceKm"];
+        assert_eq!(number.as_f64(), Some(12.777777777777779));
+    }
+
+    #[test]
     fn bad_frames_are_rejected_with_a_reason() {
         assert!(matches!(decode("{not json"), Err(CodecError::Malformed(_))));
         assert!(matches!(decode("{\"id\": \"x\"}"), Err(CodecError::Malformed(_))));

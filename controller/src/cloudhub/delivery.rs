@@ -220,9 +220,12 @@ mod tests {
                 address: None,
                 location: None,
                 supernode_eligible: true,
+                key: None,
+                capacity: 0,
             })
             .collect();
-        Arc::new(Prepared::new(&Change::Membership(Membership { network: "lan".into(), key: "k".into(), members })))
+        let membership = Membership { network: "lan".into(), key: "k".into(), members, cloud_key: None };
+        Arc::new(Prepared::new(&Change::Membership(membership)))
     }
 
     fn desired(items: &[Arc<Prepared>]) -> NodeDesired {

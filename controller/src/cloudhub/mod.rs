@@ -19,6 +19,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Secret;
 use rand::Rng;
 use supermesh_protocol::identity::{BootstrapToken, ENROLL_PATH, RENEW_PATH};
+use supermesh_protocol::signing::CloudKey;
 use supermesh_protocol::{moved_location, now_ms, Body, Message, Query, CONNECT_PATH, MAX_MESSAGE_BYTES};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
@@ -158,6 +159,8 @@ struct Shared {
     forward: Forwarder,
     /// Events each node may post per minute.
     event_budget: Arc<reports::EventBudget>,
+    /// Signs the receipts for relayed reports.
+    cloud_key: Arc<CloudKey>,
 }
 
 /// What the cloudhub serves agents with.
@@ -235,6 +238,7 @@ pub async fn serve(listener: TcpListener, serving: Serving) {
     let secrets = kube::Api::namespaced(client.clone(), &namespace);
     let authority = pki.authority.clone();
     let event_budget = Arc::new(reports::event_budget());
+    let cloud_key = Arc::new(CloudKey::derive(&pki.cluster_key_root));
     let shared = Shared {
         hub,
         index,
@@ -247,6 +251,7 @@ pub async fn serve(listener: TcpListener, serving: Serving) {
         replicas,
         forward,
         event_budget,
+        cloud_key,
     };
     loop {
         let (tcp, peer) = match listener.accept().await {

@@ -28,7 +28,8 @@ use crate::{Error, Result};
 
 /// Secret holding the cloudhub CA (`tls.crt`, `tls.key`).
 pub const CA_SECRET: &str = "supermesh-cloudhub-ca";
-/// Secret holding the root (`root`) every network's cluster key is derived from.
+/// Secret holding the root (`root`) every network's cluster key, and the key the cloud signs
+/// receipts for relayed reports with, are derived from.
 pub const CLUSTER_KEY_SECRET: &str = "supermesh-cluster-key";
 /// Organisation of node certificates.
 const NODES_ORGANIZATION: &str = "supermesh:nodes";
@@ -40,7 +41,7 @@ pub struct Pki {
     pub tls: Arc<rustls::ServerConfig>,
     /// Signs node certificates.
     pub authority: Arc<Authority>,
-    /// Root of the networks' cluster keys.
+    /// Root of the networks' cluster keys and of the cloud's receipt key.
     pub cluster_key_root: String,
     /// The CA's private key in PEM: replicas derive the key they sign forwards with from it.
     pub ca_key_pem: String,

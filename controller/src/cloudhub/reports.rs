@@ -1,9 +1,15 @@
 //! Reports agents send about nodes, directly or relayed by a supernode: who may
 //! send them, and how they are taken (by the index, and as Kubernetes Events).
+//!
+//! A report relayed for another node is taken only with that node's signature by the
+//! key it enrolled; the answer carries a [`Receipt`] per node, signed with the cloud's
+//! key, which is what a member deletes its reports on: a supernode can neither forge or
+//! alter a member's report nor make it drop one the cloud never took.
 
 use std::collections::BTreeMap;
 
-use supermesh_protocol::{BatchAck, Report, ReportBatch, OUTBOX_ID_PREFIX};
+use supermesh_protocol::signing::CloudKey;
+use supermesh_protocol::{BatchAck, Receipt, Receipted, Report, ReportBatch, OUTBOX_ID_PREFIX};
 use tracing::debug;
 
 use super::events::Events;
@@ -98,39 +104,92 @@ pub struct Relayed {
     pub report: Report,
 }
 
+/// What [`judge_batch`] makes of a batch.
+#[derive(Debug, Default)]
+pub struct Judged {
+    /// Reports to take.
+    pub taken: Vec<Relayed>,
+    /// The answer: acked and refused reports, and a signed receipt per node.
+    pub ack: BatchAck,
+    /// Why each report that comes again waits.
+    pub waiting: Vec<String>,
+    /// Reports relayed for another node without that node's valid signature.
+    pub forged: usize,
+}
+
+/// The cloud's own records that [`judge_batch`] reads.
+pub struct Records<R, K> {
+    /// What the index says of a node as a reporter.
+    pub reporter: R,
+    /// Fingerprint of the key a node enrolled (none when revoked or reset).
+    pub enrolled: K,
+}
+
 /// Splits the batch node `relay` sends into the reports to take and the answer: each
-/// report the relay may send ([`may_report_for`]), stamped in time and reading well is
-/// taken and acknowledged; one that waits is neither (it comes again); every other one is
-/// refused with its reason. Returns, too, how many wait and the first reason.
-pub fn judge_batch(
+/// report the relay may send ([`may_report_for`]) that carries its node's signature (for
+/// another node than the relay), stamped in time and reading well is taken and
+/// acknowledged; one that waits is neither (it comes again); every other one is refused
+/// with its reason. Each node whose reports were taken or refused for good, signature
+/// checked, gets a receipt signed with `cloud`; a report that is not its node's gets none,
+/// so its node keeps it.
+pub fn judge_batch<R, K>(
     relay: &str,
     batch: ReportBatch,
-    reporter: impl Fn(&str) -> Option<Reporter>,
+    records: &Records<R, K>,
+    cloud: &CloudKey,
     now_ms: i64,
-) -> (Vec<Relayed>, BatchAck, Vec<String>) {
-    let mut taken = Vec::with_capacity(batch.entries.len());
-    let mut ack = BatchAck::default();
-    let mut waiting = Vec::new();
+) -> Judged
+where
+    R: Fn(&str) -> Option<Reporter>,
+    K: Fn(&str) -> Option<String>,
+{
+    let mut judged = Judged { taken: Vec::with_capacity(batch.entries.len()), ..Judged::default() };
+    let mut receipted: BTreeMap<String, (String, Vec<Receipted>)> = BTreeMap::new();
     for entry in batch.entries {
-        let judged = match may_report_for(relay, &entry.node, &reporter) {
-            Judgement::Take => Report::relayed(&entry)
-                .map_err(|e| e.to_string())
-                .and_then(|report| in_time(&report, now_ms).and_then(|()| within_bounds(&report)).map(|()| report)),
+        let signed_by = match may_report_for(relay, &entry.node, &records.reporter) {
+            Judgement::Take if entry.node == relay => None,
+            Judgement::Take => match (records.enrolled)(&entry.node) {
+                None => {
+                    judged.waiting.push(format!("node {} has no enrolled key to check its reports with", entry.node));
+                    continue;
+                }
+                Some(key) => match entry.verify(&key) {
+                    Ok(()) => Some(key),
+                    Err(e) => {
+                        judged.forged += 1;
+                        let reason = format!("the report is not node {}'s: {e}", entry.node);
+                        judged.ack.refused.push((entry.id(), reason));
+                        continue;
+                    }
+                },
+            },
             Judgement::Later(reason) => {
-                waiting.push(reason);
+                judged.waiting.push(reason);
                 continue;
             }
-            Judgement::Refuse(reason) => Err(reason),
-        };
-        match judged {
-            Ok(report) => {
-                ack.acked.push(entry.id());
-                taken.push(Relayed { node: entry.node, seq: entry.seq, resource: entry.resource, report });
+            Judgement::Refuse(reason) => {
+                judged.ack.refused.push((entry.id(), reason));
+                continue;
             }
-            Err(reason) => ack.refused.push((entry.id(), reason)),
+        };
+        let report = Report::relayed(&entry)
+            .map_err(|e| e.to_string())
+            .and_then(|report| in_time(&report, now_ms).and_then(|()| within_bounds(&report)).map(|()| report));
+        if let Some(key) = signed_by {
+            let (_, reports) = receipted.entry(entry.node.clone()).or_insert_with(|| (key, Vec::new()));
+            reports.push(Receipted { seq: entry.seq, created_ms: entry.created_ms });
+        }
+        match report {
+            Ok(report) => {
+                judged.ack.acked.push(entry.id());
+                judged.taken.push(Relayed { node: entry.node, seq: entry.seq, resource: entry.resource, report });
+            }
+            Err(reason) => judged.ack.refused.push((entry.id(), reason)),
         }
     }
-    (taken, ack, waiting)
+    judged.ack.receipts =
+        receipted.into_iter().map(|(node, (key, reports))| Receipt::sign(cloud, &node, &key, reports)).collect();
+    judged
 }
 
 /// Where reports go: the index takes statuses, events become Kubernetes Events.
@@ -213,7 +272,9 @@ impl Intake<'_> {
 mod tests {
     use super::*;
     use serde_json::json;
-    use supermesh_protocol::{Operation, RelayedReport, STATUS_RESOURCE};
+    use supermesh_protocol::identity::key_fingerprint;
+    use supermesh_protocol::signing::{KeyAlgorithm, NodeSignature};
+    use supermesh_protocol::{Operation, RelayedReport, ReportId, STATUS_RESOURCE};
 
     /// `super` is the supernode of `lan`, `member` a member; `stranger` is on another network;
     /// `rival` claims to be supernode of `lan` too, and `loyal` follows `super`.
@@ -254,6 +315,37 @@ mod tests {
         assert!(why.contains("follows supernode super"), "{why}");
     }
 
+    /// The keys nodes enrolled, as the cloud's records give them.
+    struct Keys(BTreeMap<&'static str, rcgen::KeyPair>);
+
+    impl Keys {
+        fn new() -> Keys {
+            let names = ["super", "rival", "member", "other-member", "loyal", "stranger", "ghost"];
+            Keys(names.into_iter().map(|n| (n, rcgen::KeyPair::generate().unwrap())).collect())
+        }
+
+        fn enrolled(&self, node: &str) -> Option<String> {
+            self.0.get(node).map(|k| key_fingerprint(k.public_key_raw()))
+        }
+
+        /// `report` signed by `node`'s key.
+        fn signed(&self, node: &str, report: RelayedReport) -> RelayedReport {
+            let key = &self.0[node];
+            report.sign(|purpose, body| {
+                let value = rcgen::SigningKey::sign(key, &purpose.message(body)).ok()?;
+                Some(NodeSignature {
+                    algorithm: KeyAlgorithm::EcdsaP256,
+                    key: hex::encode(key.public_key_raw()),
+                    value: hex::encode(value),
+                })
+            })
+        }
+
+        fn records(&self) -> Records<impl Fn(&str) -> Option<Reporter>, impl Fn(&str) -> Option<String> + '_> {
+            Records { reporter: reporters, enrolled: |n: &str| self.enrolled(n) }
+        }
+    }
+
     fn entry(node: &str, seq: i64, resource: &str, content: serde_json::Value) -> RelayedReport {
         RelayedReport {
             node: node.into(),
@@ -262,43 +354,89 @@ mod tests {
             resource: resource.into(),
             content,
             created_ms: 1,
+            signature: None,
         }
+    }
+
+    fn ids(ids: impl IntoIterator<Item = ReportId>) -> Vec<(String, i64)> {
+        ids.into_iter().map(|id| (id.node, id.seq)).collect()
+    }
+
+    fn pairs(list: &[(&str, i64)]) -> Vec<(String, i64)> {
+        list.iter().map(|(n, s)| (n.to_string(), *s)).collect()
     }
 
     #[test]
     fn a_batch_is_taken_for_the_relay_s_network_and_refused_elsewhere() {
+        let keys = Keys::new();
+        let cloud = CloudKey::derive("root");
         let status = json!({"takenMs": 5, "instances": []});
         let future = json!({"takenMs": 5 + MAX_CLOCK_AHEAD_MS + 1_000, "instances": []});
         let event = json!({"warning": false, "reason": "Started", "message": "pid 7"});
+        let by = |node: &str, seq, resource: &str, content: &serde_json::Value| {
+            keys.signed(node, entry(node, seq, resource, content.clone()))
+        };
         let batch = ReportBatch {
             entries: vec![
-                entry("member", 1, STATUS_RESOURCE, status.clone()),
-                entry("stranger", 2, STATUS_RESOURCE, status.clone()),
-                entry("member", 3, "team/microservice/web", event.clone()),
-                entry("ghost", 4, "team/microservice/web", event),
-                entry("super", 9, STATUS_RESOURCE, status),
-                entry("member", 5, STATUS_RESOURCE, json!({"bad": true})),
-                entry("member", 6, STATUS_RESOURCE, future),
+                by("member", 1, STATUS_RESOURCE, &status),
+                by("stranger", 2, STATUS_RESOURCE, &status),
+                by("member", 3, "team/microservice/web", &event),
+                by("ghost", 4, "team/microservice/web", &event),
+                entry("super", 9, STATUS_RESOURCE, status.clone()),
+                by("member", 5, STATUS_RESOURCE, &json!({"bad": true})),
+                by("member", 6, STATUS_RESOURCE, &future),
             ],
         };
-        let (taken, ack, waiting) = judge_batch("super", batch.clone(), reporters, 5);
-        let taken: Vec<(&str, i64)> = taken.iter().map(|r| (r.node.as_str(), r.seq)).collect();
-        assert_eq!(taken, [("member", 1), ("member", 3), ("super", 9)]);
-        let acked: Vec<(&str, i64)> = ack.acked.iter().map(|id| (id.node.as_str(), id.seq)).collect();
-        assert_eq!(acked, taken, "what is taken is acknowledged");
-        let refused: Vec<(&str, i64)> = ack.refused.iter().map(|(id, _)| (id.node.as_str(), id.seq)).collect();
-        assert_eq!(refused, [("stranger", 2), ("member", 5), ("member", 6)], "a node not known yet comes again");
-        assert_eq!(waiting.len(), 1);
-        assert!(ack.refused[0].1.contains("other-lan"), "{}", ack.refused[0].1);
-        assert!(ack.refused[1].1.contains("MetaSync message is invalid"), "{}", ack.refused[1].1);
-        assert!(ack.refused[2].1.contains("in the future"), "{}", ack.refused[2].1);
+        let judged = judge_batch("super", batch.clone(), &keys.records(), &cloud, 5);
+        let taken: Vec<(String, i64)> = judged.taken.iter().map(|r| (r.node.clone(), r.seq)).collect();
+        assert_eq!(taken, pairs(&[("member", 1), ("member", 3), ("super", 9)]));
+        assert_eq!(ids(judged.ack.acked.clone()), taken, "what is taken is acknowledged");
+        let refused = ids(judged.ack.refused.iter().map(|(id, _)| id.clone()));
+        assert_eq!(
+            refused,
+            pairs(&[("stranger", 2), ("member", 5), ("member", 6)]),
+            "a node not known yet comes again"
+        );
+        assert_eq!((judged.waiting.len(), judged.forged), (1, 0));
+        let reasons: Vec<&str> = judged.ack.refused.iter().map(|(_, r)| r.as_str()).collect();
+        assert!(reasons[0].contains("other-lan"), "{}", reasons[0]);
+        assert!(reasons[1].contains("MetaSync message is invalid"), "{}", reasons[1]);
+        assert!(reasons[2].contains("in the future"), "{}", reasons[2]);
+        // One receipt, for the member, naming what was taken or refused for good; the stranger's
+        // report was refused because of the relay, so its node keeps it.
+        let [receipt] = &judged.ack.receipts[..] else { panic!("{:?}", judged.ack.receipts) };
+        assert!(receipt.verify(&cloud.public(), "member", &keys.enrolled("member").unwrap()));
+        let seqs: Vec<i64> = receipt.reports.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [1, 3, 5, 6]);
 
         // The same batch from a member: only its own reports are taken; the others wait.
-        let (taken, ack, waiting) = judge_batch("member", batch, reporters, 5);
-        let taken: Vec<(&str, i64)> = taken.iter().map(|r| (r.node.as_str(), r.seq)).collect();
-        assert_eq!(taken, [("member", 1), ("member", 3)]);
-        assert!(waiting.iter().any(|w| w.contains("not the supernode")), "{waiting:?}");
-        assert!(ack.acked.iter().all(|id| id.node == "member"));
+        let judged = judge_batch("member", batch, &keys.records(), &cloud, 5);
+        let taken: Vec<(String, i64)> = judged.taken.iter().map(|r| (r.node.clone(), r.seq)).collect();
+        assert_eq!(taken, pairs(&[("member", 1), ("member", 3)]));
+        assert!(judged.waiting.iter().any(|w| w.contains("not the supernode")), "{:?}", judged.waiting);
+        assert!(judged.ack.acked.iter().all(|id| id.node == "member"));
+        assert!(judged.ack.receipts.is_empty(), "a node's own reports need no receipt: its session is its own");
+    }
+
+    #[test]
+    fn a_report_relayed_without_its_node_s_signature_is_refused_and_gets_no_receipt() {
+        let keys = Keys::new();
+        let cloud = CloudKey::derive("root");
+        let status = json!({"takenMs": 5, "instances": []});
+        let genuine = keys.signed("member", entry("member", 1, STATUS_RESOURCE, status.clone()));
+        let mut altered = keys.signed("member", entry("member", 2, STATUS_RESOURCE, status.clone()));
+        altered.content = json!({"takenMs": 5, "instances": [], "cluster": {"role": "Member", "supernode": "super"}});
+        let unsigned = entry("member", 3, STATUS_RESOURCE, status.clone());
+        let by_relay = keys.signed("super", entry("member", 4, STATUS_RESOURCE, status.clone()));
+        let batch = ReportBatch { entries: vec![genuine, altered, unsigned, by_relay] };
+        let judged = judge_batch("super", batch, &keys.records(), &cloud, 5);
+        assert_eq!(ids(judged.ack.acked.clone()), pairs(&[("member", 1)]));
+        assert_eq!(judged.forged, 3);
+        let refused = ids(judged.ack.refused.iter().map(|(id, _)| id.clone()));
+        assert_eq!(refused, pairs(&[("member", 2), ("member", 3), ("member", 4)]));
+        assert!(judged.ack.refused.iter().all(|(_, r)| r.contains("not node member's")), "{:?}", judged.ack.refused);
+        let [receipt] = &judged.ack.receipts[..] else { panic!("{:?}", judged.ack.receipts) };
+        assert_eq!(receipt.reports, [Receipted { seq: 1, created_ms: 1 }], "only the genuine report is receipted");
     }
 
     #[test]

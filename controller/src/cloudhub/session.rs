@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::Message as Frame;
 use tracing::{debug, info, warn};
 
 use super::delivery::{is_membership, Delivery, Outgoing};
-use super::reports::{in_time, judge_batch, outbox_seq, within_bounds, Intake};
+use super::reports::{in_time, judge_batch, outbox_seq, within_bounds, Intake, Judged, Records};
 use super::{resolve_peer_address, Shared, Ws};
 use crate::index::{NodeDesired, SessionInfo};
 use crate::metrics::{ReasonLabels, ReportPath};
@@ -68,6 +68,7 @@ pub(super) async fn run(mut ws: Ws, node: String, key: String, peer: SocketAddr,
         arch: hello.arch.clone(),
         address: peer.ip().to_canonical().to_string(),
         peer_address,
+        capacity: hello.capacity,
     };
     let registered = shared.hub.register(&node);
     let desired = shared.index.connect(&node, registered.id, info);
@@ -380,7 +381,12 @@ impl Session {
                     return self.write(&error(Some(&msg.id), ErrorContent::new(ErrorCode::BadMessage, reason))).await;
                 }
                 let index = &self.shared.index;
-                let (taken, ack, waiting) = judge_batch(&self.node, batch, |n| index.reporter(n), now_ms());
+                let records = Records {
+                    reporter: |n: &str| index.reporter(n),
+                    enrolled: |n: &str| index.identity(n).filter(|i| !i.revoked).and_then(|i| i.key),
+                };
+                let judged = judge_batch(&self.node, batch, &records, &self.shared.cloud_key, now_ms());
+                let Judged { taken, ack, waiting, forged } = judged;
                 if let Some(reason) = waiting.first() {
                     debug!(node = %self.node, waiting = waiting.len(), %reason, "relayed reports left to come again");
                     metrics
@@ -388,11 +394,15 @@ impl Session {
                         .get_or_create(&ReasonLabels { reason: "later" })
                         .inc_by(waiting.len() as u64);
                 }
-                if !ack.refused.is_empty() {
+                if forged > 0 {
                     metrics
                         .reports_not_taken
-                        .get_or_create(&ReasonLabels { reason: "refused" })
-                        .inc_by(ack.refused.len() as u64);
+                        .get_or_create(&ReasonLabels { reason: "bad_signature" })
+                        .inc_by(forged as u64);
+                }
+                let refused = ack.refused.len() - forged;
+                if refused > 0 {
+                    metrics.reports_not_taken.get_or_create(&ReasonLabels { reason: "refused" }).inc_by(refused as u64);
                 }
                 let intake = self.intake(&metrics);
                 for relayed in taken {
@@ -400,7 +410,7 @@ impl Session {
                     intake.take(&relayed.node, Some(relayed.seq), &relayed.resource, relayed.report, held);
                 }
                 if let Some((first, reason)) = ack.refused.first() {
-                    warn!(node = %self.node, refused = ack.refused.len(), first = %first.node, %reason, "refused relayed reports");
+                    warn!(node = %self.node, refused = ack.refused.len(), forged, first = %first.node, %reason, "refused relayed reports");
                 }
                 self.send_body(BATCH_RESOURCE, &Body::Response(Answer::Batch(ack)), Some(&msg.id)).await
             }

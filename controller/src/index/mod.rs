@@ -698,7 +698,9 @@ impl State {
                 self.dirty_networks.insert(net.clone());
             }
         } else if let Some(net) = is {
-            let member = |v: Option<&NodeView>| v.map(|v| (v.account.clone(), v.location, v.supernode_eligible));
+            // What the membership says of the node from its EdgeNode (its address and capacity
+            // come from elsewhere): account, location, eligibility and enrolled key.
+            let member = |v: Option<&NodeView>| v.map(|v| membership::member(v, None, 0));
             if member(old) != member(new) {
                 self.dirty_networks.insert(net);
             }
@@ -731,7 +733,7 @@ impl State {
     }
 
     fn node_status_changed(&mut self, ix: &Index, view: &NodeView, old: &NodeStatusView, new: &NodeStatusView) {
-        if old.peer_address != new.peer_address && view.active() {
+        if (old.peer_address != new.peer_address || old.capacity != new.capacity) && view.active() {
             self.dirty_networks.insert(view.network.clone());
         }
         let shown = |s: &NodeStatusView| (s.ready, s.role, s.supernode.clone());
@@ -907,7 +909,7 @@ impl State {
                 .iter()
                 .filter_map(|n| {
                     let e = self.nodes.get(n)?;
-                    Some(membership::member(e.view.as_ref()?, e.peer_address()))
+                    Some(membership::member(e.view.as_ref()?, e.peer_address(), e.capacity()))
                 })
                 .collect();
             let generation = self.key_generations.get(&network).copied().unwrap_or(0);

@@ -66,6 +66,13 @@ impl NodeEntry {
         }
     }
 
+    /// Its capacity class for its cluster's election: its agent's own word while connected,
+    /// else its status; 0 while unknown.
+    pub fn capacity(&self) -> u32 {
+        let live = self.session.as_ref().and_then(|l| l.info.capacity);
+        live.or(self.status.capacity).map_or(0, |c| c.class())
+    }
+
     /// Whether nothing refers to the entry any more: no EdgeNode, no session.
     pub fn is_unused(&self) -> bool {
         self.view.is_none() && self.session.is_none()

@@ -159,6 +159,38 @@ fn memberships_list_the_network_with_live_addresses_and_leave_others_alone() {
 }
 
 #[test]
+fn memberships_carry_enrolled_keys_and_capacities_and_follow_a_new_enrollment() {
+    use supermesh_api::names::identity;
+    let enrolled = |name: &str, key: &str| {
+        let mut n = node(name, "acme", "lan");
+        n.metadata.annotations = Some([(identity::KEY.to_owned(), key.to_owned())].into());
+        n
+    };
+    let (index, _t) = new_index();
+    listed(&index, vec![], vec![enrolled("a", "key-a1"), node("b", "acme", "lan")], vec![]);
+    let capacity = supermesh_protocol::Capacity { cpus: 4, memory_bytes: 8 << 30 };
+    let mut a = index.connect("a", 1, SessionInfo { capacity: Some(capacity), ..session(None) });
+    let membership = |a: &mut watch::Receiver<Arc<NodeDesired>>| {
+        let mut s = index.lock();
+        s.flush_memberships(&index);
+        s.publish();
+        drop(s);
+        match a.borrow_and_update().resources["_/membership/lan"].change().unwrap() {
+            Change::Membership(m) => m,
+            other => panic!("{other:?}"),
+        }
+    };
+    let first = membership(&mut a);
+    let of = |m: &supermesh_protocol::Membership, n: &str| m.member(n).map(|m| (m.key.clone(), m.capacity));
+    assert_eq!(of(&first, "a"), Some((Some("key-a1".into()), 4008)));
+    assert_eq!(of(&first, "b"), Some((None, 0)), "not enrolled, capacity unknown");
+    assert!(first.cloud_key.is_some());
+    // Reset and enrolled again with a new key: the members hear of the new key.
+    index.node_event(&watcher::Event::Apply(enrolled("a", "key-a2")));
+    assert_eq!(of(&membership(&mut a), "a"), Some((Some("key-a2".into()), 4008)));
+}
+
+#[test]
 fn reports_ask_for_a_status_only_when_they_change_something() {
     let (index, mut t) = new_index();
     let meshes = vec![mesh("m", json!({"type": "Account", "account": "acme"}))];

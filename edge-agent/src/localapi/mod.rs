@@ -369,8 +369,8 @@ pub async fn serve(listener: TcpListener, api: Arc<LocalApi>) {
     }
 }
 
-/// The API's routes.
-fn router(api: Arc<LocalApi>) -> Router {
+/// The API's routes, serving `api` (what [`serve`] serves; public for the fuzz target).
+pub fn router(api: Arc<LocalApi>) -> Router {
     Router::new()
         .route("/v1/context", get(context))
         .route("/v1/nodes", get(nodes))

@@ -1,8 +1,22 @@
 //! The supernode election: a pure function of what a node knows of its live peers,
 //! so that every member who hears the same peers elects the same supernode, with
-//! no coordination and no cloud.
+//! no coordination and no cloud. Eligibility and capacity come from the cloud's
+//! membership, the same for every member; a heartbeat cannot claim them.
 
-use supermesh_protocol::peer::Score;
+use supermesh_protocol::Capacity;
+
+/// A node's capability, as the election compares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Score {
+    /// `supernodeEligible`, from the membership: a node that is not eligible is never elected.
+    pub eligible: bool,
+    /// Whether the device stays put (a vehicle or phone is not stationary), as it says.
+    pub stationary: bool,
+    /// Capacity class, from the membership ([`Capacity::class`]).
+    pub capacity: u32,
+    /// When its agent started, milliseconds since the epoch: earlier is longer uptime.
+    pub started_ms: i64,
+}
 
 /// A node that may be elected: its name and capability.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,13 +48,12 @@ fn rank<'a>(c: &Candidate<'a>) -> (bool, std::cmp::Reverse<u32>, i64, &'a str) {
 
 /// The capacity class of a machine: CPU cores × 1000 + memory in GiB (capped at 999).
 pub fn capacity(cpus: usize, memory_bytes: u64) -> u32 {
-    let cores = u32::try_from(cpus.min(4_000_000)).unwrap_or(u32::MAX / 1000);
-    let gib = u32::try_from((memory_bytes >> 30).min(999)).unwrap_or(999);
-    cores.saturating_mul(1000).saturating_add(gib)
+    let cpus = u32::try_from(cpus).unwrap_or(u32::MAX);
+    Capacity { cpus, memory_bytes }.class()
 }
 
-/// This machine's capacity class, from its CPU count and `/proc/meminfo`.
-pub fn local_capacity() -> u32 {
+/// This machine's capacity, from its CPU count and `/proc/meminfo`, as its agent tells the cloud.
+pub fn local_capacity() -> Capacity {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let memory = std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -50,7 +63,7 @@ pub fn local_capacity() -> u32 {
         })
         .map(|kib| kib * 1024)
         .unwrap_or(0);
-    capacity(cpus, memory)
+    Capacity { cpus: u32::try_from(cpus).unwrap_or(u32::MAX), memory_bytes: memory }
 }
 
 #[cfg(test)]
@@ -110,6 +123,7 @@ mod tests {
         assert_eq!(capacity(4, 8 << 30), 4008);
         assert!(capacity(8, 1 << 30) > capacity(4, 64 << 30));
         assert_eq!(capacity(1, u64::MAX), 1999);
-        assert!(local_capacity() >= 1000);
+        assert!(local_capacity().class() >= 1000);
+        assert_eq!(capacity(usize::MAX, 0), 4_000_000_000, "capped, not wrapped");
     }
 }

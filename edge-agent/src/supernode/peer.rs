@@ -1,38 +1,58 @@
-//! The cluster's network side: heartbeats over UDP, and HTTP between members and
-//! their supernode (reports in, acks out, registry). Every datagram and request
-//! body is signed with the cluster key; anything else is dropped or refused.
+//! The cluster's network side: heartbeats over UDP, and HTTP over mutual TLS between
+//! members and their supernode (reports in, receipts out, registry).
+//!
+//! A datagram counts only with the cluster key's HMAC and its sender's signature (see
+//! [`Cluster::heard`]). A peer connection counts only when the TLS handshake shows a
+//! member's certificate with the key the membership gives ([`super::tls`]); at most
+//! [`MAX_CONNECTIONS`] are served at once, more are closed as they come. A request is
+//! refused before its body is read when it has no length, a length beyond its path's
+//! limit, or no cluster key HMAC; every refusal is counted by [`PeerRefusal`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::Router;
+use axum::{Extension, Router};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde::Serialize;
 use supermesh_protocol::peer::{
-    sign, verify, AckPost, Registry, ReportPost, SignedHeartbeat, ACKS_PATH, MAX_BODY, MAX_DATAGRAM, MULTICAST_GROUP,
-    NODE_HEADER, REGISTRY_PATH, REPORTS_PATH, SIGNATURE_HEADER,
+    max_body, sign, verify, AckPost, PeerRefusal, Registry, ReportPost, SignedHeartbeat, SignedRegistry, ACKS_PATH,
+    MAX_BODY, MAX_DATAGRAM, MULTICAST_GROUP, REGISTRY_PATH, REPORTS_PATH, SIGNATURE_HEADER,
 };
 use supermesh_protocol::{
-    now_ms, Answer as CloudAnswer, Body, Message, RelayedReport, Report, ReportId, StatusReport, BATCH_RESOURCE,
+    now_ms, Answer as CloudAnswer, BatchAck, Body, Message, RelayedReport, Report, StatusReport, BATCH_RESOURCE,
     STATUS_RESOURCE,
 };
-use tokio::net::UdpSocket;
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use super::tls::{self, PeerCert};
 use super::{Cluster, Route};
 
 /// Reports sent to the supernode in one request, and upstream in one batch, at most.
 const MAX_ENTRIES: usize = 512;
 /// Bytes of reports upstream in one batch, about.
 const MAX_BATCH_BYTES: usize = 512 * 1024;
-/// How long a peer request may take.
+/// How long a peer request may take, TLS handshake included.
 const PEER_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a peer connection may take on the serving side, from accept to answer.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Peer connections served at once; more are closed as they come.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Largest answer read from a peer, in bytes.
+const MAX_ANSWER: usize = 8 * 1024 * 1024;
 /// How long the cloud has to answer a batch.
 const BATCH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -49,6 +69,7 @@ pub(super) async fn heartbeats(cluster: Arc<Cluster>, udp: Arc<UdpSocket>) {
     let mut tick = tokio::time::interval(cluster.heartbeat() / CHECKS_PER_HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut checks = 0u32;
+    let mut unsigned_logged = false;
     let multicast = cluster.config.supernode.multicast.then(|| {
         let group: std::net::Ipv4Addr = MULTICAST_GROUP.parse().expect("a valid group");
         SocketAddr::from((group, cluster.config.supernode.listen.port()))
@@ -61,7 +82,12 @@ pub(super) async fn heartbeats(cluster: Arc<Cluster>, udp: Arc<UdpSocket>) {
             continue;
         }
         let (Some((heartbeat, targets)), Some(key)) = (cluster.beat(), cluster.key()) else { continue };
-        let datagram = SignedHeartbeat::encode(&heartbeat, &key);
+        let Some(datagram) = SignedHeartbeat::encode(&heartbeat, &key, |p, b| cluster.identity.sign(p, b)) else {
+            if !std::mem::replace(&mut unsigned_logged, true) {
+                warn!("the node key cannot sign heartbeats (not an ECDSA or Ed25519 key); this node takes no part in its cluster");
+            }
+            continue;
+        };
         let mut addresses: Vec<SocketAddr> = multicast.into_iter().collect();
         for target in targets {
             match tokio::net::lookup_host(&target).await {
@@ -77,40 +103,120 @@ pub(super) async fn heartbeats(cluster: Arc<Cluster>, udp: Arc<UdpSocket>) {
     }
 }
 
-/// Takes heartbeats until the process ends; unsigned, foreign or malformed ones are dropped.
+/// Takes heartbeats until the process ends; see [`Cluster::heard`].
 pub(super) async fn receive(cluster: Arc<Cluster>, udp: Arc<UdpSocket>) {
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
-    let listed_only = !cluster.config.supernode.multicast;
     loop {
-        let (len, from) = match udp.recv_from(&mut buf).await {
-            Ok(r) => r,
+        match udp.recv_from(&mut buf).await {
+            Ok((len, from)) => cluster.heard(&buf[..len], from),
             Err(e) => {
                 warn!(error = %e, "heartbeat socket failed");
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
             }
-        };
-        let keys = cluster.keys();
-        let Some(current) = keys.first() else { continue };
-        let decoded = SignedHeartbeat::decode(&buf[..len], current)
-            .or_else(|e| keys[1..].iter().find_map(|k| SignedHeartbeat::decode(&buf[..len], k).ok()).ok_or(e));
-        match decoded {
-            Ok(heartbeat) => cluster.heard(heartbeat, from, listed_only),
-            Err(reason) => debug!(%from, %reason, "heartbeat dropped"),
         }
     }
 }
 
-/// Serves the peer HTTP API on `tcp` until the process ends.
+/// The member a peer connection comes from, as its certificate proved in the handshake.
+#[derive(Clone)]
+struct Caller(String);
+
+/// Serves the peer HTTP API over mutual TLS on `tcp` until the process ends.
 pub async fn serve(cluster: Arc<Cluster>, tcp: tokio::net::TcpListener) {
     let app = Router::new()
         .route(REPORTS_PATH, post(take_reports))
-        .route(ACKS_PATH, post(take_acks))
+        .route(ACKS_PATH, post(take_receipt))
         .route(REGISTRY_PATH, post(give_registry))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(cluster);
-    if let Err(e) = axum::serve(tcp, app).await {
-        warn!(error = %e, "the peer service stopped");
+        .layer(middleware::from_fn_with_state(cluster.clone(), admit))
+        .with_state(cluster.clone());
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // The acceptor for the certificate held when it was made: a renewal makes a new one.
+    let mut acceptor: Option<(Vec<u8>, TlsAcceptor)> = None;
+    loop {
+        let (stream, from) = match tcp.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                warn!(error = %e, "the peer service cannot accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Closed as it came, unread: a flood holds no more than the slots.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            cluster.refused(PeerRefusal::Busy);
+            debug!(%from, limit = MAX_CONNECTIONS, "too many peer connections at once; closed");
+            continue;
+        };
+        let Some(tls) = current_acceptor(&cluster, &mut acceptor) else {
+            cluster.refused(PeerRefusal::Handshake);
+            continue;
+        };
+        let (cluster, app) = (cluster.clone(), app.clone());
+        tokio::spawn(async move {
+            let served = tokio::time::timeout(CONNECTION_TIMEOUT, serve_connection(&cluster, tls, stream, from, app));
+            if served.await.is_err() {
+                debug!(%from, "a peer connection took too long; closed");
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// The TLS acceptor for the certificate the node holds now, made anew when it changed.
+fn current_acceptor(cluster: &Arc<Cluster>, cached: &mut Option<(Vec<u8>, TlsAcceptor)>) -> Option<TlsAcceptor> {
+    let (chain, _) = cluster.identity.client_auth()?;
+    let der = chain.first()?.to_vec();
+    if let Some((held, acceptor)) = cached {
+        if *held == der {
+            return Some(acceptor.clone());
+        }
+    }
+    let members: tls::Members = {
+        let cluster = Arc::downgrade(cluster);
+        Arc::new(move |cert: &PeerCert| cluster.upgrade().is_some_and(|c| c.is_member(cert)))
+    };
+    match tls::acceptor(&cluster.identity, members) {
+        Ok(acceptor) => {
+            *cached = Some((der, acceptor.clone()));
+            Some(acceptor)
+        }
+        Err(e) => {
+            warn!(error = %e, "the peer service cannot serve TLS");
+            None
+        }
+    }
+}
+
+/// One peer connection: the TLS handshake (a member's certificate or nothing), then one request.
+async fn serve_connection(cluster: &Cluster, acceptor: TlsAcceptor, stream: TcpStream, from: SocketAddr, app: Router) {
+    let tls = match tokio::time::timeout(PEER_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            cluster.refused(PeerRefusal::Handshake);
+            debug!(%from, error = %e, "peer connection refused in its TLS handshake");
+            return;
+        }
+        Err(_) => {
+            cluster.refused(PeerRefusal::Handshake);
+            debug!(%from, "peer connection closed: no TLS handshake in time");
+            return;
+        }
+    };
+    // The verifier took the certificate: it names a member.
+    let Some(peer) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| tls::read_cert(c).ok())
+    else {
+        return;
+    };
+    let app = app.layer(Extension(Caller(peer.node)));
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(PEER_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app))
+        .await;
+    if let Err(e) = served {
+        debug!(%from, error = %e, "peer connection failed");
     }
 }
 
@@ -124,29 +230,60 @@ fn refuse(status: StatusCode, error: impl std::fmt::Display) -> Reply {
     reply(status, serde_json::json!({"error": error.to_string()}))
 }
 
-/// Checks a request's signature and sender; returns the sending node.
-fn authenticate(cluster: &Cluster, headers: &HeaderMap, body: &[u8]) -> Result<String, Reply> {
+/// Refuses a request before its body is read: without a length, longer than its path
+/// allows, or without a cluster key HMAC.
+async fn admit(State(cluster): State<Arc<Cluster>>, request: Request, next: Next) -> Response {
+    let Some(limit) = max_body(request.uri().path()) else {
+        return refuse(StatusCode::NOT_FOUND, "the peer paths are /peer/v1/reports, acks and registry").into_response();
+    };
+    let length = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let refusal = match length {
+        None => Some((PeerRefusal::TooBig, StatusCode::LENGTH_REQUIRED, "a peer request states its length".into())),
+        Some(n) if n > limit as u64 => Some((
+            PeerRefusal::TooBig,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("a body of {n} bytes; at most {limit} are taken on this path"),
+        )),
+        Some(_) if request.headers().get(SIGNATURE_HEADER).is_none_or(|v| v.len() != 64) => Some((
+            PeerRefusal::Unsigned,
+            StatusCode::UNAUTHORIZED,
+            format!("no {SIGNATURE_HEADER}: the body's HMAC under the cluster key"),
+        )),
+        Some(_) => None,
+    };
+    match refusal {
+        Some((why, status, message)) => {
+            cluster.refused(why);
+            refuse(status, message).into_response()
+        }
+        None => next.run(request).await,
+    }
+}
+
+/// Checks a request body's HMAC under the cluster key (or the one before its last rotation).
+fn authenticate(cluster: &Cluster, headers: &HeaderMap, body: &[u8]) -> Result<(), Reply> {
     let keys = cluster.keys();
     if keys.is_empty() {
         return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "this node is in no cluster yet"));
     }
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default();
-    if !keys.iter().any(|key| verify(key, body, header(SIGNATURE_HEADER))) {
-        return Err(refuse(StatusCode::UNAUTHORIZED, "bad or missing signature: not signed with this cluster's key"));
+    let signature = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if !keys.iter().any(|key| verify(key, body, signature)) {
+        cluster.refused(PeerRefusal::Unsigned);
+        return Err(refuse(StatusCode::UNAUTHORIZED, "bad signature: not made with this cluster's key"));
     }
-    let node = header(NODE_HEADER).to_owned();
-    if !cluster.knows(&node) {
-        return Err(refuse(StatusCode::FORBIDDEN, format!("{node:?} is not a member of this cluster")));
-    }
-    Ok(node)
+    Ok(())
 }
 
 /// A member's reports, taken by the supernode for its next batch.
-async fn take_reports(State(cluster): State<Arc<Cluster>>, headers: HeaderMap, body: Bytes) -> Reply {
-    let from = match authenticate(&cluster, &headers, &body) {
-        Ok(node) => node,
-        Err(r) => return r,
-    };
+async fn take_reports(
+    State(cluster): State<Arc<Cluster>>,
+    Extension(Caller(from)): Extension<Caller>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Reply {
+    if let Err(r) = authenticate(&cluster, &headers, &body) {
+        return r;
+    }
     let post: ReportPost = match serde_json::from_slice(&body) {
         Ok(p) => p,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("malformed reports: {e}")),
@@ -164,74 +301,105 @@ async fn take_reports(State(cluster): State<Arc<Cluster>>, headers: HeaderMap, b
     }
 }
 
-/// Acks of this node's reports, from the supernode that sent them upstream.
-async fn take_acks(State(cluster): State<Arc<Cluster>>, headers: HeaderMap, body: Bytes) -> Reply {
+/// The cloud's receipt for this node's relayed reports, passed on by the supernode: the
+/// reports it names leave the outbox once the cloud's signature verifies.
+async fn take_receipt(
+    State(cluster): State<Arc<Cluster>>,
+    Extension(Caller(from)): Extension<Caller>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Reply {
     if let Err(r) = authenticate(&cluster, &headers, &body) {
         return r;
     }
-    let acks: AckPost = match serde_json::from_slice(&body) {
+    let post: AckPost = match serde_json::from_slice(&body) {
         Ok(a) => a,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("malformed acks: {e}")),
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("malformed receipt: {e}")),
     };
-    match cluster.meta.outbox_acked(&acks.seqs).await {
+    let Some(cloud) = cluster.cloud_key() else {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "the membership names no cloud key yet");
+    };
+    if !post.receipt.verify(&cloud, cluster.name(), &cluster.identity.fingerprint()) {
+        warn!(supernode = %from, "a receipt not signed by the cloud for this node; the reports stay in the outbox");
+        return refuse(StatusCode::FORBIDDEN, "the receipt is not the cloud's for this node");
+    }
+    let seqs = cluster.receipted(&post.receipt.reports);
+    match cluster.meta.outbox_acked(&seqs).await {
         Ok(removed) => reply(StatusCode::OK, serde_json::json!({"removed": removed})),
         Err(e) => refuse(StatusCode::INSUFFICIENT_STORAGE, e),
     }
 }
 
-/// This node's registry of the cluster.
+/// This node's registry of the cluster, signed.
 async fn give_registry(State(cluster): State<Arc<Cluster>>, headers: HeaderMap, body: Bytes) -> Reply {
     if let Err(r) = authenticate(&cluster, &headers, &body) {
         return r;
     }
-    match cluster.own_registry() {
-        Some(registry) => reply(StatusCode::OK, registry),
-        None => refuse(StatusCode::SERVICE_UNAVAILABLE, "this node is in no cluster yet"),
+    let Some(registry) = cluster.own_registry() else {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "this node is in no cluster yet");
+    };
+    match SignedRegistry::sign(cluster.name(), &registry, |p, b| cluster.identity.sign(p, b)) {
+        Some(signed) => reply(StatusCode::OK, signed),
+        None => refuse(StatusCode::SERVICE_UNAVAILABLE, "this node's key cannot sign"),
     }
 }
 
-/// What a signed POST to a peer got back.
+/// What a POST to a peer got back.
 struct Answer {
     status: u16,
     body: String,
 }
 
-/// POSTs `body` signed with the cluster key to `path` of the peer at `address`.
-async fn post_signed(cluster: &Cluster, address: &str, path: &str, body: impl Serialize) -> Result<Answer, String> {
+/// POSTs `body`, with its cluster key HMAC, to `path` of the member `peer` at `address`,
+/// over mutual TLS that takes only `peer`'s certificate with the key the membership gives.
+async fn post_signed(
+    cluster: &Cluster,
+    peer: &str,
+    address: &str,
+    path: &str,
+    body: impl Serialize,
+) -> Result<Answer, String> {
     let key = cluster.key().ok_or("in no cluster")?;
+    let fingerprint = cluster.member_key(peer).ok_or_else(|| format!("{peer} is not a member with an enrolled key"))?;
+    let connector = tls::connector(&cluster.identity, peer, &fingerprint)?;
     let body = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
     let signature = sign(&key, &body);
-    let url = format!("http://{address}{path}");
-    let node = cluster.name().to_owned();
-    tokio::task::spawn_blocking(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(PEER_TIMEOUT))
-            .http_status_as_error(false)
-            .proxy(None)
-            .build()
-            .into();
-        let mut response = agent
-            .post(&url)
-            .header(NODE_HEADER, &node)
-            .header(SIGNATURE_HEADER, &signature)
-            .header("content-type", "application/json")
-            .send(&body[..])
-            .map_err(|e| format!("{url}: {e}"))?;
+    let exchange = async {
+        let tcp = TcpStream::connect(address).await.map_err(|e| e.to_string())?;
+        let stream = connector.connect(tls::server_name(peer), tcp).await.map_err(|e| format!("TLS: {e}"))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        let request = hyper::Request::post(path)
+            .header(header::HOST, address)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_LENGTH, body.len())
+            .header(SIGNATURE_HEADER, signature)
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
         let status = response.status().as_u16();
-        let body = response.body_mut().read_to_string().unwrap_or_default();
-        Ok(Answer { status, body })
-    })
-    .await
-    .map_err(|e| e.to_string())?
+        let answer = Limited::new(response.into_body(), MAX_ANSWER).collect().await.map_err(|e| e.to_string())?;
+        Ok(Answer { status, body: String::from_utf8_lossy(&answer.to_bytes()).into_owned() })
+    };
+    match tokio::time::timeout(PEER_TIMEOUT, exchange).await {
+        Ok(answer) => answer.map_err(|e: String| format!("{peer} at {address}: {e}")),
+        Err(_) => Err(format!("{peer} at {address}: no answer within {} s", PEER_TIMEOUT.as_secs())),
+    }
 }
 
-/// The registry of the supernode at `address`.
-pub(super) async fn fetch_registry(cluster: &Cluster, address: &str) -> Result<Registry, String> {
-    let answer = post_signed(cluster, address, REGISTRY_PATH, serde_json::json!({"from": cluster.name()})).await?;
+/// The registry of the supernode `supernode` at `address`, its signature checked.
+pub(super) async fn fetch_registry(cluster: &Cluster, supernode: &str, address: &str) -> Result<Registry, String> {
+    let answer = post_signed(cluster, supernode, address, REGISTRY_PATH, serde_json::json!({})).await?;
     if answer.status != 200 {
         return Err(format!("the supernode answered {}: {}", answer.status, answer.body));
     }
-    serde_json::from_str(&answer.body).map_err(|e| format!("malformed registry: {e}"))
+    let signed: SignedRegistry = serde_json::from_str(&answer.body).map_err(|e| format!("malformed registry: {e}"))?;
+    let key = cluster.member_key(supernode).ok_or_else(|| format!("{supernode} has no enrolled key"))?;
+    if signed.node != supernode {
+        return Err(format!("asked {supernode} for its registry, got {}'s", signed.node));
+    }
+    signed.open(&key)
 }
 
 impl Cluster {
@@ -260,6 +428,18 @@ impl Cluster {
         }
         Ok(taken)
     }
+
+    /// The seqs of `reports` this node handed to a supernode as they are named (seq and
+    /// time of queueing), forgotten as handed: what a receipt lets it delete.
+    pub(super) fn receipted(&self, reports: &[supermesh_protocol::Receipted]) -> Vec<i64> {
+        let mut state = self.state();
+        let seqs: Vec<i64> =
+            reports.iter().filter(|r| state.handed.get(&r.seq) == Some(&r.created_ms)).map(|r| r.seq).collect();
+        for seq in &seqs {
+            state.handed.remove(seq);
+        }
+        seqs
+    }
 }
 
 /// The entries of `entries` as relayed reports of node `node`.
@@ -273,15 +453,18 @@ fn relayed(node: &str, entries: Vec<crate::metamanager::store::OutboxEntry>) -> 
             resource: e.resource,
             content: serde_json::from_str(&e.content).unwrap_or(serde_json::Value::Null),
             created_ms: e.created_ms,
+            signature: None,
         })
         .collect()
 }
 
-/// A member hands its outbox to its supernode until the process ends. Entries stay in
-/// the outbox until the supernode's ack arrives; a new route sends them all again.
+/// A member hands its outbox to its supernode until the process ends, each report signed
+/// with its key. Entries stay in the outbox until the cloud's receipt comes back; entries
+/// handed over and not receipted within a while go again, directly to the cloud if the
+/// supernode keeps them to itself; a new route sends them all again.
 pub(super) async fn relay_as_member(cluster: Arc<Cluster>) {
     let resend_after = 2 * cluster.config.podstatus_interval() + Duration::from_secs(10);
-    let mut sent: HashMap<i64, Instant> = HashMap::new();
+    let mut sent: BTreeMap<i64, Instant> = BTreeMap::new();
     let mut last_route = Route::Direct;
     loop {
         tokio::select! {
@@ -295,7 +478,6 @@ pub(super) async fn relay_as_member(cluster: Arc<Cluster>) {
             last_route = route.clone();
         }
         let Route::Relay { supernode, address, .. } = route else { continue };
-        sent.retain(|_, at| at.elapsed() < resend_after);
         let pending = match cluster.meta.outbox_pending(MAX_ENTRIES).await {
             Ok(p) => p,
             Err(e) => {
@@ -303,17 +485,34 @@ pub(super) async fn relay_as_member(cluster: Arc<Cluster>) {
                 continue;
             }
         };
-        let entries: Vec<RelayedReport> =
-            relayed(cluster.name(), pending.into_iter().filter(|e| !sent.contains_key(&e.seq)).collect());
+        // What left the outbox otherwise (acked directly, superseded) needs no receipt.
+        {
+            let mut state = cluster.state();
+            state.handed.retain(|seq, _| pending.iter().any(|e| e.seq == *seq));
+        }
+        sent.retain(|seq, _| pending.iter().any(|e| e.seq == *seq));
+        let unreceipted = sent.values().any(|at| at.elapsed() >= resend_after);
+        sent.retain(|_, at| at.elapsed() < resend_after);
+        if unreceipted {
+            info!(%supernode, "the supernode got no receipt from the cloud for reports handed to it; reporting directly for now");
+            cluster.relay_failed();
+            continue;
+        }
+        let entries: Vec<RelayedReport> = relayed(cluster.name(), pending)
+            .into_iter()
+            .filter(|e| !sent.contains_key(&e.seq))
+            .map(|e| e.sign(|p, b| cluster.identity.sign(p, b)))
+            .collect();
         if entries.is_empty() {
             continue;
         }
-        let seqs: Vec<i64> = entries.iter().map(|e| e.seq).collect();
+        let handed: Vec<(i64, i64)> = entries.iter().map(|e| (e.seq, e.created_ms)).collect();
         let post = ReportPost { from: cluster.name().to_owned(), entries };
-        match post_signed(&cluster, &address, REPORTS_PATH, &post).await {
+        match post_signed(&cluster, &supernode, &address, REPORTS_PATH, &post).await {
             Ok(answer) if answer.status == 202 => {
-                debug!(%supernode, reports = seqs.len(), "reports handed to the supernode");
-                sent.extend(seqs.into_iter().map(|s| (s, Instant::now())));
+                debug!(%supernode, reports = handed.len(), "reports handed to the supernode");
+                cluster.state().handed.extend(handed.iter().copied());
+                sent.extend(handed.into_iter().map(|(seq, _)| (seq, Instant::now())));
             }
             Ok(answer) => {
                 info!(%supernode, status = answer.status, answer = %answer.body, "the supernode refused reports; reporting directly for now");
@@ -410,29 +609,36 @@ impl Cluster {
             }
             let done = self.state().queue.answered(&id, &ack);
             debug!(batch = %id, entries, acked = done.len(), "batch acknowledged");
-            self.deliver_acks(done).await;
+            self.deliver_acks(&ack).await;
         }
     }
 
-    /// Deletes acked reports: this node's from its outbox, members' by telling them.
-    async fn deliver_acks(&self, done: Vec<ReportId>) {
-        let mut by_node: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-        for id in done {
-            by_node.entry(id.node).or_default().push(id.seq);
-        }
-        for (node, seqs) in by_node {
-            if node == self.name() {
-                if let Err(e) = self.meta.outbox_acked(&seqs).await {
-                    warn!(error = %e, "cannot delete acknowledged reports; they are sent again");
-                }
-                continue;
+    /// This node's own reports the cloud is done with leave its outbox (its own session is
+    /// authenticated); each member gets the cloud's signed receipt for its reports.
+    async fn deliver_acks(&self, ack: &BatchAck) {
+        let own: Vec<i64> = ack
+            .acked
+            .iter()
+            .chain(ack.refused.iter().map(|(id, _)| id))
+            .filter(|id| id.node == self.name())
+            .map(|id| id.seq)
+            .collect();
+        if !own.is_empty() {
+            if let Err(e) = self.meta.outbox_acked(&own).await {
+                warn!(error = %e, "cannot delete acknowledged reports; they are sent again");
             }
-            let Some(address) = self.address_of(&node) else { continue };
-            let post = AckPost { from: self.name().to_owned(), seqs };
-            match post_signed(self, &address, ACKS_PATH, &post).await {
+        }
+        for receipt in ack.receipts.iter().filter(|r| r.node != self.name()) {
+            let Some(address) = self.address_of(&receipt.node) else { continue };
+            let post = AckPost { from: self.name().to_owned(), receipt: receipt.clone() };
+            match post_signed(self, &receipt.node, &address, ACKS_PATH, &post).await {
                 Ok(a) if a.status == 200 => {}
-                Ok(a) => debug!(%node, status = a.status, "a member refused acks; it sends its reports again"),
-                Err(e) => debug!(%node, error = %e, "a member is unreachable for acks; it sends its reports again"),
+                Ok(a) => {
+                    debug!(node = %receipt.node, status = a.status, "a member refused a receipt; it sends its reports again")
+                }
+                Err(e) => {
+                    debug!(node = %receipt.node, error = %e, "a member is unreachable for its receipt; it sends its reports again")
+                }
             }
         }
     }

@@ -143,6 +143,7 @@ mod tests {
             resource: STATUS_RESOURCE.into(),
             content: content.unwrap(),
             created_ms: seq,
+            signature: None,
         }
     }
 
@@ -154,6 +155,7 @@ mod tests {
             resource: "ns/microservice/web".into(),
             content: serde_json::json!({"warning": false, "reason": "Tick", "message": format!("tick {seq}")}),
             created_ms: seq,
+            signature: None,
         }
     }
 
@@ -185,7 +187,7 @@ mod tests {
         // A report arriving meanwhile waits for the next batch.
         q.push(event("a", 3)).unwrap();
         let acked: Vec<ReportId> = batch.entries.iter().map(|r| r.id()).collect();
-        let done = q.answered("b-1", &BatchAck { acked: acked.clone(), refused: vec![] });
+        let done = q.answered("b-1", &BatchAck { acked: acked.clone(), ..BatchAck::default() });
         assert_eq!(done, acked);
         assert_eq!(ids(&q.take_batch("b-3", 100, 1 << 20).unwrap()), [("a".to_string(), 3)]);
     }
@@ -199,7 +201,7 @@ mod tests {
         q.failed("b-1");
         let again = q.take_batch("b-2", 100, 1 << 20).unwrap();
         assert_eq!(again.entries.len(), 2);
-        let only_a = BatchAck { acked: vec![again.entries[0].id()], refused: vec![] };
+        let only_a = BatchAck { acked: vec![again.entries[0].id()], ..BatchAck::default() };
         q.answered("b-2", &only_a);
         assert_eq!(ids(&q.take_batch("b-3", 100, 1 << 20).unwrap()), [("b".to_string(), 1)]);
     }
