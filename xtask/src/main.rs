@@ -6,6 +6,7 @@ mod compat;
 mod controlplane;
 mod crdgen;
 mod demo;
+mod fuzz;
 mod helm;
 mod image;
 mod package;
@@ -64,6 +65,18 @@ enum Command {
     },
     /// Build the Debian package of supermesh-agent (target/debian/*.deb) and check it with lintian.
     Package,
+    /// Build the fuzz targets of fuzz/ (cargo fuzz, libFuzzer, stable toolchain) and run each for
+    /// a while from its corpus; fails on a crash, naming the input that causes it.
+    Fuzz {
+        /// Seconds each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Afterwards, add to the committed corpus (fuzz/corpus/) the inputs found that reach new code.
+        #[arg(long)]
+        merge: bool,
+        /// Targets to run (all when none is given): see `cargo fuzz list` in fuzz/.
+        targets: Vec<String>,
+    },
     /// Run a benchmark and print its figures (`sync`, `scale`, `supernode`).
     Bench {
         /// Which benchmark: `sync`, `scale` or `supernode`.
@@ -88,6 +101,7 @@ fn main() {
         Command::Helm { args } => helm::run(&args),
         Command::Package => package::run(),
         Command::Bench { what, args } => bench::run(&what, &args),
+        Command::Fuzz { seconds, merge, targets } => fuzz::run(seconds, merge, &targets),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -20,7 +20,7 @@ pub const ENV: &str = "SUPERMESH_AGENT_DEB";
 /// error in it, and returns its path, `target/debian/supermesh-agent_<version>-1_<arch>.deb`.
 pub fn build() -> Result<PathBuf> {
     check_changelog()?;
-    ensure_cargo_deb()?;
+    shell::ensure_cargo_tool("deb", "cargo-deb", CARGO_DEB_VERSION)?;
     shell::ensure_program("lintian", "lintian")?;
     let arch = shell::output(Command::new("dpkg").arg("--print-architecture"))
         .context("packages are built on Debian or a derivative: dpkg is needed")?;
@@ -63,21 +63,4 @@ fn check_changelog() -> Result<()> {
         bail!("{} does not start with an entry for {}: add one on top for this version", path.display(), entry.trim());
     }
     Ok(())
-}
-
-/// Installs cargo-deb [`CARGO_DEB_VERSION`] unless `cargo deb` is that version.
-fn ensure_cargo_deb() -> Result<()> {
-    let installed = shell::output(cargo().args(["deb", "--version"])).unwrap_or_default();
-    if installed.split_whitespace().nth(1) == Some(CARGO_DEB_VERSION) {
-        return Ok(());
-    }
-    let mut install = cargo();
-    install.args(["install", "cargo-deb", "--version", CARGO_DEB_VERSION, "--locked"]);
-    if installed.is_empty() {
-        eprintln!("==> installing cargo-deb {CARGO_DEB_VERSION}");
-    } else {
-        eprintln!("==> installing cargo-deb {CARGO_DEB_VERSION} in place of {}", installed.trim());
-        install.arg("--force");
-    }
-    shell::run(&mut install).context("cannot install cargo-deb: it comes from crates.io")
 }

@@ -73,6 +73,24 @@ pub fn ensure_program(program: &str, package: &str) -> Result<()> {
     Ok(())
 }
 
+/// Installs `krate` at `version` from crates.io with `cargo install --locked` unless
+/// `cargo <subcommand> --version` already says it is that version.
+pub fn ensure_cargo_tool(subcommand: &str, krate: &str, version: &str) -> Result<()> {
+    let installed = output(cargo().args([subcommand, "--version"])).unwrap_or_default();
+    if installed.split_whitespace().nth(1) == Some(version) {
+        return Ok(());
+    }
+    let mut install = cargo();
+    install.args(["install", krate, "--version", version, "--locked"]);
+    if installed.is_empty() {
+        eprintln!("==> installing {krate} {version}");
+    } else {
+        eprintln!("==> installing {krate} {version} in place of {}", installed.trim());
+        install.arg("--force");
+    }
+    run(&mut install).with_context(|| format!("cannot install {krate}: it comes from crates.io"))
+}
+
 fn describe(cmd: &Command) -> String {
     let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
     format!("`{} {}`", cmd.get_program().to_string_lossy(), args.join(" "))

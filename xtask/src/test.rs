@@ -1,5 +1,6 @@
 //! `cargo xtask test`: formatting, lints, generated files, then every test
-//! (unit, component and end-to-end) against a real API server.
+//! (unit, component and end-to-end) against a real API server, a short run of every
+//! fuzz target, and the chart's tests on a real cluster.
 
 use anyhow::{Context, Result};
 
@@ -9,6 +10,8 @@ pub fn run(extra: &[String]) -> Result<()> {
     step("cargo fmt --check");
     shell::run(cargo().args(["fmt", "--all", "--", "--check"]))
         .context("code is not formatted: run `cargo fmt --all`")?;
+    shell::run(cargo().args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"]))
+        .context("the fuzz targets are not formatted: run `cargo fmt` in fuzz/")?;
     step("cargo clippy");
     shell::run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     step("generated CRDs match the Rust types");
@@ -34,6 +37,9 @@ pub fn run(extra: &[String]) -> Result<()> {
         let tests = tests.env("KUBECONFIG", kubeconfig).env(crate::compat::ENV, &previous);
         shell::run(tests.env(crate::package::ENV, &deb))
     })?;
+
+    step(&format!("fuzz: every target for {} s (`cargo xtask fuzz` runs longer)", crate::fuzz::TEST_SECONDS));
+    crate::fuzz::run(crate::fuzz::TEST_SECONDS, false, &[])?;
 
     // The cluster tier: the chart installed with Helm on a real cluster with a node, which
     // runs the controller image.
