@@ -85,7 +85,7 @@ pub struct SupernodeConfig {
     /// `host:port` peers should use to reach this node; default: the address the
     /// cloud sees this node connect from, with the listen port.
     pub advertise: Option<String>,
-    /// Seconds between heartbeats (at least 1); a peer silent for 2.5 heartbeats is gone.
+    /// Seconds between heartbeats (1 to [`MAX_HEARTBEAT_SECONDS`]); a peer silent for 2.5 heartbeats is gone.
     pub heartbeat_seconds: u64,
     /// LAN discovery: also send heartbeats to the multicast group and learn there where
     /// members are (only members the membership lists, with their enrolled keys, are peers).
@@ -184,6 +184,11 @@ pub struct OutboxConfig {
     pub max_bytes: u64,
 }
 
+/// Most `meta.sync.podstatus.interval`, in seconds: a day.
+pub const MAX_PODSTATUS_SECONDS: u64 = 86_400;
+/// Most `supernode.heartbeatSeconds`: an hour.
+pub const MAX_HEARTBEAT_SECONDS: u64 = 3_600;
+
 /// Least `meta.outbox.maxReports`: room for the status snapshot and some events.
 pub const MIN_OUTBOX_REPORTS: u64 = 100;
 /// Least `meta.outbox.maxBytes`: room for a large node's status snapshot and some events.
@@ -207,7 +212,7 @@ pub struct SyncConfig {
 #[derive(Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct PodStatusConfig {
-    /// Seconds between two full reports, at least 1.
+    /// Seconds between two full reports, 1 to [`MAX_PODSTATUS_SECONDS`].
     pub interval: u64,
 }
 
@@ -331,9 +336,12 @@ impl EdgeConfig {
             })?;
         }
         non_empty("dataDir", &self.data_dir.to_string_lossy())?;
-        check(self.meta.sync.podstatus.interval >= 1, "meta.sync.podstatus.interval", || {
-            "must be at least 1 (seconds), e.g. 60".to_owned()
-        })?;
+        // Bounded above too: the agent adds intervals to the clock and multiplies them.
+        check(
+            (1..=MAX_PODSTATUS_SECONDS).contains(&self.meta.sync.podstatus.interval),
+            "meta.sync.podstatus.interval",
+            || format!("must be at least 1 and at most {MAX_PODSTATUS_SECONDS} (seconds: a day), e.g. 60"),
+        )?;
         check(self.meta.outbox.max_reports >= MIN_OUTBOX_REPORTS, "meta.outbox.maxReports", || {
             format!("must be at least {MIN_OUTBOX_REPORTS}, e.g. {DEFAULT_OUTBOX_REPORTS}")
         })?;
@@ -356,9 +364,11 @@ impl EdgeConfig {
         check(u64::from(users.first) + u64::from(users.count) <= u64::from(u32::MAX), "edged.instanceUsers", || {
             format!("first + count must stay below {}, the largest uid", u32::MAX)
         })?;
-        check(self.supernode.heartbeat_seconds >= 1, "supernode.heartbeatSeconds", || {
-            "must be at least 1 (seconds), e.g. 2".to_owned()
-        })?;
+        check(
+            (1..=MAX_HEARTBEAT_SECONDS).contains(&self.supernode.heartbeat_seconds),
+            "supernode.heartbeatSeconds",
+            || format!("must be at least 1 and at most {MAX_HEARTBEAT_SECONDS} (seconds: an hour), e.g. 2"),
+        )?;
         if let Some(advertise) = &self.supernode.advertise {
             check(host_port(advertise).is_some_and(|a| a == advertise), "supernode.advertise", || {
                 format!("{advertise:?} is not host:port; expected e.g. 192.168.1.20:10360")
@@ -514,6 +524,19 @@ cloud:
                 "meta: {sync: {podstatus: {interval: 0}}}\ncloud:",
                 "meta.sync.podstatus.interval",
                 "at least 1",
+            ),
+            // Reproduced with the edge_config fuzz target: the agent panicked multiplying these.
+            (
+                "cloud:",
+                "meta: {sync: {podstatus: {interval: 18446744073709551615}}}\ncloud:",
+                "meta.sync.podstatus.interval",
+                "at most 86400",
+            ),
+            (
+                "cloud:",
+                "supernode: {heartbeatSeconds: 18446744073709551615}\ncloud:",
+                "supernode.heartbeatSeconds",
+                "at most 3600",
             ),
             ("cloud:", "meta: {outbox: {maxReports: 99}}\ncloud:", "meta.outbox.maxReports", "at least 100"),
             ("cloud:", "meta: {outbox: {maxBytes: 1000}}\ncloud:", "meta.outbox.maxBytes", "at least 1048576"),

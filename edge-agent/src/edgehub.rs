@@ -508,10 +508,13 @@ impl Default for Keepalive {
     }
 }
 
+/// Longest keepalive interval taken from a welcome: an hour.
+const MAX_KEEPALIVE_SECONDS: u64 = 3_600;
+
 impl Keepalive {
-    /// What the cloud's welcome asks for.
+    /// What the cloud's welcome asks for, within 1 s to [`MAX_KEEPALIVE_SECONDS`].
     pub fn of(welcome: &Welcome) -> Keepalive {
-        let every = Duration::from_secs(welcome.keepalive_seconds.max(1));
+        let every = Duration::from_secs(welcome.keepalive_seconds.clamp(1, MAX_KEEPALIVE_SECONDS));
         Keepalive { every, silence: 3 * every }
     }
 }
@@ -773,6 +776,18 @@ impl ServerCertVerifier for PinnedCa {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_welcome_s_keepalive_is_bounded() {
+        // Reproduced with the cloud_message fuzz target: a keepalive of u64::MAX seconds made the
+        // session panic tripling it.
+        let welcome = |keepalive_seconds| Welcome { keepalive_seconds, pending: 0, protocol: ProtocolVersion::CURRENT };
+        let most = Keepalive::of(&welcome(u64::MAX));
+        assert_eq!(most.every, Duration::from_secs(MAX_KEEPALIVE_SECONDS));
+        assert_eq!(most.silence, 3 * most.every);
+        assert_eq!(Keepalive::of(&welcome(0)).every, Duration::from_secs(1));
+        assert_eq!(Keepalive::of(&welcome(15)), Keepalive::default());
+    }
 
     #[test]
     fn reconnect_delays_grow_are_capped_and_jittered() {
