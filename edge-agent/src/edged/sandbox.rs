@@ -119,7 +119,7 @@ impl InstanceUserTable {
     pub fn uid_of(&self, resource: &str) -> Result<u32, SandboxError> {
         let failed = |source| SandboxError::Store { path: self.path.clone(), source };
         let mut db = self.db.lock().unwrap_or_else(PoisonError::into_inner);
-        let tx = db.transaction().map_err(failed)?;
+        let tx = db.transaction_with_behavior(crate::metamanager::store::WRITE).map_err(failed)?;
         let (first, count) = (i64::from(self.users.first), i64::from(self.users.count));
         let end = first + count;
         let held: Option<i64> = tx
@@ -340,6 +340,30 @@ mod tests {
         assert_eq!(users.uid_of("t/microservice/d").unwrap(), a, "then the one released longest ago");
         assert!(matches!(users.uid_of("t/microservice/e"), Err(SandboxError::Exhausted { first: 5000, count: 3 })));
         assert_eq!(users.uid_of("t/microservice/d").unwrap(), a);
+    }
+
+    #[test]
+    fn allocating_users_while_the_metamanager_writes_never_finds_the_database_locked() {
+        use crate::metamanager::store::{Change, Store};
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path().join("meta.db")).unwrap();
+        let users = table(dir.path(), 5000, 1000);
+        let writer = std::thread::spawn(move || {
+            for round in 0..300 {
+                let key = format!("t/microservice/m{}", round % 7);
+                let change = Change::Upsert {
+                    key,
+                    res_type: "microservice".into(),
+                    version: round.to_string(),
+                    value: "{}".into(),
+                };
+                store.apply(&[change]).expect("a batch commits while users are allocated");
+            }
+        });
+        for i in 0..300 {
+            users.uid_of(&format!("t/microservice/u{i}")).expect("a user is allocated while batches commit");
+        }
+        writer.join().unwrap();
     }
 
     #[test]

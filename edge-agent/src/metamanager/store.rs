@@ -17,7 +17,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
 use supermesh_protocol::Operation;
 
 /// Schema migrations; entry `i` moves the schema from `user_version` i to i+1.
@@ -74,6 +74,10 @@ pub const DEFAULT_OUTBOX_BYTES: u64 = 16 * 1024 * 1024;
 
 /// How long a second connection (e.g. `supermesh-agent inspect`) waits for a lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Every write transaction takes the write lock when it begins. Other connections
+/// write `meta.db` too (edged's instance users); a deferred transaction that read first
+/// would fail with "database is locked" at its first write, without waiting.
+pub(crate) const WRITE: TransactionBehavior = TransactionBehavior::Immediate;
 
 /// Why the database could not be opened, read or written.
 #[derive(Debug, thiserror::Error)]
@@ -377,7 +381,7 @@ fn prepare(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
         return Err(StoreError::Unusable { path: path.to_owned(), reason });
     }
     if version < MIGRATIONS.len() {
-        let tx = conn.transaction().map_err(&err)?;
+        let tx = conn.transaction_with_behavior(WRITE).map_err(&err)?;
         for sql in &MIGRATIONS[version..] {
             tx.execute_batch(sql).map_err(&err)?;
         }
@@ -422,7 +426,7 @@ impl Store {
     /// Applies `changes` in order in one transaction; no row is written for an Upsert that changes nothing.
     pub fn apply(&mut self, changes: &[Change]) -> Result<Vec<Outcome>, StoreError> {
         let err = sql_err(&self.path);
-        let tx = self.conn.transaction().map_err(&err)?;
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(&err)?;
         let outcomes = changes.iter().map(|c| apply_one(&tx, c)).collect::<rusqlite::Result<Vec<_>>>().map_err(&err)?;
         tx.commit().map_err(&err)?;
         self.stats.rows_written += outcomes.iter().filter(|o| o.changed()).count() as u64;
@@ -495,7 +499,7 @@ impl Store {
         snapshot: bool,
     ) -> Result<Queued, StoreError> {
         let err = sql_err(&self.path);
-        let tx = self.conn.transaction().map_err(&err)?;
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(&err)?;
         if snapshot {
             tx.prepare_cached("DELETE FROM outbox WHERE snapshot = 1 AND operation = ?1 AND resource = ?2")
                 .and_then(|mut s| s.execute((format!("{operation:?}"), resource)))
@@ -536,7 +540,7 @@ impl Store {
     /// Removes the acked outbox entries `seqs` in one transaction; returns how many were there.
     pub fn remove(&mut self, seqs: &[i64]) -> Result<usize, StoreError> {
         let err = sql_err(&self.path);
-        let tx = self.conn.transaction().map_err(&err)?;
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(&err)?;
         let mut removed = 0;
         for seq in seqs {
             removed += tx
@@ -574,7 +578,7 @@ impl Store {
         max_keys: usize,
     ) -> Result<KvPut, StoreError> {
         let err = sql_err(&self.path);
-        let tx = self.conn.transaction().map_err(&err)?;
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(&err)?;
         let exists = tx
             .prepare_cached("SELECT 1 FROM kv WHERE microservice = ?1 AND key = ?2")
             .and_then(|mut s| s.exists([microservice, key]))
