@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+pub use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -42,6 +43,30 @@ use serde::{Deserialize, Serialize};
         type_ = "integer",
         json_path = ".status.availableInstances",
         description = "Instances serving"
+    ),
+    printcolumn(
+        name = "Current",
+        type_ = "integer",
+        json_path = ".status.currentRevision",
+        description = "Revision the fleet runs outside the rollout"
+    ),
+    printcolumn(
+        name = "Updated",
+        type_ = "integer",
+        json_path = ".status.updatedRevision",
+        description = "Revision being rolled out"
+    ),
+    printcolumn(
+        name = "Rollout",
+        type_ = "string",
+        json_path = ".status.rollout.phase",
+        description = "Phase of the rollout"
+    ),
+    printcolumn(
+        name = "Wave",
+        type_ = "integer",
+        json_path = ".status.rollout.wave",
+        description = "Wave reached, 1 for the canary"
     ),
     printcolumn(
         name = "Status",
@@ -88,6 +113,68 @@ pub struct MicroserviceSpec {
     /// capabilities). Placed only on nodes whose EdgeNode `spec.security` allows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security_context: Option<SecurityContext>,
+    /// How a new revision (a change to what runs) reaches the nodes: all at once (the
+    /// default) or in health-gated waves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
+}
+
+/// How a new revision reaches the nodes.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Rollout {
+    /// `AllAtOnce` (every node at once) or `Waves`.
+    #[serde(default)]
+    pub strategy: RolloutStrategy,
+    /// Waves: size of the first wave, a count (`1`) or a share of the nodes (`"10%"`, rounded up). Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<IntOrString>,
+    /// Waves: each wave after the canary is this many times the one before. Default 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub growth_factor: Option<i32>,
+    /// Waves: the largest wave, a count or a share of the nodes. Default: no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_wave: Option<IntOrString>,
+    /// Seconds an updated instance must stay ready before its wave counts as done. On the
+    /// device, a new revision that fails its health check within this time is replaced by
+    /// the previous one, by the agent itself. Default 0.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 3600))]
+    pub min_ready_seconds: i32,
+    /// Waves: at most this many updated instances may be not ready at once, a count or a
+    /// share of the nodes. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<IntOrString>,
+    /// Waves: the health gate. When the share of updated instances that failed, are
+    /// unhealthy or were rolled back on their device passes this (a count or a share of the
+    /// updated instances), the rollout pauses, or rolls back with `autoRollback`. Default 0:
+    /// any failure stops it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_threshold: Option<IntOrString>,
+    /// Waves: roll the fleet back to the current revision when the health gate closes,
+    /// instead of pausing.
+    #[serde(default)]
+    pub auto_rollback: bool,
+    /// Waves: no further wave starts while set (`supermeshctl rollout pause|resume`).
+    #[serde(default)]
+    pub paused: bool,
+    /// Waves: how long a wave may wait for its instances (offline nodes included) before
+    /// the rollout stops with `ProgressDeadlineExceeded`; offline nodes are then skipped and
+    /// get their wave's revision when they return. Default 600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub progress_deadline_seconds: Option<i32>,
+}
+
+/// How a new revision reaches the nodes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RolloutStrategy {
+    /// Every node at once.
+    #[default]
+    AllAtOnce,
+    /// A canary wave, then growing waves, each held until its instances are ready.
+    Waves,
 }
 
 /// Who an instance runs as and which capabilities it keeps.
@@ -254,11 +341,97 @@ pub struct MicroserviceStatus {
     /// Some unhealthy instances, at most `MAX_UNHEALTHY` (the full view is served by the controller).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unhealthy_instances: Vec<UnhealthyInstance>,
+    /// The revision the fleet runs outside the rollout (and goes back to on rollback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_revision: Option<i64>,
+    /// The revision being rolled out (equal to `currentRevision` once it is done).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_revision: Option<i64>,
+    /// The latest revisions, newest last, at most `MAX_REVISIONS`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revisions: Vec<Revision>,
+    /// Where the rollout of `updatedRevision` stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
 }
 
 impl MicroserviceStatus {
     /// Largest number of unhealthy instances listed in the status.
     pub const MAX_UNHEALTHY: usize = 10;
+    /// Number of revisions kept.
+    pub const MAX_REVISIONS: usize = 10;
+    /// Largest number of nodes named in `rollout.failingNodes`.
+    pub const MAX_FAILING: usize = 10;
+
+    /// The kept revision numbered `revision`.
+    pub fn revision(&self, revision: i64) -> Option<&Revision> {
+        self.revisions.iter().find(|r| r.revision == revision)
+    }
+}
+
+/// One revision: what runs, as of the generation that first asked for it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Revision {
+    /// Its number: the generation of the Microservice that first asked for it. A change back
+    /// to a kept revision's content reuses its number.
+    pub revision: i64,
+    /// Hash of what runs (the wire workload), so that equal contents are one revision.
+    pub hash: String,
+    /// The spec the revision was taken from; only what runs of it counts.
+    pub template: MicroserviceSpec,
+    /// Instances placed at this revision.
+    #[serde(default)]
+    pub instances: i32,
+    /// Of those, instances reporting ready at it.
+    #[serde(default)]
+    pub ready: i32,
+}
+
+/// Where a rollout stands.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// `Progressing`, `Paused`, `RolledBack` or `Complete`.
+    pub phase: RolloutPhase,
+    /// Wave reached, 1 for the canary; 0 before the first.
+    #[serde(default)]
+    pub wave: i32,
+    /// Nodes, first in rendezvous order, that are to run `updatedRevision`.
+    #[serde(default)]
+    pub updated_nodes: i32,
+    /// Nodes placed in all.
+    #[serde(default)]
+    pub nodes: i32,
+    /// Nodes of the waves so far whose agent is offline (they get their wave's revision on return).
+    #[serde(default)]
+    pub offline_nodes: i32,
+    /// When the current wave started (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wave_started_at: Option<String>,
+    /// Since when every online instance of the waves so far is ready (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_since: Option<String>,
+    /// Nodes whose updated instance failed, at most `MAX_FAILING`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failing_nodes: Vec<String>,
+    /// What the rollout waits for or why it stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Phase of a rollout.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RolloutPhase {
+    /// Waves are being rolled out.
+    #[default]
+    Progressing,
+    /// Stopped: by `paused`, by the health gate or by the progress deadline.
+    Paused,
+    /// The health gate sent the fleet back to `currentRevision`.
+    RolledBack,
+    /// Every node runs `updatedRevision`.
+    Complete,
 }
 
 /// An instance that is not healthy.

@@ -82,6 +82,7 @@ mod tests {
 
     fn report(resource: &str, version: &str, phase: Phase, ready: bool, restarts: u32) -> InstanceReport {
         InstanceReport {
+            rolled_back_from: None,
             resource: resource.into(),
             version: version.into(),
             phase,

@@ -86,6 +86,7 @@ pub fn status_for(msvc: &Microservice, plan: &Plan, agg: Option<&Aggregate>) -> 
         available_instances: reported.available.min(ready),
         conditions,
         unhealthy_instances: if desired > 0 { reported.unhealthy.clone() } else { Vec::new() },
+        ..MicroserviceStatus::default()
     }
 }
 

@@ -15,6 +15,7 @@ pub fn assignment(msvc: &Microservice) -> wire::Assignment {
         uid: msvc.uid().unwrap_or_default(),
         generation: msvc.metadata.generation.unwrap_or_default(),
         spec: workload(&msvc.spec),
+        min_ready_seconds: msvc.spec.rollout.as_ref().map_or(0, |r| r.min_ready_seconds.max(0).unsigned_abs()),
     }
 }
 

@@ -24,6 +24,7 @@ pub fn report(statuses: &Statuses, taken_ms: i64) -> StatusReport {
     let instances = statuses
         .values()
         .map(|s| InstanceReport {
+            rolled_back_from: None,
             resource: s.key.clone(),
             version: s.version.clone(),
             phase: s.phase,

@@ -358,7 +358,14 @@ mod tests {
 
     fn assignment() -> Assignment {
         let spec: Workload = serde_json::from_value(json!({"mesh": "m", "command": ["srv"]})).unwrap();
-        Assignment { namespace: "team".into(), name: "web".into(), uid: "u".into(), generation: 2, spec }
+        Assignment {
+            min_ready_seconds: 0,
+            namespace: "team".into(),
+            name: "web".into(),
+            uid: "u".into(),
+            generation: 2,
+            spec,
+        }
     }
 
     fn membership() -> Membership {

@@ -184,6 +184,11 @@ pub struct InstanceReport {
     /// Ports the instance declares (`spec.ports`), for endpoint discovery.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<i32>,
+    /// The version the agent was sent and went back from, by itself, because it failed
+    /// its health check within its `minReadySeconds`; `version` is the one it went back
+    /// to (protocol 1.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back_from: Option<String>,
 }
 
 impl InstanceReport {
@@ -191,6 +196,7 @@ impl InstanceReport {
     /// no restarts, no message, no ports.
     pub fn new(resource: &str, version: &str, phase: Phase) -> InstanceReport {
         InstanceReport {
+            rolled_back_from: None,
             resource: resource.to_owned(),
             version: version.to_owned(),
             phase,

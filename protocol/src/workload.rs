@@ -25,6 +25,15 @@ pub struct Assignment {
     pub generation: i64,
     /// What to run.
     pub spec: Workload,
+    /// Seconds an instance of this version must stay ready; one that fails its health
+    /// check sooner is replaced by the version the agent ran before, by the agent itself
+    /// (protocol 1.3; 0: never).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub min_ready_seconds: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Assignment {

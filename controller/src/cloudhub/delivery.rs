@@ -207,7 +207,14 @@ mod tests {
 
     fn assignment(name: &str, generation: i64) -> Arc<Prepared> {
         let spec: Workload = serde_json::from_value(serde_json::json!({"mesh": "m", "command": ["x"]})).unwrap();
-        let a = Assignment { namespace: "team".into(), name: name.into(), uid: format!("u{name}"), generation, spec };
+        let a = Assignment {
+            min_ready_seconds: 0,
+            namespace: "team".into(),
+            name: name.into(),
+            uid: format!("u{name}"),
+            generation,
+            spec,
+        };
         Arc::new(Prepared::new(&Change::Assignment(Box::new(a))))
     }
 

@@ -207,6 +207,7 @@ mod tests {
             secret: "s3cret".into(),
         };
         let assignment = |name: &str| Assignment {
+            min_ready_seconds: 0,
             namespace: "team".into(),
             name: name.into(),
             uid: "u".into(),
