@@ -2,11 +2,10 @@
 //! report through MetaSync, and the controller aggregates their status.
 
 use std::path::Path;
-use std::time::Duration;
 
 use kube::api::Api;
 use supermesh_api::Microservice;
-use supermesh_tests::{apply_yaml, kubectl, Agent, Site, DEADLINE};
+use supermesh_tests::{apply_yaml, kubectl, Agent, Site};
 
 /// A small HTTP service: binds a free port, writes it to `port` in its working
 /// directory (several agents share this host) and answers with its node name.
@@ -70,12 +69,8 @@ fn alive(pid: i32) -> bool {
 }
 
 /// Polls `check` until it holds, failing with `agent`'s log after the deadline.
-async fn until(agent: &Agent, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}; agent log:\n{}", agent.log());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+async fn until(agent: &Agent, what: &str, check: impl FnMut() -> bool) {
+    agent.wait_until(what, check).await;
 }
 
 #[tokio::test]

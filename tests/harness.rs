@@ -930,6 +930,15 @@ impl Agent {
             .collect()
     }
 
+    /// Polls `check` until it holds, failing with the agent's log after `DEADLINE`.
+    pub async fn wait_until(&self, what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while !check() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}; agent log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Waits until the store satisfies `check`, failing with the agent log after `DEADLINE`.
     pub async fn wait_held(&self, what: &str, check: impl Fn(&std::collections::BTreeMap<String, String>) -> bool) {
         let deadline = tokio::time::Instant::now() + DEADLINE;

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 pub use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -45,6 +45,12 @@ use serde::{Deserialize, Serialize};
         description = "Instances serving"
     ),
     printcolumn(
+        name = "Status",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Reason of the Ready condition"
+    ),
+    printcolumn(
         name = "Current",
         type_ = "integer",
         json_path = ".status.currentRevision",
@@ -61,18 +67,6 @@ use serde::{Deserialize, Serialize};
         type_ = "string",
         json_path = ".status.rollout.phase",
         description = "Phase of the rollout"
-    ),
-    printcolumn(
-        name = "Wave",
-        type_ = "integer",
-        json_path = ".status.rollout.wave",
-        description = "Wave reached, 1 for the canary"
-    ),
-    printcolumn(
-        name = "Status",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
-        description = "Reason of the Ready condition"
     ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -143,7 +137,7 @@ pub struct Rollout {
     #[schemars(range(min = 0, max = 3600))]
     pub min_ready_seconds: i32,
     /// Waves: at most this many updated instances may be not ready at once, a count or a
-    /// share of the nodes. Default 1.
+    /// share of the nodes. Default: no limit but the wave's size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_unavailable: Option<IntOrString>,
     /// Waves: the health gate. When the share of updated instances that failed, are
@@ -406,12 +400,17 @@ pub struct RolloutStatus {
     /// Nodes of the waves so far whose agent is offline (they get their wave's revision on return).
     #[serde(default)]
     pub offline_nodes: i32,
-    /// When the current wave started (RFC 3339).
+    /// When the current wave started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub wave_started_at: Option<String>,
-    /// Since when every online instance of the waves so far is ready (RFC 3339).
+    pub wave_started_at: Option<Time>,
+    /// Since when every online instance of the waves so far is ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ready_since: Option<String>,
+    pub ready_since: Option<Time>,
+    /// Why a `Paused` rollout stopped: `Paused` (by `spec.rollout.paused`, resumed by
+    /// clearing it), `HealthGate` or `ProgressDeadlineExceeded` (resumed by
+    /// `supermeshctl rollout resume`), or `InvalidSpec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_reason: Option<String>,
     /// Nodes whose updated instance failed, at most `MAX_FAILING`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failing_nodes: Vec<String>,

@@ -62,6 +62,25 @@ pub mod condition {
     pub const CRASH_LOOP: &str = "CrashLoop";
     /// Degraded: an instance fails its health check.
     pub const UNHEALTHY: &str = "Unhealthy";
+    /// Event: an agent went back, by itself, to the version it ran before, because the new
+    /// one failed its health check within `minReadySeconds` on the device.
+    pub const ROLLED_BACK_ON_DEVICE: &str = "RolledBackOnDevice";
+    /// Progressing=True: a new revision is rolled out in waves.
+    pub const ROLLING_OUT: &str = "RollingOut";
+    /// Progressing=True: the latest rollout reached every node.
+    pub const ROLLOUT_COMPLETE: &str = "RolloutComplete";
+    /// Progressing=False: the rollout is paused (by the spec, the health gate or its deadline).
+    pub const ROLLOUT_PAUSED: &str = "RolloutPaused";
+    /// Progressing=False: the health gate sent the fleet back to the current revision.
+    pub const ROLLED_BACK: &str = "RolledBack";
+    /// A rollout's wave started (Event).
+    pub const ROLLOUT_WAVE: &str = "RolloutWave";
+    /// Why a rollout paused: `spec.rollout.paused`.
+    pub const PAUSED: &str = "Paused";
+    /// Why a rollout paused: too many updated instances failed.
+    pub const HEALTH_GATE: &str = "HealthGate";
+    /// Why a rollout paused: a wave's instances were not ready within `progressDeadlineSeconds`.
+    pub const PROGRESS_DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
     /// An EdgeNode whose agent has not connected to the cloud yet.
     pub const AGENT_NEVER_CONNECTED: &str = "AgentNeverConnected";
     /// An EdgeNode whose agent holds a session with the cloudhub.

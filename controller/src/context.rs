@@ -4,10 +4,12 @@
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use futures::FutureExt;
 use kube::api::{Patch, PatchParams};
 use kube::core::object::HasStatus;
 use kube::runtime::controller::Action;
@@ -134,11 +136,28 @@ impl Context {
     ) where
         K: Resource<DynamicType = ()>,
     {
+        self.publish_event(obj, related, "Reconcile", warning, reason, note).await
+    }
+
+    /// Publishes a Kubernetes Event on `obj` for `action`: Events of one object with the
+    /// same reason and action make one series, so each action of its own shows apart (for
+    /// example each wave of a rollout).
+    pub async fn publish_event<K>(
+        &self,
+        obj: &K,
+        related: Option<k8s_openapi::api::core::v1::ObjectReference>,
+        action: &str,
+        warning: bool,
+        reason: &str,
+        note: String,
+    ) where
+        K: Resource<DynamicType = ()>,
+    {
         let event = Event {
             type_: if warning { EventType::Warning } else { EventType::Normal },
             reason: reason.to_owned(),
             note: Some(note),
-            action: "Reconcile".to_owned(),
+            action: action.to_owned(),
             secondary: related,
         };
         if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
@@ -176,7 +195,7 @@ where
     let _timer = ctx.metrics.reconcile(kind_of::<K>());
     ctx.index.wait_synced().await;
     let (done, key) = (ctx.clone(), obj.clone());
-    let result = finalizer(&api, FINALIZER, obj, |event| async move {
+    let reconcile = finalizer(&api, FINALIZER, obj, |event| async move {
         match event {
             Finalized::Apply(o) => apply(o, ctx).await,
             Finalized::Cleanup(o) => {
@@ -184,13 +203,26 @@ where
                 cleanup(o, ctx).await
             }
         }
-    })
-    .await
-    .map_err(Error::from);
+    });
+    // A bug in one reconcile must not end the controller's stream, and with it every other
+    // object's reconciles: the panic becomes an error, logged, counted and retried.
+    let result = match AssertUnwindSafe(reconcile).catch_unwind().await {
+        Ok(result) => result.map_err(Error::from),
+        Err(panic) => Err(Error::Panicked(panic_message(panic.as_ref()))),
+    };
     if result.is_ok() {
         done.succeeded(&*key);
     }
     result
+}
+
+/// The message a panic carried, when it is text.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(text), _) => (*text).to_owned(),
+        (_, Some(text)) => text.clone(),
+        _ => "a panic without a message".to_owned(),
+    }
 }
 
 /// What to do after a failed reconcile: log, count by reason, retry later.

@@ -11,6 +11,10 @@ pub enum Error {
     #[error("reconcile failed: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 
+    /// A reconcile panicked; the controller goes on and retries it later.
+    #[error("reconcile panicked: {0}")]
+    Panicked(String),
+
     /// A CustomResourceDefinition the controller needs is not installed.
     #[error(
         "CustomResourceDefinition {0} is not installed or not established: apply crds/ \
@@ -104,6 +108,7 @@ impl Error {
             Error::Pki(_) | Error::NamespaceMissing(_) => "pki",
             Error::ControllerStopped(..) => "controller",
             Error::Lease(_) => "lease",
+            Error::Panicked(_) => "panic",
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod microservice;
 pub mod placement;
 pub mod replicas;
+pub mod rollout;
 pub mod run;
 pub mod tokens;
 pub mod view;

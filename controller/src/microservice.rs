@@ -4,9 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
-use supermesh_api::microservice::MicroserviceStatus;
+use supermesh_api::microservice::{MicroserviceStatus, RolloutPhase};
 use supermesh_api::names::condition::*;
 use supermesh_api::Microservice;
 use tracing::{info, instrument};
@@ -16,6 +17,7 @@ use crate::conditions::{self, Wanted};
 use crate::context::{reconcile_in_finalizer, Context, RESYNC};
 use crate::index::Key;
 use crate::placement::Plan;
+use crate::rollout;
 use crate::Result;
 
 /// The status that describes `plan` and what agents report (`agg`). Without an
@@ -117,7 +119,15 @@ async fn apply(api: Api<Microservice>, msvc: Arc<Microservice>, ctx: Arc<Context
         }
         Plan::Blocked { .. } => Some(Aggregate::default()),
     };
-    let status = status_for(&msvc, plan, agg.as_ref());
+    let mut status = status_for(&msvc, plan, agg.as_ref());
+    let nodes: Vec<rollout::Observed<'_>> = inputs
+        .nodes
+        .iter()
+        .map(|n| rollout::Observed { name: &n.name, online: n.online, report: n.report.as_ref() })
+        .collect();
+    // Right after a start the picture of the fleet is incomplete: the rollout waits.
+    let advanced = Some(rollout::advance(&msvc, &nodes, Timestamp::now(), ctx.index.grace_over()));
+    with_rollout(&mut status, &msvc, advanced.as_ref());
     let old = msvc.status.clone().unwrap_or_default();
     let old_reason = conditions::reason(&old.conditions, READY).map(str::to_owned);
     let new_reason = conditions::reason(&status.conditions, READY).unwrap_or_default();
@@ -148,7 +158,45 @@ async fn apply(api: Api<Microservice>, msvc: Arc<Microservice>, ctx: Arc<Context
         }
         _ => {}
     }
-    Ok(Action::requeue(RESYNC))
+    let again = advanced.as_ref().and_then(|a| a.again);
+    for note in advanced.map(|a| a.notes).unwrap_or_default() {
+        info!(reason = note.reason, message = %note.message, "rollout");
+        ctx.publish_event(&*msvc, None, &note.action, note.warning, note.reason, note.message).await;
+    }
+    Ok(Action::requeue(again.map_or(RESYNC, |a| a.min(RESYNC))))
+}
+
+/// Puts the revisions and the rollout `advanced` into `status`; without it (right after a
+/// start) those of the status before. A rollout in waves that is not complete tells the
+/// Progressing condition.
+pub fn with_rollout(status: &mut MicroserviceStatus, msvc: &Microservice, advanced: Option<&rollout::Advanced>) {
+    let old = msvc.status.clone().unwrap_or_default();
+    match advanced {
+        Some(a) => {
+            status.current_revision = Some(a.current);
+            status.updated_revision = Some(a.updated);
+            status.revisions = a.revisions.clone();
+            status.rollout = a.rollout.clone();
+        }
+        None => {
+            status.current_revision = old.current_revision;
+            status.updated_revision = old.updated_revision;
+            status.revisions = old.revisions;
+            status.rollout = old.rollout;
+        }
+    }
+    let Some(r) = status.rollout.as_ref() else { return };
+    let message = r.message.clone().unwrap_or_default();
+    let wanted = match r.phase {
+        RolloutPhase::Progressing => Wanted::new(PROGRESSING, true, ROLLING_OUT, message),
+        RolloutPhase::Paused => Wanted::new(PROGRESSING, false, ROLLOUT_PAUSED, message),
+        RolloutPhase::RolledBack => Wanted::new(PROGRESSING, false, ROLLED_BACK, message),
+        RolloutPhase::Complete => return,
+    };
+    if let Some(at) = status.conditions.iter().position(|c| c.type_ == PROGRESSING) {
+        let merged = conditions::merge(&old.conditions, vec![wanted], msvc.metadata.generation);
+        status.conditions.splice(at..=at, merged);
+    }
 }
 
 /// Nothing to clean up: the index stopped placing the microservice when its deletion began.

@@ -27,7 +27,7 @@ use crate::forward::{self, Forwarder};
 use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::replicas::{Replica, Replicas, Ring};
-use crate::{cloudhub, crds, edgenode, http, mesh, microservice, Error, Result};
+use crate::{cloudhub, crds, edgenode, http, mesh, microservice, rollout, Error, Result};
 
 /// Settings of a controller run.
 #[derive(Debug, Clone)]
@@ -164,6 +164,15 @@ pub async fn run(settings: Settings) -> Result<()> {
     tokio::spawn(async move {
         if let Err(e) = http::serve(listener, state).await {
             warn!(error = %e, "metrics server stopped");
+        }
+    });
+    let ticking = index.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(rollout::WATCH_EVERY / 2);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            ticking.tick_rollouts();
         }
     });
     let ready = index.clone();

@@ -7,14 +7,16 @@ use supermesh_api::microservice::{self as crd, MicroserviceSpec};
 use supermesh_api::Microservice;
 use supermesh_protocol as wire;
 
-/// What agents are sent about `msvc`: identity, generation and workload.
-pub fn assignment(msvc: &Microservice) -> wire::Assignment {
+/// What agents are sent about revision `revision` of `msvc`, which runs `template`'s
+/// workload: identity, revision (as the generation, so that the version changes with
+/// the revision only) and workload.
+pub fn assignment(msvc: &Microservice, revision: i64, template: &MicroserviceSpec) -> wire::Assignment {
     wire::Assignment {
         namespace: msvc.namespace().unwrap_or_default(),
         name: msvc.name_any(),
         uid: msvc.uid().unwrap_or_default(),
-        generation: msvc.metadata.generation.unwrap_or_default(),
-        spec: workload(&msvc.spec),
+        generation: revision,
+        spec: workload(template),
         min_ready_seconds: msvc.spec.rollout.as_ref().map_or(0, |r| r.min_ready_seconds.max(0).unsigned_abs()),
     }
 }

@@ -24,13 +24,14 @@ pub fn report(statuses: &Statuses, taken_ms: i64) -> StatusReport {
     let instances = statuses
         .values()
         .map(|s| InstanceReport {
-            rolled_back_from: None,
+            rolled_back_from: s.rollback.as_ref().map(|r| r.from.clone()),
             resource: s.key.clone(),
             version: s.version.clone(),
             phase: s.phase,
             ready: s.phase == Phase::Ready,
             restarts: s.restarts,
-            message: s.message.clone(),
+            // What happens to the version it went back to comes first; else why it went back.
+            message: s.message.clone().or_else(|| s.rollback.as_ref().map(|r| r.message.clone())),
             reason: s.reason,
             ports: s.ports.clone(),
         })
@@ -133,6 +134,7 @@ mod tests {
             reason: None,
             since_ms: 0,
             ports: Vec::new(),
+            rollback: None,
         };
         Statuses::from([(s.key.clone(), s)])
     }
@@ -174,6 +176,7 @@ mod tests {
             reason: None,
             since_ms: 0,
             ports: Vec::new(),
+            rollback: None,
         };
         let statuses = Statuses::from([
             ("a".to_string(), status("a", Phase::Ready, 0)),

@@ -136,8 +136,8 @@ pub async fn run(config: EdgeConfig) -> Result<(), StartError> {
     );
     tokio::spawn(localapi::serve(api_listener, Arc::new(api)));
     let context = edged::Context::new(&config, secret);
-    let edged_runtime = runtime.clone();
-    tokio::spawn(async move { edged::reconcile(&*edged_runtime, wanted, &context).await });
+    let (edged_runtime, edged_meta) = (runtime.clone(), meta.clone());
+    tokio::spawn(async move { edged::reconcile(&*edged_runtime, wanted, &context, &edged_meta).await });
     supernode::spawn(cluster.clone(), peer_tcp, peer_udp);
     let device = edgehub::AgentDevice { meta, cluster, data_dir: config.data_dir.clone() };
     tokio::spawn(edgehub::run(config, identity, Arc::new(device), outbound, hub_signals));
@@ -210,7 +210,7 @@ async fn shutdown_signal() {
     }
 }
 
-/// What `supermesh-agent inspect` prints: the stored resources and the outbox.
+/// What `supermesh-agent inspect` prints: the stored resources, the outbox and the versions refused on the device.
 pub fn inspect(data_dir: &Path) -> Result<String, String> {
     let path = data_dir.join(DATABASE);
     if !path.exists() {
@@ -234,5 +234,12 @@ pub fn inspect(data_dir: &Path) -> Result<String, String> {
         usage.reports,
         usage.bytes
     );
+    let refusals = store.refusals().map_err(|e| e.to_string())?;
+    if !refusals.is_empty() {
+        out += &format!("\n{:<50} {:<44} {:<44}\n", "REFUSED (rolled back on the device)", "VERSION", "BACK TO");
+        for (key, refusal) in refusals {
+            out += &format!("{key:<50} {:<44} {:<44}\n  {}\n", refusal.version, refusal.back_to, refusal.message);
+        }
+    }
     Ok(out)
 }

@@ -104,6 +104,7 @@ fn spec(name: &str, command: &[&str]) -> InstanceSpec {
         },
         env: BTreeMap::new(),
         token: None,
+        rollback: None,
     }
 }
 
@@ -385,7 +386,9 @@ async fn a_restarted_agent_adopts_running_instances() {
     let pid = restarted.pid.unwrap();
 
     h.restart_agent();
-    let v2 = InstanceSpec { version: "2".into(), ..v1.clone() };
+    // Another version runs something else (a version that runs the same keeps its process).
+    let mut v2 = InstanceSpec { version: "2".into(), ..v1.clone() };
+    v2.env.insert("REVISION".into(), "2".into());
     h.runtime().ensure(v2).await;
     let replaced = wait_status(h.runtime(), &v1.key, "v2 Ready", |s| s.version == "2" && s.phase == Phase::Ready).await;
     assert_ne!(replaced.pid, Some(pid));

@@ -101,6 +101,9 @@ pub enum InstanceEvent {
     Failed,
     /// It failed for good because its artifact's digest does not match.
     ArtifactHashMismatch,
+    /// The agent went back, by itself, to the version it ran before, because the new
+    /// one failed within its `minReadySeconds` (protocol 1.3).
+    RolledBackOnDevice,
 }
 
 impl InstanceEvent {
@@ -113,6 +116,7 @@ impl InstanceEvent {
             InstanceEvent::Restarted => "Restarted",
             InstanceEvent::Failed => "Failed",
             InstanceEvent::ArtifactHashMismatch => "ArtifactHashMismatch",
+            InstanceEvent::RolledBackOnDevice => "RolledBackOnDevice",
         }
     }
 

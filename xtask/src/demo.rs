@@ -189,6 +189,7 @@ impl Demo {
         let result = self
             .apply_and_wait()
             .and_then(|()| self.start_agents(cloud, &mut agents))
+            .and_then(|()| self.show_rollout())
             .and_then(|()| self.print_results(hints))
             .and_then(|()| wait_for_signal());
         self.cleanup(agents);
@@ -268,6 +269,35 @@ impl Demo {
 
     fn data_dir(&self, agent: &str) -> PathBuf {
         self.dir.join("agents").join(agent).join("data")
+    }
+
+    fn supermeshctl(&self, args: &[&str]) -> Result<String> {
+        shell::output(
+            Command::new(target_dir().join("debug/supermeshctl")).args(args).env("KUBECONFIG", &self.kubeconfig),
+        )
+    }
+
+    /// Changes `sensor-reader`, which examples/rollout.yaml rolls out in health-gated waves,
+    /// and prints its rollout as `supermeshctl rollout status` tells it, until it completes.
+    fn show_rollout(&self) -> Result<()> {
+        wait_for("sensor-reader to be ready on the three agents", || {
+            let ready =
+                self.kubectl(&["get", "msvc", "sensor-reader", "-o", "jsonpath={.status.readyInstances}"]).ok()?;
+            (ready.trim() == "3").then_some(())
+        })?;
+        eprintln!("==> kubectl patch msvc sensor-reader  # INTERVAL 5 -> 3: revision 2, rolled out in waves");
+        let patch = r#"{"spec":{"env":[{"name":"INTERVAL","value":"3"}]}}"#;
+        self.kubectl(&["patch", "msvc", "sensor-reader", "--type=merge", "-p", patch])?;
+        eprintln!("==> supermeshctl rollout status default/sensor-reader  # polled until the rollout completes");
+        let mut shown = String::new();
+        wait_within("the rollout of sensor-reader to complete", Duration::from_secs(180), || {
+            let status = self.supermeshctl(&["rollout", "status", "default/sensor-reader"]).ok()?;
+            if status != shown {
+                println!("{status}");
+                shown = status;
+            }
+            shown.contains("Complete").then_some(())
+        })
     }
 
     fn print_results(&self, hints: &[String]) -> Result<()> {
@@ -352,8 +382,12 @@ fn inspect(data_dir: &Path) -> Result<String> {
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// Polls `check` for up to 60 s; fails at once on Ctrl-C.
-fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> Result<T> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+fn wait_for<T>(what: &str, check: impl FnMut() -> Option<T>) -> Result<T> {
+    wait_within(what, Duration::from_secs(60), check)
+}
+
+fn wait_within<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + within;
     loop {
         if INTERRUPTED.load(Ordering::SeqCst) {
             bail!("interrupted while waiting for {what}");
@@ -362,7 +396,7 @@ fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> Result<T> {
             return Ok(v);
         }
         if Instant::now() > deadline {
-            bail!("timed out after 60 s waiting for {what}; logs are in target/demo/");
+            bail!("timed out after {} s waiting for {what}; logs are in target/demo/", within.as_secs());
         }
         std::thread::sleep(Duration::from_millis(250));
     }

@@ -10,8 +10,9 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::{SignedDuration, Span, SpanRelativeTo, Timestamp};
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
-use supermesh_api::names::identity;
-use supermesh_api::EdgeNode;
+use supermesh_api::microservice::{MicroserviceStatus, RolloutPhase};
+use supermesh_api::names::{condition, identity};
+use supermesh_api::{EdgeNode, Microservice};
 use supermesh_controller::cloudhub::pki;
 use supermesh_controller::tokens::{self, Near, Scope, Token};
 use supermesh_protocol::identity::{BootstrapToken, JoinString};
@@ -59,6 +60,40 @@ enum Command {
     /// Network clusters.
     #[command(subcommand)]
     Network(NetworkCommand),
+    /// Rollouts of a microservice's revisions.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum RolloutCommand {
+    /// Where the rollout stands: revisions, wave, nodes updated, offline and failing.
+    Status {
+        /// The microservice, as NAMESPACE/NAME.
+        microservice: String,
+        /// Print every change until the rollout completes, pauses or rolls back.
+        #[arg(long, short)]
+        watch: bool,
+    },
+    /// Start no further wave (sets spec.rollout.paused).
+    Pause {
+        /// The microservice, as NAMESPACE/NAME.
+        microservice: String,
+    },
+    /// Go on with a paused rollout, also one the health gate or its deadline paused.
+    Resume {
+        /// The microservice, as NAMESPACE/NAME.
+        microservice: String,
+    },
+    /// Go back to an earlier revision: its spec becomes the microservice's spec again.
+    Undo {
+        /// The microservice, as NAMESPACE/NAME.
+        microservice: String,
+        /// The revision to go back to (default: the current one while a rollout is under
+        /// way, else the one before it).
+        #[arg(long)]
+        to_revision: Option<i64>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -155,6 +190,7 @@ fn main() -> ExitCode {
         }
         Command::Token(command) => with_client(|client| token(client, cli.namespace, command)),
         Command::Node(command) => with_client(|client| node(client, command)),
+        Command::Rollout(command) => with_client(|client| rollout(client, command)),
         Command::Network(NetworkCommand::RotateKey { network }) => {
             with_client(|client| async move {
                 let generation =
@@ -315,6 +351,172 @@ async fn node(client: Client, command: NodeCommand) -> Result<(), String> {
         Err(kube::Error::Api(e)) if e.code == 404 => Err(format!("there is no EdgeNode {name}")),
         Err(e) => Err(format!("cannot update EdgeNode {name}: {e}")),
     }
+}
+
+/// `NAMESPACE/NAME` split, or what to write instead.
+fn namespaced(microservice: &str) -> Result<(&str, &str), String> {
+    microservice
+        .split_once('/')
+        .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+        .ok_or_else(|| "give the microservice as NAMESPACE/NAME, for example default/hello".to_owned())
+}
+
+/// The fields of a Microservice spec that make a revision (what runs).
+const REVISION_FIELDS: [&str; 8] =
+    ["command", "args", "env", "artifact", "ports", "healthCheck", "restartPolicy", "securityContext"];
+
+async fn rollout(client: Client, command: RolloutCommand) -> Result<(), String> {
+    let name = match &command {
+        RolloutCommand::Status { microservice, .. }
+        | RolloutCommand::Pause { microservice }
+        | RolloutCommand::Resume { microservice }
+        | RolloutCommand::Undo { microservice, .. } => microservice.clone(),
+    };
+    let (namespace, name) = namespaced(&name)?;
+    let api: Api<Microservice> = Api::namespaced(client, namespace);
+    let get = || async {
+        match api.get(name).await {
+            Ok(m) => Ok(m),
+            Err(kube::Error::Api(e)) if e.code == 404 => Err(format!("there is no Microservice {namespace}/{name}")),
+            Err(e) => Err(format!("cannot read Microservice {namespace}/{name}: {e}")),
+        }
+    };
+    let msvc = get().await?;
+    let waves = || {
+        if supermesh_controller::rollout::in_waves(&msvc.spec) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{namespace}/{name} rolls out all at once; set spec.rollout.strategy: Waves to pause and resume"
+            ))
+        }
+    };
+    let patch_spec = |patch: serde_json::Value| {
+        let api = api.clone();
+        async move {
+            api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map(drop)
+                .map_err(|e| format!("cannot update Microservice {namespace}/{name}: {e}"))
+        }
+    };
+    match command {
+        RolloutCommand::Status { watch, .. } => {
+            let mut shown = String::new();
+            let mut msvc = msvc;
+            loop {
+                let text = describe_rollout(&msvc);
+                if text != shown {
+                    print!("{text}");
+                    let _ = std::io::stdout().flush();
+                    shown = text;
+                }
+                let phase = msvc.status.as_ref().and_then(|s| s.rollout.as_ref()).map(|r| r.phase);
+                if !watch || phase != Some(RolloutPhase::Progressing) {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                msvc = get().await?;
+            }
+        }
+        RolloutCommand::Pause { .. } => {
+            waves()?;
+            patch_spec(serde_json::json!({"spec": {"rollout": {"paused": true}}})).await?;
+            println!("{namespace}/{name}: paused; no further wave starts until `supermeshctl rollout resume`");
+            Ok(())
+        }
+        RolloutCommand::Resume { .. } => {
+            waves()?;
+            patch_spec(serde_json::json!({"spec": {"rollout": {"paused": false}}})).await?;
+            let stopped =
+                msvc.status.as_ref().and_then(|s| s.rollout.as_ref()).filter(|r| {
+                    r.phase == RolloutPhase::Paused && r.pause_reason.as_deref() != Some(condition::PAUSED)
+                });
+            if let Some(r) = stopped {
+                let patch = serde_json::json!({"status": {"rollout": {"phase": "Progressing", "pauseReason": null}}});
+                api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map_err(|e| format!("cannot resume {namespace}/{name}: {e}"))?;
+                println!(
+                    "{namespace}/{name}: resumed after {}; the health gate looks again at once and stops it again                      if the updated instances still fail",
+                    r.pause_reason.as_deref().unwrap_or("a pause")
+                );
+            } else {
+                println!("{namespace}/{name}: resumed");
+            }
+            Ok(())
+        }
+        RolloutCommand::Undo { to_revision, .. } => {
+            let status = msvc.status.clone().unwrap_or_default();
+            let target = to_revision.or_else(|| undo_target(&status)).ok_or_else(|| {
+                format!("{namespace}/{name} has no earlier revision to go back to; see `supermeshctl rollout status`")
+            })?;
+            let revision = status.revision(target).ok_or_else(|| {
+                let kept: Vec<String> = status.revisions.iter().map(|r| r.revision.to_string()).collect();
+                format!("{namespace}/{name} keeps no revision {target}; it keeps {}", kept.join(", "))
+            })?;
+            let template = serde_json::to_value(&revision.template).map_err(|e| e.to_string())?;
+            let fields: serde_json::Map<String, serde_json::Value> = REVISION_FIELDS
+                .iter()
+                .map(|f| ((*f).to_owned(), template.get(*f).cloned().unwrap_or(serde_json::Value::Null)))
+                .collect();
+            patch_spec(serde_json::json!({ "spec": fields })).await?;
+            println!("{namespace}/{name}: back to revision {target}; nodes that run it keep their instances");
+            Ok(())
+        }
+    }
+}
+
+/// The revision `undo` goes back to by default: the current one while a rollout is under
+/// way, else the newest one before it.
+fn undo_target(status: &MicroserviceStatus) -> Option<i64> {
+    let current = status.current_revision?;
+    if status.updated_revision != Some(current) {
+        return Some(current);
+    }
+    status.revisions.iter().map(|r| r.revision).filter(|r| *r < current).max()
+}
+
+/// What `rollout status` prints.
+fn describe_rollout(msvc: &Microservice) -> String {
+    let status = msvc.status.clone().unwrap_or_default();
+    let mut out = String::new();
+    let (Some(current), Some(updated)) = (status.current_revision, status.updated_revision) else {
+        return "no revision recorded yet: the controller has not reconciled it\n".into();
+    };
+    match &status.rollout {
+        None => out += &format!("revision {updated}, rolled out all at once\n"),
+        Some(r) => {
+            out += &format!(
+                "revision {updated} replacing {current}: {:?}, wave {}, {} of {} nodes updated",
+                r.phase, r.wave, r.updated_nodes, r.nodes
+            );
+            if r.offline_nodes > 0 {
+                out += &format!(", {} offline", r.offline_nodes);
+            }
+            out += "\n";
+            if let Some(reason) = &r.pause_reason {
+                out += &format!("  paused: {reason}\n");
+            }
+            if !r.failing_nodes.is_empty() {
+                out += &format!("  failing: {}\n", r.failing_nodes.join(", "));
+            }
+            if let Some(message) = &r.message {
+                out += &format!("  {message}\n");
+            }
+        }
+    }
+    out += &format!("{:<10} {:>9} {:>6}  HASH\n", "REVISION", "INSTANCES", "READY");
+    for r in &status.revisions {
+        let mark = match r.revision {
+            n if n == updated && n == current => " (current)",
+            n if n == updated => " (updated)",
+            n if n == current => " (current)",
+            _ => "",
+        };
+        out += &format!("{:<10} {:>9} {:>6}  {}{mark}\n", r.revision, r.instances, r.ready, r.hash);
+    }
+    out
 }
 
 fn logs(

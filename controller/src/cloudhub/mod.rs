@@ -232,6 +232,9 @@ pub async fn serve(listener: TcpListener, serving: Serving) {
         serving;
     let pending = Pending { by_address: Arc::default(), limit: max_pending_per_address.max(1) };
     replicas.wait_synced().await;
+    // An agent's first reports name its instances; before placement is known they would be
+    // dropped as belonging to nothing, so no agent is accepted before the index has synced.
+    index.wait_synced().await;
     let acceptor = TlsAcceptor::from(pki.tls.clone());
     let handshakes = Arc::new(Semaphore::new(CONCURRENT_HANDSHAKES));
     let registrations = Arc::new(Semaphore::new(CONCURRENT_REGISTRATIONS));

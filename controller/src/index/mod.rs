@@ -44,7 +44,7 @@ use crate::discovery;
 use crate::membership;
 use crate::metrics::Metrics;
 use crate::placement::{self, MeshRule, MeshState, Plan};
-use crate::wire;
+use crate::rollout;
 use node::{Live, NodeEntry};
 
 /// A namespaced object's key: namespace and name.
@@ -135,9 +135,67 @@ struct MsvcEntry {
     uid: String,
     deleting: bool,
     spec: MicroserviceSpec,
-    prepared: Arc<Prepared>,
+    /// The revision nodes outside a rollout run.
+    current: Arc<Prepared>,
+    /// The revision the first `updated_nodes` placed nodes in rendezvous order run.
+    updated: Arc<Prepared>,
+    /// How many placed nodes run `updated`; `None`: all of them.
+    updated_nodes: Option<usize>,
+    /// Whether a rollout in waves progresses: its reconciler must look again as time passes.
+    rolling: bool,
+    /// The placed nodes that run `updated`, while not all of them do.
+    updating: Option<BTreeSet<String>>,
     /// Shared with the reconciler that reads it: a fleet-wide plan names every node.
     plan: Arc<Plan>,
+}
+
+impl MsvcEntry {
+    /// What `node`, if placed, should hold of the microservice.
+    fn prepared_for(&self, node: &str) -> &Arc<Prepared> {
+        match &self.updating {
+            Some(updating) if !updating.contains(node) => &self.current,
+            _ => &self.updated,
+        }
+    }
+
+    /// The placed nodes that run `updated` under the plan and `updated_nodes`.
+    fn split(&self) -> Option<BTreeSet<String>> {
+        let k = self.updated_nodes?;
+        let nodes = self.plan.nodes();
+        if k >= nodes.len() {
+            return None;
+        }
+        Some(
+            rollout::order(&self.uid, nodes.iter().map(String::as_str))
+                .into_iter()
+                .take(k)
+                .map(str::to_owned)
+                .collect(),
+        )
+    }
+}
+
+/// The revisions `msvc`'s nodes run, as prepared changes; `old` ones are kept while their version is the same.
+fn revisions_of(
+    msvc: &Microservice,
+    old: Option<(&Arc<Prepared>, &Arc<Prepared>)>,
+) -> (Arc<Prepared>, Arc<Prepared>, Option<usize>) {
+    let targets = rollout::targets(msvc);
+    let prepare = |rev: rollout::Rev<'_>, kept: Option<&Arc<Prepared>>| {
+        let assignment = rollout::assignment(msvc, rev);
+        match kept {
+            Some(p) if p.version == assignment.version() => p.clone(),
+            _ => Arc::new(Prepared::new(&Change::Assignment(Box::new(assignment)))),
+        }
+    };
+    let current = prepare(targets.current, old.map(|o| o.0));
+    // One Prepared when both are one revision, so that publishing compares pointers.
+    let updated = if targets.updated.number == targets.current.number {
+        current.clone()
+    } else {
+        prepare(targets.updated, old.map(|o| o.1))
+    };
+    (current, updated, targets.updated_nodes)
 }
 
 #[derive(Default)]
@@ -173,6 +231,19 @@ pub struct MicroserviceInputs {
     pub plan: Arc<Plan>,
     /// What the nodes it runs on report about it.
     pub aggregate: Aggregate,
+    /// Its placed nodes in rendezvous order, for its rollout.
+    pub nodes: Vec<NodeRollout>,
+}
+
+/// A placed node as a rollout sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeRollout {
+    /// The node.
+    pub name: String,
+    /// Whether its agent is connected.
+    pub online: bool,
+    /// Its latest report on the microservice.
+    pub report: Option<InstanceReport>,
 }
 
 /// Inputs of an EdgeNode's status.
@@ -506,7 +577,7 @@ impl Index {
         if !s.nodes.get(node)?.assigned.contains(&key) {
             return None;
         }
-        s.microservices.get(&key).filter(|m| !m.deleting).map(|m| m.prepared.clone())
+        s.microservices.get(&key).filter(|m| !m.deleting).map(|m| m.prepared_for(node).clone())
     }
 
     /// The nodes of `node`'s account within `scope`, for its discovery query.
@@ -550,12 +621,31 @@ impl Index {
     pub fn microservice(&self, key: &Key) -> Option<MicroserviceInputs> {
         let s = self.lock();
         let m = s.microservices.get(key)?;
-        let resource = &*m.prepared.resource;
-        let reports = m.plan.nodes().iter().filter_map(|n| {
+        let resource = &*m.updated.resource;
+        let report = |n: &str| {
             let report = s.nodes.get(n)?.report.as_ref()?;
-            Some((n.as_str(), report.instances.iter().find(|i| i.resource == resource)?))
-        });
-        Some(MicroserviceInputs { plan: m.plan.clone(), aggregate: aggregate(&m.prepared.version, reports) })
+            report.instances.iter().find(|i| i.resource == resource)
+        };
+        let reports = m.plan.nodes().iter().filter_map(|n| Some((n.as_str(), report(n)?)));
+        let aggregate = aggregate(&m.updated.version, reports);
+        let nodes = rollout::order(&m.uid, m.plan.nodes().iter().map(String::as_str))
+            .into_iter()
+            .map(|n| NodeRollout {
+                name: n.to_owned(),
+                online: s.nodes.get(n).is_some_and(|e| e.session.is_some()),
+                report: report(n).cloned(),
+            })
+            .collect();
+        Some(MicroserviceInputs { plan: m.plan.clone(), aggregate, nodes })
+    }
+
+    /// Asks the reconcilers to look again at every microservice whose rollout progresses:
+    /// its waves wait on time (`minReadySeconds`, `progressDeadlineSeconds`) as well as on reports.
+    pub fn tick_rollouts(&self) {
+        let s = self.lock();
+        for (key, _) in s.microservices.iter().filter(|(_, m)| m.rolling && !m.deleting) {
+            self.triggers.microservice(key);
+        }
     }
 
     /// The latest status report of every node `keep` accepts, by node.
@@ -787,19 +877,21 @@ impl State {
         let key = Key::of(msvc);
         let deleting = msvc.metadata.deletion_timestamp.is_some();
         let mesh = Key::new(&key.namespace, &msvc.spec.mesh);
-        let assignment = wire::assignment(msvc);
-        let version = assignment.version();
         let entry = match self.microservices.get_mut(&key) {
             Some(e) => e,
             None => {
                 self.by_mesh.entry(mesh.clone()).or_default().insert(key.clone());
                 ix.triggers.mesh(&mesh);
-                let prepared = Arc::new(Prepared::new(&Change::Assignment(Box::new(assignment.clone()))));
+                let (current, updated, updated_nodes) = revisions_of(msvc, None);
                 let entry = MsvcEntry {
-                    uid: assignment.uid.clone(),
+                    uid: msvc.uid().unwrap_or_default(),
                     deleting,
                     spec: msvc.spec.clone(),
-                    prepared,
+                    current,
+                    updated,
+                    updated_nodes,
+                    rolling: rollout::progressing(msvc),
+                    updating: None,
                     plan: Arc::default(),
                 };
                 self.microservices.insert(key.clone(), entry);
@@ -819,13 +911,21 @@ impl State {
             self.by_mesh.entry(mesh.clone()).or_default().insert(key.clone());
             ix.triggers.mesh(&mesh);
         }
-        if entry.prepared.version != version {
-            entry.prepared = Arc::new(Prepared::new(&Change::Assignment(Box::new(assignment))));
+        let (current, updated, updated_nodes) = revisions_of(msvc, Some((&entry.current, &entry.updated)));
+        let moved = !Arc::ptr_eq(&current, &entry.current)
+            || !Arc::ptr_eq(&updated, &entry.updated)
+            || updated_nodes != entry.updated_nodes;
+        if moved {
+            entry.current = current;
+            entry.updated = updated;
+            entry.updated_nodes = updated_nodes;
             entry.uid = msvc.uid().unwrap_or_default();
+            entry.updating = entry.split();
             self.dirty_nodes.extend(entry.plan.nodes().iter().cloned());
         }
         entry.spec = msvc.spec.clone();
         entry.deleting = deleting;
+        entry.rolling = rollout::progressing(msvc);
         if replan && self.ready() {
             self.replan(ix, &key);
         }
@@ -875,6 +975,12 @@ impl State {
         self.assign(ix, key, &old, plan.nodes());
         if let Some(m) = self.microservices.get_mut(key) {
             m.plan = Arc::new(plan);
+            let updating = m.split();
+            if updating != m.updating {
+                // Nodes joining or leaving move others across the rollout's line.
+                m.updating = updating;
+                self.dirty_nodes.extend(m.plan.nodes().iter().cloned());
+            }
         }
         ix.triggers.microservice(key);
     }
@@ -940,7 +1046,8 @@ impl State {
                 .iter()
                 .filter_map(|k| self.microservices.get(k))
                 .filter(|m| !m.deleting)
-                .map(|m| (m.prepared.resource.clone(), m.prepared.clone()))
+                .map(|m| m.prepared_for(&name))
+                .map(|p| (p.resource.clone(), p.clone()))
                 .collect();
             let membership = e.network().and_then(|n| self.networks.get(n)).and_then(|n| n.prepared.clone());
             if let Some(m) = membership {

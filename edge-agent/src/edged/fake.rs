@@ -79,6 +79,7 @@ mod tests {
             },
             env: BTreeMap::new(),
             token: None,
+            rollback: None,
         }
     }
 

@@ -8,21 +8,26 @@ pub mod group;
 pub mod health;
 pub mod logs;
 pub mod process;
+pub mod rollback;
 pub mod runtime;
 pub mod sandbox;
 
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use supermesh_protocol::{Assignment, ResourceRef, MICROSERVICE};
+use supermesh_protocol::{Assignment, EventReport, InstanceEvent, ResourceRef, MICROSERVICE};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tracing::{info, warn};
 
-use runtime::{InstanceSpec, Runtime};
+use rollback::Step;
+use runtime::{InstanceSpec, Phase, Rollback, Runtime};
 
 use crate::config::EdgeConfig;
 use crate::localapi;
-use crate::metamanager::EdgedEvent;
+use crate::metamanager::store::{Kept, Revisions};
+use crate::metamanager::{EdgedEvent, MetaHandle};
 
 /// One microservice this node should run: its resource key, version and assignment (JSON).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,42 +143,164 @@ pub fn context_env(context: &Context, assignment: &Assignment) -> BTreeMap<Strin
 }
 
 /// Makes `runtime` run exactly the desired set until the set's channel closes:
-/// every desired instance at its version, nothing else. The first pass also stops
-/// instances adopted after an agent restart that are no longer desired.
+/// every desired instance at its version, nothing else; or at the version kept in
+/// `meta` while the device refuses the one the cloud sent ([`rollback`]). The first
+/// pass also stops instances adopted after an agent restart that are no longer desired.
 pub async fn reconcile<R: Runtime>(
     runtime: &R,
     mut desired: watch::Receiver<BTreeMap<String, Desired>>,
     context: &Context,
+    meta: &MetaHandle,
 ) {
-    let mut ensured: BTreeMap<String, String> = BTreeMap::new();
+    let mut statuses = runtime.statuses();
+    let mut devices = Revisioned::default();
     let mut first = true;
     loop {
         let want = desired.borrow_and_update().clone();
+        let seen = statuses.borrow_and_update().clone();
+        let mut wake: Option<Instant> = None;
+        let mut again = false;
         for (key, d) in &want {
-            if ensured.get(key) == Some(&d.version) {
-                continue;
-            }
-            match serde_json::from_str::<Assignment>(&d.value) {
-                Ok(a) => {
-                    runtime.ensure(instance_spec(context, &a)).await;
-                    ensured.insert(key.clone(), d.version.clone());
-                }
-                Err(e) => warn!(%key, error = %e, "stored assignment is unreadable; not run"),
+            match devices.pass(runtime, context, meta, key, d, &seen).await {
+                Step::Wait(at) => wake = earliest(wake, at),
+                Step::Keep(_) => {}
+                Step::Refuse(_) => again = true,
             }
         }
-        let mut unwanted: Vec<String> = ensured.keys().filter(|k| !want.contains_key(*k)).cloned().collect();
+        let mut unwanted: Vec<String> = devices.ensured.keys().filter(|k| !want.contains_key(*k)).cloned().collect();
         if std::mem::take(&mut first) {
             unwanted.extend(runtime.running_keys().into_iter().filter(|k| !want.contains_key(k)));
         }
         for key in unwanted {
             info!(target: "edged", %key, "stopping an instance that is no longer placed here");
             runtime.stop(&key).await;
-            ensured.remove(&key);
+            devices.forget(meta, &key).await;
         }
-        if desired.changed().await.is_err() {
-            return;
+        if again {
+            continue;
+        }
+        let due = async {
+            match wake {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = desired.changed() => if changed.is_err() { return },
+            changed = statuses.changed() => if changed.is_err() { return },
+            () = due => {}
         }
     }
+}
+
+/// What [`reconcile`] remembers per microservice: what it asked the runtime to run,
+/// the revisions kept in SQLite (cached) and the version on probation.
+#[derive(Default)]
+struct Revisioned {
+    ensured: BTreeMap<String, (Desired, Option<Rollback>)>,
+    revisions: BTreeMap<String, Revisions>,
+    probations: BTreeMap<String, rollback::Probation>,
+}
+
+impl Revisioned {
+    /// One look at microservice `key`, which the cloud wants at `d`: ensures what should
+    /// run and judges a version on probation.
+    async fn pass<R: Runtime>(
+        &mut self,
+        runtime: &R,
+        context: &Context,
+        meta: &MetaHandle,
+        key: &str,
+        d: &Desired,
+        seen: &runtime::Statuses,
+    ) -> Step {
+        let revisions = match self.revisions.entry(key.to_owned()) {
+            Entry::Occupied(held) => held.into_mut(),
+            Entry::Vacant(slot) => slot.insert(meta.revisions(key).await.unwrap_or_else(|e| {
+                warn!(target: "edged", %key, error = %e, "cannot read the kept revisions; none kept");
+                Revisions::default()
+            })),
+        };
+        if revisions.refused.as_ref().is_some_and(|r| r.version != d.version) {
+            info!(target: "edged", %key, version = %d.version, "the cloud sent another version: the refusal ends");
+            revisions.refused = None;
+            if let Err(e) = meta.clear_revisions(key, false).await {
+                warn!(target: "edged", %key, error = %e, "cannot end the refusal in the store");
+            }
+        }
+        let status_of = |version: &str| seen.get(key).filter(|s| s.version == version);
+        if let Some((running, _)) = self.ensured.get(key) {
+            let phase = status_of(&running.version).map_or(Phase::Unknown, |s| s.phase);
+            if let Some(kept) = rollback::kept_on_arrival(running, phase, d, revisions) {
+                keep(meta, key, kept, revisions).await;
+            }
+        }
+        let chosen = rollback::choose(d, revisions);
+        if self.ensured.get(key) != Some(&chosen) {
+            let (run, rolled_back) = &chosen;
+            match serde_json::from_str::<Assignment>(&run.value) {
+                Ok(a) => {
+                    runtime.ensure(InstanceSpec { rollback: rolled_back.clone(), ..instance_spec(context, &a) }).await;
+                    if rolled_back.is_none() && rollback::on_probation(d, a.min_ready_seconds, revisions) {
+                        let probation = rollback::Probation::new(&d.version, a.min_ready_seconds, Instant::now());
+                        self.probations.insert(key.to_owned(), probation);
+                    } else {
+                        self.probations.remove(key);
+                    }
+                    self.ensured.insert(key.to_owned(), chosen);
+                }
+                Err(e) => warn!(%key, error = %e, "stored assignment is unreadable; not run"),
+            }
+        }
+        let Some(probation) = self.probations.get_mut(key) else { return Step::Wait(None) };
+        let status = status_of(&probation.version).map(|s| (s.phase, s.message.as_deref()));
+        let step = probation.judge(d, revisions, status, Instant::now());
+        match &step {
+            Step::Wait(_) => {}
+            Step::Keep(kept) => {
+                info!(target: "edged", %key, version = %kept.version, "version proved itself: kept as the one to go back to");
+                self.probations.remove(key);
+                keep(meta, key, kept.clone(), revisions).await;
+            }
+            Step::Refuse(refusal) => {
+                warn!(target: "edged", %key, refused = %refusal.version, back_to = %refusal.back_to, message = %refusal.message, "rolling back on the device");
+                self.probations.remove(key);
+                let event = EventReport::instance(InstanceEvent::RolledBackOnDevice, true, refusal.message.clone());
+                let event = serde_json::to_value(&event).unwrap_or_default();
+                if let Err(e) = meta.refuse(key, refusal.clone(), &event).await {
+                    warn!(target: "edged", %key, error = %e, "cannot record the refusal; rolling back anyway");
+                }
+                revisions.refused = Some(refusal.clone());
+            }
+        }
+        step
+    }
+
+    /// Forgets microservice `key`, which left this node, here and in the store.
+    async fn forget(&mut self, meta: &MetaHandle, key: &str) {
+        self.ensured.remove(key);
+        self.probations.remove(key);
+        self.revisions.remove(key);
+        if let Err(e) = meta.clear_revisions(key, true).await {
+            warn!(target: "edged", %key, error = %e, "cannot drop the kept revisions");
+        }
+    }
+}
+
+/// The earlier of two optional instants.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Keeps `kept` as the version `key` goes back to, in the store and in `revisions`.
+async fn keep(meta: &MetaHandle, key: &str, kept: Kept, revisions: &mut Revisions) {
+    if let Err(e) = meta.keep_previous(key, kept.clone()).await {
+        warn!(target: "edged", %key, error = %e, "cannot keep the previous version in the store");
+    }
+    revisions.previous = Some(kept);
 }
 
 #[cfg(test)]

@@ -157,8 +157,74 @@ impl InstanceDir {
 
     /// Digest of the artifact unpacked in `work`.
     fn artifact_marker(&self) -> PathBuf {
-        self.0.join("artifact.sha256")
+        self.0.join(ARTIFACT_MARKER)
     }
+
+    /// The work directory and artifact marker of the version before: at most one.
+    pub fn previous(&self) -> PathBuf {
+        self.0.join("previous")
+    }
+
+    /// Digest of the artifact unpacked in the work directory, if one is.
+    fn unpacked(&self) -> Option<String> {
+        std::fs::read_to_string(self.artifact_marker()).ok().filter(|_| self.work().is_dir())
+    }
+
+    /// Makes the unpacked artifact (work directory and marker) the previous one, dropping
+    /// the one kept before; if that one is the archive `sha256`, it comes back into the
+    /// work directory and this returns true. Each step is a rename, so an agent killed
+    /// at any point leaves an artifact whole or not marked (then unpacked again).
+    fn swap_previous(&self, sha256: &str) -> io::Result<bool> {
+        let (previous, next, staging) = (self.previous(), self.0.join("next"), self.0.join("previous.partial"));
+        remove_dir_if_present(&next)?;
+        remove_dir_if_present(&staging)?;
+        let restoring = InstanceDir(previous.clone()).unpacked().as_deref() == Some(sha256);
+        if restoring {
+            std::fs::rename(&previous, &next)?;
+        } else {
+            remove_dir_if_present(&previous)?;
+        }
+        if self.unpacked().is_some() {
+            std::fs::create_dir(&staging)?;
+            std::fs::rename(self.work(), staging.join("work"))?;
+            std::fs::rename(self.artifact_marker(), staging.join(ARTIFACT_MARKER))?;
+            std::fs::rename(&staging, &previous)?;
+        } else {
+            // Files of no known archive must not linger next to the new ones.
+            remove_file_if_present(&self.artifact_marker())?;
+            remove_dir_if_present(&self.work())?;
+        }
+        if restoring {
+            std::fs::rename(next.join("work"), self.work())?;
+            std::fs::rename(next.join(ARTIFACT_MARKER), self.artifact_marker())?;
+            remove_dir_if_present(&next)?;
+        }
+        Ok(restoring)
+    }
+}
+
+/// File naming the digest of the artifact unpacked next to it.
+const ARTIFACT_MARKER: &str = "artifact.sha256";
+
+fn remove_dir_if_present(path: &Path) -> io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn remove_file_if_present(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// What an instance runs, whatever its version: the workload, its context environment
+/// and its token. Two versions with one fingerprint need no restart between them.
+pub(crate) fn fingerprint(spec: &InstanceSpec) -> String {
+    let text = serde_json::to_vec(&(&spec.spec, &spec.env, &spec.token)).unwrap_or_default();
+    super::artifact::sha256_hex(text.as_slice()).unwrap_or_default()
 }
 
 /// What `instance.json` holds.
@@ -173,6 +239,9 @@ struct Record {
     /// How a finished (not restarted) process ended, so a restarted agent does not run it again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     outcome: Option<Outcome>,
+    /// What the running process runs ([`fingerprint`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fingerprint: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -461,11 +530,53 @@ mod tests {
             version: "3-uid".into(),
             process: Some(Identity { pid: 42, start_time: 7, boot_id: "boot".into() }),
             outcome: None,
+            fingerprint: None,
         };
         write_record(&path, &record).unwrap();
         assert_eq!(read_record(&path), Some(record));
         std::fs::write(&path, b"{not json").unwrap();
         assert_eq!(read_record(&path), None, "a corrupt record is ignored, not fatal");
+    }
+
+    /// Unpacks a fake artifact `sha` into `dir`'s work directory, as `prepare_artifact` does.
+    fn unpack(dir: &InstanceDir, sha: &str) {
+        std::fs::create_dir_all(dir.work()).unwrap();
+        std::fs::write(dir.work().join("app"), sha).unwrap();
+        std::fs::write(dir.artifact_marker(), sha).unwrap();
+    }
+
+    #[test]
+    fn the_previous_artifact_is_kept_bounded_and_comes_back_unpacked() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = InstanceDir::new(data.path(), "t/microservice/web");
+        let app = |d: &InstanceDir| std::fs::read_to_string(d.work().join("app")).ok();
+        let previous = || InstanceDir(dir.previous());
+        unpack(&dir, "a");
+        assert!(!dir.swap_previous("b").unwrap(), "b was never unpacked here");
+        assert_eq!((dir.unpacked(), previous().unpacked()), (None, Some("a".into())), "a is kept");
+        unpack(&dir, "b");
+        assert!(dir.swap_previous("a").unwrap(), "a comes back without unpacking");
+        assert_eq!((app(&dir).as_deref(), dir.unpacked().as_deref()), (Some("a"), Some("a")));
+        assert_eq!((app(&previous()).as_deref(), previous().unpacked().as_deref()), (Some("b"), Some("b")));
+        assert!(!dir.swap_previous("c").unwrap());
+        unpack(&dir, "c");
+        assert_eq!(previous().unpacked().as_deref(), Some("a"), "only the version before is kept: b is gone");
+        let entries = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(entries, 3, "work, its marker and previous; nothing else");
+    }
+
+    #[test]
+    fn an_agent_killed_while_swapping_leaves_no_artifact_marked_that_is_not_whole() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = InstanceDir::new(data.path(), "t/microservice/web");
+        unpack(&dir, "b");
+        // Killed after moving the work directory aside, before its marker.
+        let staging = dir.path().join("previous.partial");
+        std::fs::create_dir(&staging).unwrap();
+        std::fs::rename(dir.work(), staging.join("work")).unwrap();
+        assert_eq!(dir.unpacked(), None, "a marker without its work directory counts for nothing");
+        assert!(!dir.swap_previous("b").unwrap());
+        assert!(!staging.exists() && !dir.artifact_marker().exists(), "the half-moved artifact is cleared");
     }
 
     fn sleeper(dir: &Path) -> std::process::Child {
@@ -484,8 +595,13 @@ mod tests {
         let mut kept = sleeper(&kept_dir.work());
         let mut stray = sleeper(&stray_dir.work());
         let identity = Identity::of(kept.id()).unwrap();
-        let record =
-            Record { key: "t/microservice/kept".into(), version: "1".into(), process: Some(identity), outcome: None };
+        let record = Record {
+            key: "t/microservice/kept".into(),
+            version: "1".into(),
+            process: Some(identity),
+            outcome: None,
+            fingerprint: None,
+        };
         write_record(&kept_dir.record(), &record).unwrap();
         let _runtime = ProcessRuntime::new(data.path().to_owned(), "n".into());
         let status = stray.wait().unwrap();

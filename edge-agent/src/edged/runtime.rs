@@ -35,6 +35,18 @@ pub struct InstanceSpec {
     pub env: BTreeMap<String, String>,
     /// Bearer token of the instance for the local API, handed in a file of its own.
     pub token: Option<String>,
+    /// Set when this version runs because the agent refused a newer one ([`super::rollback`]).
+    pub rollback: Option<Rollback>,
+}
+
+/// Why an instance runs the version it ran before instead of the one the cloud sent.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Rollback {
+    /// The refused version (the one the cloud sent).
+    pub from: String,
+    /// What failed and after how long, for a user to read.
+    pub message: String,
 }
 
 impl InstanceSpec {
@@ -48,6 +60,7 @@ impl InstanceSpec {
             spec: assignment.spec.clone(),
             env,
             token: None,
+            rollback: None,
         }
     }
 }
@@ -83,6 +96,9 @@ pub struct InstanceStatus {
     /// Ports the instance's spec declares (`spec.ports[].port`), for endpoint discovery.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<i32>,
+    /// Set when the instance runs the version it ran before because a newer one failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<Rollback>,
 }
 
 impl InstanceStatus {
@@ -99,6 +115,7 @@ impl InstanceStatus {
             reason: None,
             since_ms: now_ms(),
             ports: Vec::new(),
+            rollback: None,
         }
     }
 
@@ -106,6 +123,7 @@ impl InstanceStatus {
     pub fn of(spec: &InstanceSpec) -> InstanceStatus {
         InstanceStatus {
             ports: spec.spec.ports.iter().map(|p| p.port).collect(),
+            rollback: spec.rollback.clone(),
             ..InstanceStatus::pending(&spec.key, &spec.version)
         }
     }
@@ -134,3 +152,15 @@ pub trait Runtime: Send + Sync {
 }
 
 pub use supermesh_protocol::now_ms;
+
+/// A duration for people: `500ms`, `4s`, `2m8s`.
+pub fn human(d: std::time::Duration) -> String {
+    let secs = d.as_secs();
+    if secs == 0 {
+        format!("{}ms", d.as_millis())
+    } else if secs < 60 {
+        format!("{secs}s")
+    } else {
+        format!("{}m{}s", secs / 60, secs % 60)
+    }
+}

@@ -346,6 +346,35 @@ impl MetaHandle {
         self.with_actor(move |a| a.store.kv_delete(&microservice, &key)).await
     }
 
+    /// What this device keeps about the revisions of microservice `key` (edged's rollback).
+    pub async fn revisions(&self, key: &str) -> Result<store::Revisions, MetaError> {
+        let key = key.to_owned();
+        self.with_actor(move |a| a.store.revisions(&key)).await
+    }
+
+    /// Keeps `kept` as the version microservice `key` goes back to.
+    pub async fn keep_previous(&self, key: &str, kept: store::Kept) -> Result<(), MetaError> {
+        let key = key.to_owned();
+        self.with_actor(move |a| a.store.keep_previous(&key, &kept)).await
+    }
+
+    /// Records that microservice `key` refused a version and queues `event` about it, in one transaction.
+    pub async fn refuse(&self, key: &str, refusal: store::Refusal, event: &Value) -> Result<(), MetaError> {
+        let (key, event) = (key.to_owned(), event.to_string());
+        self.with_actor(move |a| {
+            let queued = a.store.refuse(&key, &refusal, &event)?;
+            a.drops.note(&queued, a.store.outbox_cap(), Instant::now());
+            Ok(())
+        })
+        .await
+    }
+
+    /// Ends the refusal of microservice `key`; with `forget`, drops its kept version too.
+    pub async fn clear_revisions(&self, key: &str, forget: bool) -> Result<(), MetaError> {
+        let key = key.to_owned();
+        self.with_actor(move |a| a.store.clear_revisions(&key, forget)).await
+    }
+
     /// Counters since the task started.
     pub async fn stats(&self) -> Result<Stats, MetaError> {
         self.with_actor(|a| {

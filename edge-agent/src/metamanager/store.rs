@@ -62,7 +62,53 @@ const MIGRATIONS: &[&str] = &[
         value INTEGER NOT NULL
     );
 ",
+    // edged's rollback on the device (edged::rollback): the version each microservice
+    // goes back to, and the version it refused.
+    "
+    CREATE TABLE previous_revision (
+        key TEXT PRIMARY KEY,
+        version TEXT NOT NULL,
+        value TEXT NOT NULL,
+        kept_ms INTEGER NOT NULL
+    );
+    CREATE TABLE refused_revision (
+        key TEXT PRIMARY KEY,
+        version TEXT NOT NULL,
+        back_to TEXT NOT NULL,
+        message TEXT NOT NULL,
+        refused_ms INTEGER NOT NULL
+    );
+",
 ];
+
+/// A version of a microservice's assignment kept on the device (a row of `previous_revision`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kept {
+    /// Its version.
+    pub version: String,
+    /// The assignment, as JSON text.
+    pub value: String,
+}
+
+/// A version the device refused because it failed within its `minReadySeconds` (a row of `refused_revision`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The refused version.
+    pub version: String,
+    /// The version the device went back to.
+    pub back_to: String,
+    /// What failed and after how long.
+    pub message: String,
+}
+
+/// What the device keeps about the revisions of one microservice.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Revisions {
+    /// The version it goes back to: the last one that proved itself here.
+    pub previous: Option<Kept>,
+    /// The version it refused, until the cloud sends another.
+    pub refused: Option<Refusal>,
+}
 
 /// Name in `counters` of the events dropped from the full outbox, in all.
 const EVENTS_DROPPED: &str = "outbox_events_dropped";
@@ -500,16 +546,81 @@ impl Store {
     ) -> Result<Queued, StoreError> {
         let err = sql_err(&self.path);
         let tx = self.conn.transaction_with_behavior(WRITE).map_err(&err)?;
-        if snapshot {
-            tx.prepare_cached("DELETE FROM outbox WHERE snapshot = 1 AND operation = ?1 AND resource = ?2")
-                .and_then(|mut s| s.execute((format!("{operation:?}"), resource)))
+        let queued = queue_report(&tx, self.outbox_cap, operation, resource, content, snapshot).map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        Ok(queued)
+    }
+
+    /// What this device keeps about the revisions of microservice `key`.
+    pub fn revisions(&self, key: &str) -> Result<Revisions, StoreError> {
+        let err = sql_err(&self.path);
+        let previous = self
+            .conn
+            .prepare_cached("SELECT version, value FROM previous_revision WHERE key = ?1")
+            .and_then(|mut s| s.query_row([key], |r| Ok(Kept { version: r.get(0)?, value: r.get(1)? })).optional())
+            .map_err(&err)?;
+        let refused = self
+            .conn
+            .prepare_cached("SELECT version, back_to, message FROM refused_revision WHERE key = ?1")
+            .and_then(|mut s| s.query_row([key], |r| read_refusal(r, 0)).optional())
+            .map_err(&err)?;
+        Ok(Revisions { previous, refused })
+    }
+
+    /// Every refused version, by microservice: what `inspect` shows.
+    pub fn refusals(&self) -> Result<Vec<(String, Refusal)>, StoreError> {
+        self.conn
+            .prepare_cached("SELECT key, version, back_to, message FROM refused_revision ORDER BY key")
+            .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, read_refusal(r, 1)?)))?.collect())
+            .map_err(sql_err(&self.path))
+    }
+
+    /// Keeps `kept` as the version microservice `key` goes back to (replacing the one kept before).
+    pub fn keep_previous(&mut self, key: &str, kept: &Kept) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO previous_revision (key, version, value, kept_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (key) DO UPDATE SET version = excluded.version, value = excluded.value,
+                 kept_ms = excluded.kept_ms",
+            )
+            .and_then(|mut s| s.execute((key, &kept.version, &kept.value, supermesh_protocol::now_ms())))
+            .map(drop)
+            .map_err(sql_err(&self.path))
+    }
+
+    /// Records that microservice `key` refused a version, and queues `event` (an
+    /// `EventReport`, JSON) saying so, in one transaction: a crash leaves both or neither.
+    pub fn refuse(&mut self, key: &str, refusal: &Refusal, event: &str) -> Result<Queued, StoreError> {
+        let err = sql_err(&self.path);
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(&err)?;
+        tx.prepare_cached(
+            "INSERT INTO refused_revision (key, version, back_to, message, refused_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (key) DO UPDATE SET version = excluded.version, back_to = excluded.back_to,
+             message = excluded.message, refused_ms = excluded.refused_ms",
+        )
+        .and_then(|mut s| {
+            s.execute((key, &refusal.version, &refusal.back_to, &refusal.message, supermesh_protocol::now_ms()))
+        })
+        .map_err(&err)?;
+        let queued = queue_report(&tx, self.outbox_cap, Operation::MetaSync, key, event, false).map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        Ok(queued)
+    }
+
+    /// Ends the refusal of microservice `key` (the cloud sent another version); with
+    /// `forget`, also drops the version kept for it (the microservice left this node).
+    pub fn clear_revisions(&mut self, key: &str, forget: bool) -> Result<(), StoreError> {
+        let err = sql_err(&self.path);
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(&err)?;
+        tx.prepare_cached("DELETE FROM refused_revision WHERE key = ?1")
+            .and_then(|mut s| s.execute([key]))
+            .map_err(&err)?;
+        if forget {
+            tx.prepare_cached("DELETE FROM previous_revision WHERE key = ?1")
+                .and_then(|mut s| s.execute([key]))
                 .map_err(&err)?;
         }
-        let seq = insert_report(&tx, operation, resource, content, snapshot).map_err(&err)?;
-        let (dropped, usage) = trim_outbox(&tx, self.outbox_cap).map_err(&err)?;
-        let dropped_total = counter(&tx, EVENTS_DROPPED).map_err(&err)?;
-        tx.commit().map_err(&err)?;
-        Ok(Queued { seq, dropped, dropped_total, usage })
+        tx.commit().map_err(&err)
     }
 
     /// Up to `limit` outbox entries, oldest first.
@@ -619,6 +730,30 @@ impl Store {
     }
 }
 
+/// Writes a report inside `tx` and trims the outbox to `cap`.
+fn queue_report(
+    tx: &Transaction,
+    cap: OutboxCap,
+    operation: Operation,
+    resource: &str,
+    content: &str,
+    snapshot: bool,
+) -> rusqlite::Result<Queued> {
+    if snapshot {
+        tx.prepare_cached("DELETE FROM outbox WHERE snapshot = 1 AND operation = ?1 AND resource = ?2")
+            .and_then(|mut s| s.execute((format!("{operation:?}"), resource)))?;
+    }
+    let seq = insert_report(tx, operation, resource, content, snapshot)?;
+    let (dropped, usage) = trim_outbox(tx, cap)?;
+    let dropped_total = counter(tx, EVENTS_DROPPED)?;
+    Ok(Queued { seq, dropped, dropped_total, usage })
+}
+
+/// A refusal from the columns version, back_to, message, starting at column `first`.
+fn read_refusal(r: &rusqlite::Row, first: usize) -> rusqlite::Result<Refusal> {
+    Ok(Refusal { version: r.get(first)?, back_to: r.get(first + 1)?, message: r.get(first + 2)? })
+}
+
 /// Applies one change inside `tx`, reading first so an unchanged resource costs no write.
 fn apply_one(tx: &Transaction, change: &Change) -> rusqlite::Result<Outcome> {
     match change {
@@ -679,6 +814,35 @@ mod tests {
         assert_eq!(store.held_versions().unwrap(), BTreeMap::from([("team/microservice/web".into(), "2".into())]));
         assert!(store.list("edgenode").unwrap().is_empty());
         integrity_check(&path).unwrap();
+    }
+
+    #[test]
+    fn kept_and_refused_revisions_survive_a_reopen_and_the_refusal_comes_with_its_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let (web, db) = ("team/microservice/web", "team/microservice/db");
+        let kept = |v: &str| Kept { version: v.into(), value: format!("{{\"v\":\"{v}\"}}") };
+        let refusal = Refusal { version: "2-u".into(), back_to: "1-u".into(), message: "unhealthy".into() };
+        let mut store = Store::open(&path).unwrap();
+        assert_eq!(store.revisions(web).unwrap(), Revisions::default());
+        store.keep_previous(web, &kept("0-u")).unwrap();
+        store.keep_previous(web, &kept("1-u")).unwrap();
+        store.keep_previous(db, &kept("7-u")).unwrap();
+        store.refuse(web, &refusal, r#"{"warning":true,"reason":"RolledBackOnDevice","message":"m"}"#).unwrap();
+        drop(store);
+
+        let mut store = Store::open(&path).unwrap();
+        let held = Revisions { previous: Some(kept("1-u")), refused: Some(refusal.clone()) };
+        assert_eq!(store.revisions(web).unwrap(), held, "one kept version per microservice, the latest");
+        assert_eq!(store.refusals().unwrap(), [(web.to_owned(), refusal)]);
+        let pending = store.pending(10).unwrap();
+        assert_eq!(pending.len(), 1, "the event was queued with the refusal");
+        assert_eq!((pending[0].operation, pending[0].resource.as_str()), (Operation::MetaSync, web));
+        store.clear_revisions(web, false).unwrap();
+        assert_eq!(store.revisions(web).unwrap(), Revisions { previous: Some(kept("1-u")), refused: None });
+        store.clear_revisions(web, true).unwrap();
+        assert_eq!(store.revisions(web).unwrap(), Revisions::default());
+        assert_eq!(store.revisions(db).unwrap().previous, Some(kept("7-u")), "other microservices keep theirs");
     }
 
     #[test]

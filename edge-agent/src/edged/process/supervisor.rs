@@ -22,14 +22,16 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{info, warn};
 
 use super::{
-    blocking, command, read_record, write_record, Desired, InstanceDir, Outcome, ProcessConfig, Record, Shared,
-    StartError,
+    blocking, command, fingerprint, read_record, write_record, Desired, InstanceDir, Outcome, ProcessConfig, Record,
+    Shared, StartError,
 };
 use crate::edged::artifact::{io_error, ArtifactError, ArtifactStore};
 use crate::edged::group::{self, Identity};
 use crate::edged::health::{self, ExecContext, HealthError, Probe};
 use crate::edged::logs;
-use crate::edged::runtime::{now_ms, InstanceSpec, InstanceStatus, Phase, ENV_MICROSERVICE, ENV_NAMESPACE, ENV_NODE};
+use crate::edged::runtime::{
+    human, now_ms, InstanceSpec, InstanceStatus, Phase, ENV_MICROSERVICE, ENV_NAMESPACE, ENV_NODE,
+};
 use crate::edged::sandbox::{self, Sandbox, SandboxError};
 use crate::edged::ENV_TOKEN_FILE;
 
@@ -73,18 +75,6 @@ impl Backoff {
             self.reset();
         }
         self.delays.next().unwrap_or(self.max)
-    }
-}
-
-/// A duration for people: `500ms`, `4s`, `2m8s`.
-fn human(d: Duration) -> String {
-    let secs = d.as_secs();
-    if secs == 0 {
-        format!("{}ms", d.as_millis())
-    } else if secs < 60 {
-        format!("{secs}s")
-    } else {
-        format!("{}m{}s", secs / 60, secs % 60)
     }
 }
 
@@ -146,6 +136,8 @@ struct Live {
     child: Option<Child>,
     identity: Identity,
     version: String,
+    /// What it runs, whatever the version ([`fingerprint`]); `None` if a previous agent did not record it.
+    fingerprint: Option<String>,
     started: Instant,
 }
 
@@ -208,17 +200,12 @@ fn prepare_artifact(
         return Err(ArtifactError::Cancelled);
     }
     let (marker, work) = (dir.artifact_marker(), dir.work());
-    if std::fs::read_to_string(&marker).is_ok_and(|sha| sha == artifact.sha256) && work.is_dir() {
+    if dir.unpacked().as_deref() == Some(artifact.sha256.as_str()) {
         return Ok(());
     }
-    // Files of another archive must not linger next to the new ones.
-    match std::fs::remove_file(&marker) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_error("cannot remove", &marker)(e)),
-        _ => {}
-    }
-    match std::fs::remove_dir_all(&work) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_error("cannot empty work directory", &work)(e)),
-        _ => {}
+    // The unpacked artifact of the version before is kept, for a rollback on the device.
+    if dir.swap_previous(&artifact.sha256).map_err(io_error("cannot keep the previous artifact in", dir.path()))? {
+        return Ok(());
     }
     store.unpack(&archive, &work)?;
     std::fs::write(&marker, &artifact.sha256).map_err(io_error("cannot write", &marker))
@@ -307,7 +294,8 @@ impl Supervisor {
         }
         if let Some(identity) = record.process.filter(Identity::is_alive) {
             info!(target: "edged", key = %self.key, pid = identity.pid, version = %record.version, "found running instance");
-            self.live = Some(Live { child: None, identity, version: record.version, started: Instant::now() });
+            let (version, fingerprint) = (record.version, record.fingerprint);
+            self.live = Some(Live { child: None, identity, version, fingerprint, started: Instant::now() });
         } else if let Some(outcome) = record.outcome {
             self.finished = Some((record.version, outcome));
         }
@@ -317,6 +305,9 @@ impl Supervisor {
     async fn run_spec(&mut self, spec: &InstanceSpec) -> Interrupt {
         if self.version.as_deref() != Some(spec.version.as_str()) {
             self.begin_version(spec).await;
+        } else if self.status.rollback != spec.rollback {
+            self.status.rollback = spec.rollback.clone();
+            self.set_phase(self.status.phase, self.status.message.clone());
         }
         loop {
             let next = match self.state {
@@ -337,9 +328,26 @@ impl Supervisor {
     /// Switches to a new version: replaces a process of another version, keeps
     /// (adopts) one of this version, and counts restarts from zero.
     async fn begin_version(&mut self, spec: &InstanceSpec) {
-        if let Some(live) = self.live.as_ref().filter(|live| live.version != spec.version) {
-            info!(target: "edged", key = %self.key, from = %live.version, to = %spec.version, "replacing instance");
-            self.terminate().await;
+        if let Some(live) = self.live.as_mut().filter(|live| live.version != spec.version) {
+            if live.fingerprint.as_deref() == Some(fingerprint(spec).as_str()) {
+                // The cloud sent back what already runs (say, the version the agent rolled back to).
+                info!(target: "edged", key = %self.key, from = %live.version, to = %spec.version, "same workload under a new version: the instance keeps running");
+                live.version = spec.version.clone();
+                let record = Record {
+                    key: self.key.clone(),
+                    version: spec.version.clone(),
+                    process: Some(live.identity.clone()),
+                    outcome: None,
+                    fingerprint: live.fingerprint.clone(),
+                };
+                let path = self.dir.record();
+                if let Err(e) = blocking(move || write_record(&path, &record)).await {
+                    warn!(target: "edged", key = %self.key, error = %e, "cannot record the instance's new version");
+                }
+            } else {
+                info!(target: "edged", key = %self.key, from = %live.version, to = %spec.version, "replacing instance");
+                self.terminate().await;
+            }
         }
         self.version = Some(spec.version.clone());
         self.status = InstanceStatus::of(spec);
@@ -497,6 +505,7 @@ impl Supervisor {
             version: spec.version.clone(),
             process: Some(identity.clone()),
             outcome: None,
+            fingerprint: Some(fingerprint(spec)),
         };
         let path = self.dir.record();
         if let Err(source) = blocking(move || write_record(&path, &record)).await {
@@ -506,7 +515,8 @@ impl Supervisor {
             let _ = child.wait().await;
             return Err(StartError::Io { what: "cannot record the instance in", path: self.dir.record(), source });
         }
-        Ok(Live { child: Some(child), identity, version: spec.version.clone(), started: Instant::now() })
+        let (version, fingerprint) = (spec.version.clone(), Some(fingerprint(spec)));
+        Ok(Live { child: Some(child), identity, version, fingerprint, started: Instant::now() })
     }
 
     /// Gives the instance's user its work directory and its token file, and checks that it
@@ -677,6 +687,7 @@ impl Supervisor {
             version: spec.version.clone(),
             process: None,
             outcome: Some(Outcome { phase, exit_code: code, message: Some(message) }),
+            fingerprint: None,
         };
         let path = self.dir.record();
         if let Err(e) = blocking(move || write_record(&path, &record)).await {
