@@ -809,8 +809,10 @@ impl Agent {
         lan::in_netns(&netns, move || peer_registry(&addr, &name, &network, &root))
     }
 
-    /// Starts the agent process again (after `stop` or `kill`), appending to its log.
+    /// Starts the agent process again, appending to its log; one still running is stopped
+    /// first (SIGTERM), so that no agent outlives the handle that started it.
     pub fn restart(&mut self) {
+        self.stop();
         // `ip netns exec` execs the agent in place, so the child's pid is the agent's.
         let mut command = match &self.netns {
             Some(netns) => {

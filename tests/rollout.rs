@@ -136,7 +136,7 @@ async fn a_rollout_in_waves_updates_the_canary_first_then_growing_waves() {
         }
     }
     let out = supermeshctl(&["rollout", "status", &format!("{}/web", site.ns)]).unwrap();
-    assert!(out.contains("revision 2 replacing 2: Complete, wave 4, 10 of 10 nodes updated"), "{out}");
+    assert!(out.contains("revision 2: Complete, wave 4, 10 of 10 nodes updated"), "{out}");
     let refs: Vec<&Agent> = agents.iter().collect();
     site.cleanup(&refs).await;
 }

@@ -374,10 +374,11 @@ pub struct Revision {
     pub hash: String,
     /// The spec the revision was taken from; only what runs of it counts.
     pub template: MicroserviceSpec,
-    /// Instances placed at this revision.
+    /// Nodes assigned this revision (while a wave replaces them, old instances still run and
+    /// may report ready at the revision they leave).
     #[serde(default)]
     pub instances: i32,
-    /// Of those, instances reporting ready at it.
+    /// Instances reporting ready at this revision.
     #[serde(default)]
     pub ready: i32,
 }

@@ -309,6 +309,7 @@ impl Demo {
         println!("The controller keeps running. Try: export KUBECONFIG={}", self.kubeconfig.display());
         println!("  kubectl describe msvc hello    # conditions and events");
         println!("  kubectl label edgenode pi-attic role=spare; kubectl get msvc  # placement follows");
+        println!("  kubectl describe msvc sensor-reader  # the rollout's waves, as Events");
         for hint in hints {
             println!("  {hint}");
         }

@@ -487,8 +487,9 @@ fn describe_rollout(msvc: &Microservice) -> String {
     match &status.rollout {
         None => out += &format!("revision {updated}, rolled out all at once\n"),
         Some(r) => {
+            let replacing = if current == updated { String::new() } else { format!(" replacing {current}") };
             out += &format!(
-                "revision {updated} replacing {current}: {:?}, wave {}, {} of {} nodes updated",
+                "revision {updated}{replacing}: {:?}, wave {}, {} of {} nodes updated",
                 r.phase, r.wave, r.updated_nodes, r.nodes
             );
             if r.offline_nodes > 0 {
@@ -506,7 +507,7 @@ fn describe_rollout(msvc: &Microservice) -> String {
             }
         }
     }
-    out += &format!("{:<10} {:>9} {:>6}  HASH\n", "REVISION", "INSTANCES", "READY");
+    out += &format!("{:<10} {:>9} {:>6}  HASH\n", "REVISION", "ASSIGNED", "READY");
     for r in &status.revisions {
         let mark = match r.revision {
             n if n == updated && n == current => " (current)",
