@@ -193,9 +193,14 @@ fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, S
 
 /// The `count` nodes with the highest weight for `key`; ties break on name.
 fn rendezvous(key: &str, nodes: &[&String], count: usize) -> BTreeSet<String> {
-    let mut weighted: Vec<(u64, &String)> = nodes.iter().map(|n| (weight(key, n), *n)).collect();
+    order(key, nodes.iter().map(|n| n.as_str())).into_iter().take(count).map(str::to_owned).collect()
+}
+
+/// `nodes` in rendezvous order for `key`: by decreasing weight, ties broken on name.
+pub fn order<'a>(key: &str, nodes: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut weighted: Vec<(u64, &str)> = nodes.into_iter().map(|n| (weight(key, n), n)).collect();
     weighted.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
-    weighted.into_iter().take(count).map(|(_, n)| n.clone()).collect()
+    weighted.into_iter().map(|(_, n)| n).collect()
 }
 
 /// The rendezvous weight of `node` for `key`: stable across builds and machines.

@@ -128,19 +128,9 @@ pub fn assignment(msvc: &Microservice, rev: Rev<'_>) -> supermesh_protocol::Assi
     wire::assignment(msvc, rev.number, rev.template)
 }
 
-/// Rendezvous weight of `node` for the Microservice of uid `uid`: nodes in decreasing
-/// weight make the waves, so the canary nodes stay the same on every retry.
-pub fn weight(uid: &str, node: &str) -> u64 {
-    let digest = Sha256::new().chain_update(uid).chain_update([0]).chain_update(node).finalize();
-    u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
-}
-
-/// `nodes` in rendezvous order for the Microservice of uid `uid`.
-pub fn order<'a>(uid: &str, nodes: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
-    let mut weighted: Vec<(u64, &str)> = nodes.into_iter().map(|n| (weight(uid, n), n)).collect();
-    weighted.sort_unstable_by(|a, b| b.cmp(a));
-    weighted.into_iter().map(|(_, n)| n).collect()
-}
+/// Nodes in rendezvous order for the Microservice of uid `uid` make its waves, so the
+/// canary nodes stay the same on every retry.
+pub use crate::placement::order;
 
 /// What the reconciler observes of one placed node.
 #[derive(Debug, Clone, Copy)]
