@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use futures::{SinkExt, StreamExt};
 use kube::api::Api;
 use supermesh_api::{EdgeNode, Microservice};
-use supermesh_protocol::{self as protocol, ErrorCode, Hello, Message, Operation};
+use supermesh_protocol::{self as protocol, ErrorCode};
 use supermesh_tests::{kubectl, microservice, Agent, Site, AGENTS};
 use tokio_tungstenite::tungstenite::Message as Frame;
 
@@ -201,17 +201,7 @@ async fn bad_messages_get_an_error_reply_and_lose_nothing() {
     let site = Site::new("bad-msg").await;
     site.apply(&microservice("kept", "m", ""));
     let name = format!("raw-{}", site.id);
-    let (config, identity) = site.device(&name);
-    let mut ws = supermesh_agent::edgehub::dial(&config, &identity).await.expect("enroll and dial the cloudhub");
-    let hello = Hello {
-        node: name.clone(),
-        account: format!("acct-{}", site.id),
-        network: format!("net-{}", site.id),
-        agent_version: "test".into(),
-        ..Hello::default()
-    };
-    let hello = Message::new("t-1".into(), 0, Operation::NodeConnection, protocol::CONNECTION_RESOURCE, hello);
-    ws.send(Frame::text(protocol::encode(&hello).unwrap())).await.unwrap();
+    let mut ws = site.dial_as(&name, &format!("acct-{}", site.id)).await;
 
     let mut errors = Vec::new();
     let mut assignment = None;

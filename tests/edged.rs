@@ -5,7 +5,7 @@ use std::path::Path;
 
 use kube::api::Api;
 use supermesh_api::Microservice;
-use supermesh_tests::{apply_yaml, kubectl, Agent, Site};
+use supermesh_tests::{all_ready, apply_yaml, kubectl, Agent, Site};
 
 /// A small HTTP service: binds a free port, writes it to `port` in its working
 /// directory (several agents share this host) and answers with its node name.
@@ -48,10 +48,6 @@ async fn wait_msvc(site: &Site, name: &str, what: &str, check: impl Fn(&Microser
     site.controller.wait_for(&api, name, what, check).await
 }
 
-fn ready(m: &Microservice, n: i32) -> bool {
-    m.status.as_ref().is_some_and(|s| s.desired_instances == n && s.ready_instances == n)
-}
-
 /// GETs `/` from the service whose port is in `port_file`.
 fn get(port_file: &Path) -> std::io::Result<String> {
     use std::io::{Read, Write};
@@ -78,7 +74,7 @@ async fn a_microservice_runs_and_answers_on_every_node() {
     let site = Site::new("run").await;
     let agents: Vec<Agent> = (0..3).map(|i| site.agent(i)).collect();
     apply(&site, "web", web());
-    let m = wait_msvc(&site, "web", "Ready 3/3", |m| ready(m, 3)).await;
+    let m = wait_msvc(&site, "web", "Ready 3/3", |m| all_ready(m, 3)).await;
     let status = m.status.unwrap();
     assert_eq!(status.available_instances, 3);
     assert!(status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
@@ -112,14 +108,14 @@ async fn changing_the_node_selector_moves_instances() {
     let mut spec = web();
     spec["nodeSelector"] = serde_json::json!({"zone": "a"});
     apply(&site, "web", spec.clone());
-    wait_msvc(&site, "web", "Ready 1/1 on zone a", |m| ready(m, 1)).await;
+    wait_msvc(&site, "web", "Ready 1/1 on zone a", |m| all_ready(m, 1)).await;
     let key = site.key("web");
     let first = agents[0].instance_pid(&key).expect("runs on zone a");
     spec["nodeSelector"] = serde_json::json!({"zone": "b"});
     apply(&site, "web", spec);
     until(&agents[1], "the instance to start on zone b", || agents[1].instance_pid(&key).is_some_and(alive)).await;
     until(&agents[0], "the zone a instance to stop", || !alive(first)).await;
-    wait_msvc(&site, "web", "Ready 1/1 on zone b", |m| ready(m, 1) && m.metadata.generation == Some(2)).await;
+    wait_msvc(&site, "web", "Ready 1/1 on zone b", |m| all_ready(m, 1) && m.metadata.generation == Some(2)).await;
     site.cleanup(&agents.iter().collect::<Vec<_>>()).await;
 }
 
@@ -178,7 +174,7 @@ async fn reconnects_and_agent_restarts_never_restart_instances() {
     let mut site = Site::new("keep").await;
     let mut agent = site.agent(0);
     apply(&site, "web", web());
-    wait_msvc(&site, "web", "Ready 1/1", |m| ready(m, 1)).await;
+    wait_msvc(&site, "web", "Ready 1/1", |m| all_ready(m, 1)).await;
     let key = site.key("web");
     let pid = agent.instance_pid(&key).unwrap();
 
@@ -188,7 +184,7 @@ async fn reconnects_and_agent_restarts_never_restart_instances() {
     agent.restart();
     site.wait_agents(1.0).await;
     until(&agent, "the agent to adopt its instance", || agent.log().matches("adopted").count() >= 1).await;
-    wait_msvc(&site, "web", "Ready 1/1 after the restarts", |m| ready(m, 1)).await;
+    wait_msvc(&site, "web", "Ready 1/1 after the restarts", |m| all_ready(m, 1)).await;
     assert_eq!(agent.instance_pid(&key), Some(pid), "same process");
     assert!(alive(pid));
     let m: Microservice = Api::namespaced(site.cluster.client.clone(), &site.ns).get("web").await.unwrap();
@@ -201,7 +197,7 @@ async fn an_agent_restarted_offline_brings_instances_back_and_status_catches_up(
     let mut site = Site::new("offline-run").await;
     let mut agent = site.agent(0);
     apply(&site, "web", web());
-    wait_msvc(&site, "web", "Ready 1/1", |m| ready(m, 1)).await;
+    wait_msvc(&site, "web", "Ready 1/1", |m| all_ready(m, 1)).await;
     let key = site.key("web");
     let before = agent.instance_pid(&key).unwrap();
 
@@ -223,7 +219,7 @@ async fn an_agent_restarted_offline_brings_instances_back_and_status_catches_up(
 
     site.controller.resume();
     site.wait_agents(1.0).await;
-    wait_msvc(&site, "web", "Ready 1/1 once the cloud is back", |m| ready(m, 1)).await;
+    wait_msvc(&site, "web", "Ready 1/1 once the cloud is back", |m| all_ready(m, 1)).await;
     site.cleanup(&[&agent]).await;
 }
 
@@ -281,7 +277,7 @@ async fn metasync_goes_out_every_interval() {
     let site = Site::new("metasync").await;
     let agent = site.agent_with(0, "meta:\n  sync:\n    podstatus:\n      interval: 2\n");
     apply(&site, "idle", serde_json::json!({"command": ["sleep", "3600"]}));
-    wait_msvc(&site, "idle", "Ready 1/1", |m| ready(m, 1)).await;
+    wait_msvc(&site, "idle", "Ready 1/1", |m| all_ready(m, 1)).await;
     let reports = || site.controller.metric("supermesh_controller_cloudhub_status_reports_total", "").unwrap_or(0.0);
     let start = reports();
     let began = std::time::Instant::now();
@@ -298,7 +294,7 @@ async fn logs_are_read_from_the_node_through_the_controller() {
     let agent = site.agent(0);
     let chatty = "echo first-line; echo second-line; i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.2; done";
     apply(&site, "chatty", serde_json::json!({"command": ["sh", "-c", chatty]}));
-    wait_msvc(&site, "chatty", "Ready 1/1", |m| ready(m, 1)).await;
+    wait_msvc(&site, "chatty", "Ready 1/1", |m| all_ready(m, 1)).await;
     let controller = format!("http://{}", site.controller.metrics_addr);
     let target = format!("{}/chatty", site.ns);
     let ctl = |args: &[&str]| {

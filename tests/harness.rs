@@ -13,9 +13,15 @@ use kube::{Client, Resource};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::de::DeserializeOwned;
+use tokio_tungstenite::tungstenite::Message as Frame;
 
 pub mod lan;
 pub mod sim;
+
+/// Whether `m` has `n` instances placed, all ready.
+pub fn all_ready(m: &supermesh_api::Microservice, n: i32) -> bool {
+    m.status.as_ref().is_some_and(|s| s.desired_instances == n && s.ready_instances == n)
+}
 
 /// Namespace the controllers under test keep their Secrets in.
 pub const CONTROLLER_NAMESPACE: &str = "supermesh";
@@ -1048,8 +1054,17 @@ impl Site {
     /// The edge.yaml of a device `name` of this site (its account and network), and the
     /// identity it would enroll, held in memory: for tests that speak the protocol by hand.
     pub fn device(&self, name: &str) -> (supermesh_agent::config::EdgeConfig, supermesh_agent::identity::Identity) {
+        self.device_in(name, &format!("acct-{}", self.id))
+    }
+
+    /// Like [`Site::device`], of account `account`.
+    pub fn device_in(
+        &self,
+        name: &str,
+        account: &str,
+    ) -> (supermesh_agent::config::EdgeConfig, supermesh_agent::identity::Identity) {
         let yaml = format!(
-            "node: {{name: {name}, account: acct-{id}, network: net-{id}}}\ncloud: {{address: \"{}\", token: \"{}\"}}\n",
+            "node: {{name: {name}, account: {account}, network: net-{id}}}\ncloud: {{address: \"{}\", token: \"{}\"}}\n",
             self.controller.cloudhub_addr,
             self.token,
             id = self.id
@@ -1058,6 +1073,25 @@ impl Site {
         let token = config.cloud.token.as_ref().map(|t| &t.0);
         let identity = supermesh_agent::identity::Identity::load(None, token).expect("an identity in memory");
         (config, identity)
+    }
+
+    /// Enrolls device `name` of `account`, dials the cloudhub and says hello: a session
+    /// spoken by hand.
+    pub async fn dial_as(&self, name: &str, account: &str) -> supermesh_agent::edgehub::Ws {
+        use futures::SinkExt;
+        use supermesh_protocol::{self as protocol, Hello, Message, Operation};
+        let (config, identity) = self.device_in(name, account);
+        let mut ws = supermesh_agent::edgehub::dial(&config, &identity).await.expect("enroll and dial the cloudhub");
+        let hello = Hello {
+            node: name.to_owned(),
+            account: account.to_owned(),
+            network: format!("net-{}", self.id),
+            agent_version: "test".into(),
+            ..Hello::default()
+        };
+        let hello = Message::new("t-1".into(), 0, Operation::NodeConnection, protocol::CONNECTION_RESOURCE, hello);
+        ws.send(Frame::text(protocol::encode(&hello).unwrap())).await.unwrap();
+        ws
     }
 
     pub fn apply(&self, yaml: &str) {
@@ -1092,4 +1126,20 @@ impl Site {
         let names: Vec<String> = agents.iter().map(|a| a.name.clone()).collect();
         delete_all(&nodes, &names).await;
     }
+}
+
+/// The Events of reason `reason` on Microservice `name`, oldest first.
+pub async fn events(site: &Site, name: &str, reason: &str) -> Vec<String> {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(site.cluster.client.clone(), &site.ns);
+    let mut found: Vec<k8s_openapi::api::events::v1::Event> = api
+        .list(&kube::api::ListParams::default())
+        .await
+        .expect("list events")
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .collect();
+    found.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+    found.into_iter().filter_map(|e| e.note).collect()
 }

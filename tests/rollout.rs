@@ -3,8 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use supermesh_api::microservice::RolloutPhase;
 use supermesh_api::names::condition::*;
 use supermesh_api::Microservice;
@@ -25,22 +24,6 @@ fn patch_crashing(extra: &str) -> String {
     format!(
         "apiVersion: supermesh.io/v1alpha1\nkind: Microservice\nmetadata:\n  name: web\nspec:\n  mesh: m\n{CRASHING}{extra}"
     )
-}
-
-/// The Events of reason `reason` on Microservice `name`, oldest first.
-async fn events(site: &Site, name: &str, reason: &str) -> Vec<String> {
-    let api: Api<Event> = Api::namespaced(site.cluster.client.clone(), &site.ns);
-    let mut found: Vec<Event> = api
-        .list(&ListParams::default())
-        .await
-        .expect("list events")
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .filter(|e| e.reason.as_deref() == Some(reason))
-        .collect();
-    found.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
-    found.into_iter().filter_map(|e| e.note).collect()
 }
 
 /// When each agent first started an instance of `key` at `version`, from its own log.
@@ -79,10 +62,6 @@ fn rollout_phase(m: &Microservice) -> Option<RolloutPhase> {
 
 fn revisions(m: &Microservice) -> (Option<i64>, Option<i64>) {
     m.status.as_ref().map_or((None, None), |s| (s.current_revision, s.updated_revision))
-}
-
-fn all_ready(m: &Microservice, n: i32) -> bool {
-    m.status.as_ref().is_some_and(|s| s.desired_instances == n && s.ready_instances == n)
 }
 
 #[tokio::test]

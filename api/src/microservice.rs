@@ -84,6 +84,9 @@ pub struct MicroserviceSpec {
     /// Environment variables set for every instance.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
+    /// Files written from ConfigMap or Secret keys into each instance's `config/` directory.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<ConfigFile>,
     /// Archive to download, verify and unpack before running the command.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact: Option<Artifact>,
@@ -196,12 +199,56 @@ pub type Capability = String;
 
 /// One environment variable.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct EnvVar {
     /// Name of the variable.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
-    /// Value of the variable (may be empty, but must be given).
+    /// Value of the variable (may be empty); not set with `valueFrom`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub value: String,
+    /// Takes the value from a key of a ConfigMap or Secret in the microservice's namespace
+    /// instead. The values a revision runs are frozen with it: a change to the key is a new
+    /// revision, rolled out like any other change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_from: Option<ValueFrom>,
+}
+
+/// A key of a ConfigMap or of a Secret in the microservice's namespace: exactly one of the two.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ValueFrom {
+    /// A key of a ConfigMap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_key_ref: Option<KeyRef>,
+    /// A key of a Secret. Its value reaches only the nodes that run the microservice, and
+    /// the agents keep it encrypted at rest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<KeyRef>,
+}
+
+/// A key of a named ConfigMap or Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+pub struct KeyRef {
+    /// Name of the ConfigMap or Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The key.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+/// A file written into the instance's `config/` directory (`$SUPERMESH_CONFIG_DIR`),
+/// readable by the instance's user only (0400).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigFile {
+    /// Path under `config/`: relative, without `..` (for example `app/settings.toml`).
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^[^/\x00]"))]
+    pub path: String,
+    /// Where its content comes from: `configMapKeyRef` or `secretKeyRef`.
+    #[serde(flatten)]
+    pub from: ValueFrom,
 }
 
 /// A downloadable archive with its expected digest.
@@ -347,6 +394,21 @@ pub struct MicroserviceStatus {
     /// Where the rollout of `updatedRevision` stands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutStatus>,
+    /// What the spec's ConfigMap and Secret references last resolved to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<ResolvedConfig>,
+}
+
+/// The values of a spec's references, frozen in a snapshot Secret owned by the Microservice.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedConfig {
+    /// Hash of the references resolved (the spec's `valueFrom` and `files` entries).
+    pub references: String,
+    /// Hash of the values they had.
+    pub hash: String,
+    /// Name of the snapshot Secret holding them.
+    pub snapshot: String,
 }
 
 impl MicroserviceStatus {
@@ -374,6 +436,9 @@ pub struct Revision {
     pub hash: String,
     /// The spec the revision was taken from; only what runs of it counts.
     pub template: MicroserviceSpec,
+    /// The snapshot Secret of the ConfigMap and Secret values the revision runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
     /// Nodes assigned this revision (while a wave replaces them, old instances still run and
     /// may report ready at the revision they leave).
     #[serde(default)]

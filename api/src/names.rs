@@ -46,6 +46,8 @@ pub mod condition {
     pub const NO_MATCHING_NODES: &str = "NoMatchingNodes";
     /// The nodes that match the Microservice do not allow what its securityContext or artifact needs.
     pub const SECURITY_NOT_ALLOWED: &str = "SecurityNotAllowed";
+    /// A ConfigMap or Secret key the spec references is missing or unusable.
+    pub const CONFIG_MISSING: &str = "ConfigMissing";
     /// Instances were placed and are awaited on their nodes.
     pub const PLACED: &str = "Placed";
     /// Not every desired instance reports ready yet.

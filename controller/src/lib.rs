@@ -6,6 +6,7 @@ pub mod cloudhub;
 pub mod clusters;
 pub mod coalesce;
 pub mod conditions;
+pub mod config;
 pub mod context;
 pub mod crds;
 pub mod discovery;

@@ -14,9 +14,10 @@ use tracing::{info, instrument};
 
 use crate::aggregator::Aggregate;
 use crate::conditions::{self, Wanted};
+use crate::config;
 use crate::context::{reconcile_in_finalizer, Context, RESYNC};
 use crate::index::Key;
-use crate::placement::Plan;
+use crate::placement::{self, Plan};
 use crate::rollout;
 use crate::Result;
 
@@ -107,7 +108,32 @@ async fn apply(api: Api<Microservice>, msvc: Arc<Microservice>, ctx: Arc<Context
     let Some(inputs) = ctx.index.microservice(&Key::of(&*msvc)) else {
         return Ok(Action::requeue(Duration::from_secs(1)));
     };
-    let plan = &*inputs.plan;
+    // What the references resolve to now goes into status first: the index derives the
+    // revisions from it. A missing key keeps what was resolved before, so nothing moves.
+    let stored = msvc.clone();
+    let resolution = match placement::validate_microservice(&msvc.spec) {
+        // An invalid spec is the plan's InvalidSpec; nothing to resolve.
+        Err(_) => Ok(msvc.status.as_ref().and_then(|s| s.config.clone())),
+        Ok(()) => config::resolve(&ctx.client, &msvc).await,
+    };
+    let (msvc, missing) = match resolution {
+        Ok(resolved) if resolved.as_ref() != msvc.status.as_ref().and_then(|s| s.config.as_ref()) => {
+            let mut with = (*msvc).clone();
+            with.status.get_or_insert_with(Default::default).config = resolved;
+            (Arc::new(with), None)
+        }
+        Ok(_) => (msvc, None),
+        Err(config::Unresolved::Missing(message)) => (msvc, Some(message)),
+        Err(config::Unresolved::Kube(e)) => return Err(e.into()),
+    };
+    let blocked;
+    let plan = match (&*inputs.plan, &missing) {
+        (Plan::Blocked { reason, .. }, Some(message)) if *reason == CONFIG_MISSING => {
+            blocked = Plan::Blocked { reason: CONFIG_MISSING, message: message.clone() };
+            &blocked
+        }
+        (plan, _) => plan,
+    };
     let agg = match plan {
         Plan::Placed(p) => {
             let agg = inputs.aggregate;
@@ -126,13 +152,40 @@ async fn apply(api: Api<Microservice>, msvc: Arc<Microservice>, ctx: Arc<Context
         .map(|n| rollout::Observed { name: &n.name, online: n.online, report: n.report.as_ref() })
         .collect();
     // Right after a start the picture of the fleet is incomplete: the rollout waits.
-    let advanced = Some(rollout::advance(&msvc, &nodes, Timestamp::now(), ctx.index.grace_over()));
+    let advanced = rollout::advance(&msvc, &nodes, Timestamp::now(), ctx.index.grace_over());
     with_rollout(&mut status, &msvc, advanced.as_ref());
-    let old = msvc.status.clone().unwrap_or_default();
+    status.config = msvc.status.as_ref().and_then(|s| s.config.clone());
+    if let Some(message) = &missing {
+        let wanted = Wanted::new(PROGRESSING, false, CONFIG_MISSING, message.clone());
+        let old = msvc.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+        let merged = conditions::merge(old, vec![wanted], msvc.metadata.generation);
+        status.conditions.retain(|c| c.type_ != PROGRESSING);
+        status.conditions.extend(merged.into_iter().filter(|c| c.type_ == PROGRESSING));
+    }
+    let old = stored.status.clone().unwrap_or_default();
     let old_reason = conditions::reason(&old.conditions, READY).map(str::to_owned);
     let new_reason = conditions::reason(&status.conditions, READY).unwrap_or_default();
-    if ctx.write_status(&api, &msvc, &status).await? {
+    if ctx.write_status(&api, &*stored, &status).await? {
         info!(desired = status.desired_instances, reason = new_reason, "status written");
+    }
+    if let Some(message) = missing.filter(|_| conditions::reason(&old.conditions, PROGRESSING) != Some(CONFIG_MISSING))
+    {
+        ctx.publish(&*msvc, true, CONFIG_MISSING, message).await;
+    }
+    let snapshots = |s: &MicroserviceStatus| {
+        let kept = s.revisions.iter().filter_map(|r| r.config.clone());
+        kept.chain(s.config.iter().map(|c| c.snapshot.clone())).collect::<std::collections::BTreeSet<_>>()
+    };
+    if snapshots(&old) != snapshots(&status) {
+        let mut written = (*msvc).clone();
+        written.status = Some(status.clone());
+        match config::prune(&ctx.client, &written).await {
+            Ok(0) => {}
+            Ok(n) => info!(pruned = n, "deleted configuration snapshots no kept revision runs"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot delete old configuration snapshots; tried again on the next change")
+            }
+        }
     }
     let degraded = |s: &MicroserviceStatus| {
         s.conditions
@@ -146,6 +199,9 @@ async fn apply(api: Api<Microservice>, msvc: Arc<Microservice>, ctx: Arc<Context
         ctx.publish(&*msvc, true, &reason, message).await;
     }
     match plan {
+        // Told above when a reference is missing: the index also blocks a microservice until it
+        // sees its references resolved, which is no news once this reconcile resolved them.
+        Plan::Blocked { reason, .. } if *reason == CONFIG_MISSING => {}
         Plan::Blocked { reason, message } if old_reason.as_deref() != Some(*reason) => {
             ctx.publish(&*msvc, true, reason, message.clone()).await;
         }

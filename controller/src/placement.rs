@@ -50,7 +50,7 @@ pub fn validate_microservice(spec: &MicroserviceSpec) -> Result<(), InvalidSpec>
     if let Some(dup) = spec.ports.iter().find(|p| !ports.insert((p.port, p.protocol as u8))) {
         return Err(invalid(format!("spec.ports lists port {} more than once", dup.port)));
     }
-    Ok(())
+    crate::config::validate(spec).map_err(|e| invalid(format!("spec.{e}")))
 }
 
 /// Which nodes a valid mesh admits, compiled once from its spec.

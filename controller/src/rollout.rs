@@ -13,13 +13,14 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 use supermesh_api::microservice::{
-    IntOrString, MicroserviceSpec, MicroserviceStatus, Revision, Rollout, RolloutPhase, RolloutStatus, RolloutStrategy,
+    IntOrString, MicroserviceSpec, MicroserviceStatus, ResolvedConfig, Revision, Rollout, RolloutPhase, RolloutStatus,
+    RolloutStrategy,
 };
 use supermesh_api::names::condition::*;
 use supermesh_api::Microservice;
 use supermesh_protocol::InstanceReport;
 
-use crate::wire;
+use crate::{config, wire};
 
 /// Default growth factor of waves.
 pub const DEFAULT_GROWTH: usize = 2;
@@ -28,11 +29,17 @@ pub const DEFAULT_DEADLINE: u64 = 600;
 /// How soon a reconciler looks again while a rollout progresses, at the latest.
 pub const WATCH_EVERY: Duration = Duration::from_secs(2);
 
-/// Hash of what runs of `spec` (its wire workload): equal hashes are one revision.
-pub fn hash(spec: &MicroserviceSpec) -> String {
+/// Hash of what runs of `spec` (its wire workload) with the values its references
+/// resolved to (`config`): equal hashes are one revision.
+pub fn hash(spec: &MicroserviceSpec, config: Option<&ResolvedConfig>) -> String {
     let json = serde_json::to_vec(&wire::workload(spec)).expect("a workload serializes");
-    let digest = Sha256::digest(json);
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    let mut digest = Sha256::new();
+    digest.update(json);
+    if let Some(config) = config {
+        digest.update(b"\0config\0");
+        digest.update(config.hash.as_bytes());
+    }
+    digest.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Whether `spec` rolls out in waves.
@@ -47,6 +54,8 @@ pub struct Rev<'a> {
     pub number: i64,
     /// The spec whose workload it runs.
     pub template: &'a MicroserviceSpec,
+    /// The snapshot of the values its references resolved to.
+    pub config: Option<&'a str>,
 }
 
 /// What the nodes of a Microservice should run.
@@ -58,6 +67,9 @@ pub struct Targets<'a> {
     pub updated: Rev<'a>,
     /// How many nodes run `updated`; `None`: all of them.
     pub updated_nodes: Option<usize>,
+    /// No revision can run yet: the spec's references have not resolved and no kept
+    /// revision runs meanwhile.
+    pub unresolved: bool,
 }
 
 impl Targets<'_> {
@@ -76,12 +88,18 @@ pub fn progressing(msvc: &Microservice) -> bool {
         && status.is_some_and(|s| s.current_revision != s.updated_revision)
 }
 
-/// The number of the revision `msvc`'s spec asks for: a kept revision of the same
-/// content keeps its number, a new content is numbered by the generation asking for it.
-pub fn spec_revision(msvc: &Microservice) -> i64 {
-    let hash = hash(&msvc.spec);
-    let kept = msvc.status.as_ref().and_then(|s| s.revisions.iter().find(|r| r.hash == hash));
-    kept.map_or(msvc.metadata.generation.unwrap_or_default(), |r| r.revision)
+/// The number of the revision `msvc`'s spec asks for, once its references resolved: a
+/// kept revision of the same content keeps its number, a new content is numbered by the
+/// generation asking for it (or one past the newest kept, when a ConfigMap or Secret
+/// changed under the same generation).
+pub fn spec_revision(msvc: &Microservice) -> Option<i64> {
+    let hash = hash(&msvc.spec, config::resolved(msvc)?);
+    let revisions = msvc.status.as_ref().map(|s| s.revisions.as_slice()).unwrap_or_default();
+    let generation = msvc.metadata.generation.unwrap_or_default();
+    Some(match revisions.iter().find(|r| r.hash == hash) {
+        Some(kept) => kept.revision,
+        None => revisions.iter().map(|r| r.revision + 1).max().unwrap_or(generation).max(generation),
+    })
 }
 
 /// Which revision the nodes of `msvc` run, from its spec and status.
@@ -90,19 +108,32 @@ pub fn spec_revision(msvc: &Microservice) -> i64 {
 /// says (written by the leading replica's reconciler, see [`advance`]); a spec change
 /// it has not recorded yet holds the nodes where they are, and a spec back at the
 /// current revision sends every node back at once.
+///
+/// While the spec's references are unresolved the nodes stay where the status has them;
+/// with no kept revision nothing runs ([`Targets::unresolved`]).
 pub fn targets(msvc: &Microservice) -> Targets<'_> {
-    let spec = Rev { number: spec_revision(msvc), template: &msvc.spec };
+    let resolved = config::resolved(msvc);
+    let spec = Rev {
+        number: spec_revision(msvc).unwrap_or(msvc.metadata.generation.unwrap_or_default()),
+        template: &msvc.spec,
+        config: resolved.flatten().map(|c| c.snapshot.as_str()),
+    };
     fn everywhere(rev: Rev<'_>) -> Targets<'_> {
-        Targets { current: rev, updated: rev, updated_nodes: None }
+        Targets { current: rev, updated: rev, updated_nodes: None, unresolved: false }
     }
-    let Some(status) = msvc.status.as_ref() else { return everywhere(spec) };
+    let unresolved = Targets { unresolved: true, ..everywhere(spec) };
+    let Some(status) = msvc.status.as_ref() else {
+        return if resolved.is_some() { everywhere(spec) } else { unresolved };
+    };
     let kept = |n: Option<i64>| {
         let r = status.revision(n?)?;
-        Some(Rev { number: r.revision, template: &r.template })
+        Some(Rev { number: r.revision, template: &r.template, config: r.config.as_deref() })
     };
     let (Some(current), Some(updated)) = (kept(status.current_revision), kept(status.updated_revision)) else {
-        return everywhere(spec);
+        return if resolved.is_some() { everywhere(spec) } else { unresolved };
     };
+    // Unresolved references hold the nodes on the revisions the status gives them.
+    let spec = if resolved.is_some() { spec } else { updated };
     if !in_waves(&msvc.spec) {
         return everywhere(spec);
     }
@@ -119,13 +150,13 @@ pub fn targets(msvc: &Microservice) -> Targets<'_> {
     };
     match updated_nodes {
         None => everywhere(updated),
-        Some(_) => Targets { current, updated, updated_nodes },
+        Some(_) => Targets { current, updated, updated_nodes, unresolved: false },
     }
 }
 
 /// The assignment of revision `rev` of `msvc`, as agents are sent it.
 pub fn assignment(msvc: &Microservice, rev: Rev<'_>) -> supermesh_protocol::Assignment {
-    wire::assignment(msvc, rev.number, rev.template)
+    wire::assignment(msvc, rev.number, rev.template, rev.config)
 }
 
 /// Nodes in rendezvous order for the Microservice of uid `uid` make its waves, so the
@@ -252,14 +283,24 @@ fn names(nodes: &[&str]) -> String {
 /// pauses or rolls back its rollout. `nodes` are its placed nodes in rendezvous order;
 /// unless `settled` (right after a controller start, while agents reconnect) a node
 /// that seems offline is not skipped.
-pub fn advance(msvc: &Microservice, nodes: &[Observed<'_>], now: Timestamp, settled: bool) -> Advanced {
+///
+/// `None` while the spec's references are unresolved: nothing moves until they resolve.
+pub fn advance(msvc: &Microservice, nodes: &[Observed<'_>], now: Timestamp, settled: bool) -> Option<Advanced> {
     let old = msvc.status.clone().unwrap_or_default();
     let uid = msvc.uid().unwrap_or_default();
-    let hash = hash(&msvc.spec);
-    let spec_number = spec_revision(msvc);
+    let config = config::resolved(msvc)?;
+    let hash = hash(&msvc.spec, config);
+    let spec_number = spec_revision(msvc)?;
     let mut revisions = old.revisions.clone();
     if !revisions.iter().any(|r| r.revision == spec_number) {
-        revisions.push(Revision { revision: spec_number, hash, template: msvc.spec.clone(), instances: 0, ready: 0 });
+        revisions.push(Revision {
+            revision: spec_number,
+            hash,
+            template: msvc.spec.clone(),
+            config: config.map(|c| c.snapshot.clone()),
+            instances: 0,
+            ready: 0,
+        });
     }
     let kept = |n: Option<i64>| n.filter(|n| revisions.iter().any(|r| r.revision == *n));
     let mut notes = Vec::new();
@@ -313,7 +354,7 @@ pub fn advance(msvc: &Microservice, nodes: &[Observed<'_>], now: Timestamp, sett
     for note in &mut notes {
         note.action = format!("Revision{updated}Wave{wave}");
     }
-    Advanced { current, updated, revisions, rollout, notes, again }
+    Some(Advanced { current, updated, revisions, rollout, notes, again })
 }
 
 /// Starts the next wave of `r`.

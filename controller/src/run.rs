@@ -186,9 +186,10 @@ pub async fn run(settings: Settings) -> Result<()> {
     let bounded = kube::runtime::controller::Config::default().concurrency(CONCURRENT_RECONCILES);
     // The leader reconciles every Microservice and Mesh when it takes the Lease; every replica
     // reconciles the EdgeNodes it serves, all of them again when the live replicas change.
+    let config_changes = crate::config::triggers(ctx.client.clone(), msvc_cache.clone());
     let msvc_ctrl = Controller::for_shared_stream(msvcs, msvc_cache)
         .with_config(bounded.clone())
-        .reconcile_on(coalesce(triggers.microservices, STATUS_COALESCE))
+        .reconcile_on(futures::stream::select(coalesce(triggers.microservices, STATUS_COALESCE), config_changes))
         .reconcile_all_on(became_leader(leader.clone()));
     let mesh_ctrl = Controller::for_shared_stream(meshes, mesh_cache)
         .with_config(bounded.clone())

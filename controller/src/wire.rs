@@ -10,7 +10,12 @@ use supermesh_protocol as wire;
 /// What agents are sent about revision `revision` of `msvc`, which runs `template`'s
 /// workload: identity, revision (as the generation, so that the version changes with
 /// the revision only) and workload.
-pub fn assignment(msvc: &Microservice, revision: i64, template: &MicroserviceSpec) -> wire::Assignment {
+pub fn assignment(
+    msvc: &Microservice,
+    revision: i64,
+    template: &MicroserviceSpec,
+    config: Option<&str>,
+) -> wire::Assignment {
     wire::Assignment {
         namespace: msvc.namespace().unwrap_or_default(),
         name: msvc.name_any(),
@@ -18,6 +23,7 @@ pub fn assignment(msvc: &Microservice, revision: i64, template: &MicroserviceSpe
         generation: revision,
         spec: workload(template),
         min_ready_seconds: msvc.spec.rollout.as_ref().map_or(0, |r| r.min_ready_seconds.max(0).unsigned_abs()),
+        config: config.map(str::to_owned),
     }
 }
 
@@ -27,7 +33,20 @@ pub fn workload(spec: &MicroserviceSpec) -> wire::Workload {
         mesh: spec.mesh.clone(),
         command: spec.command.clone(),
         args: spec.args.clone(),
-        env: spec.env.iter().map(|e| wire::EnvVar { name: e.name.clone(), value: e.value.clone() }).collect(),
+        env: spec
+            .env
+            .iter()
+            .map(|e| wire::EnvVar {
+                name: e.name.clone(),
+                value: e.value.clone(),
+                value_from: e.value_from.as_ref().map(value_from),
+            })
+            .collect(),
+        files: spec
+            .files
+            .iter()
+            .map(|f| wire::ConfigFile { path: f.path.clone(), from: value_from(&f.from) })
+            .collect(),
         artifact: spec.artifact.as_ref().map(|a| wire::Artifact { url: a.url.clone(), sha256: a.sha256.clone() }),
         ports: spec.ports.iter().map(port).collect(),
         health_check: spec.health_check.as_ref().map(health_check),
@@ -41,6 +60,14 @@ pub fn workload(spec: &MicroserviceSpec) -> wire::Workload {
             run_as_group: sc.run_as_group,
             capabilities: sc.capabilities.clone(),
         }),
+    }
+}
+
+fn value_from(v: &crd::ValueFrom) -> wire::ValueFrom {
+    let key = |r: &crd::KeyRef| wire::KeyRef { name: r.name.clone(), key: r.key.clone() };
+    wire::ValueFrom {
+        config_map_key_ref: v.config_map_key_ref.as_ref().map(key),
+        secret_key_ref: v.secret_key_ref.as_ref().map(key),
     }
 }
 

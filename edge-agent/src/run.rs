@@ -11,10 +11,12 @@ use crate::config::{EdgeConfig, IsolationMode};
 use crate::edged::process::{ProcessConfig, ProcessRuntime};
 use crate::edged::runtime::Runtime;
 use crate::edged::sandbox::{self, InstanceUserTable, SandboxError};
+use crate::edged::snapshot::Snapshots;
 use crate::edged::Desired;
 use crate::edgehub::Signals;
 use crate::identity::{Identity, IdentityError, Standing};
 use crate::localapi::{self, LocalApi};
+use crate::metamanager::seal::{SealError, SealingKey};
 use crate::metamanager::store::{self, Store};
 use crate::metamanager::{self, EdgedEvent, MetaError};
 use crate::supernode::{self, Cluster};
@@ -59,6 +61,9 @@ pub enum StartError {
     /// The table of instance users could not be opened.
     #[error(transparent)]
     InstanceUsers(#[from] SandboxError),
+    /// The key sealing stored configuration could not be read or made.
+    #[error(transparent)]
+    Seal(#[from] SealError),
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -83,6 +88,8 @@ pub async fn run(config: EdgeConfig) -> Result<(), StartError> {
         .map_err(|e| StartError::Secret(config.data_dir.display().to_string(), e))?;
     let token = config.cloud.token.as_ref().map(|t| &t.0);
     let identity = Arc::new(Identity::load(Some(&config.data_dir.join(IDENTITY_DIR)), token)?);
+    // Configuration snapshots (secrets included) are stored sealed with a key that never leaves the device.
+    store.set_sealing_key(SealingKey::load_or_create(&config.data_dir.join(IDENTITY_DIR))?);
     if token.is_some() && identity.standing() != Standing::Missing {
         info!("the node holds its certificate: cloud.token in edge.yaml is not needed any more and may be removed");
     }
@@ -116,7 +123,8 @@ pub async fn run(config: EdgeConfig) -> Result<(), StartError> {
     let hub_signals = Signals { outbox: Arc::new(Notify::new()), connected: producers.connected.clone() };
     tokio::spawn(fan_out(queued, hub_signals.outbox.clone(), cluster.clone()));
 
-    let process_config = ProcessConfig { isolation, ..ProcessConfig::default() };
+    let process_config =
+        ProcessConfig { isolation, snapshots: Some(Snapshots::new(meta.clone())), ..ProcessConfig::default() };
     let runtime =
         Arc::new(ProcessRuntime::with_config(config.data_dir.clone(), config.node.name.clone(), process_config));
     tokio::spawn(metasync::run(
@@ -234,6 +242,11 @@ pub fn inspect(data_dir: &Path) -> Result<String, String> {
         usage.reports,
         usage.bytes
     );
+    let configs = store.config_keys().map_err(|e| e.to_string())?;
+    if !configs.is_empty() {
+        let noun = if configs.len() == 1 { "snapshot" } else { "snapshots" };
+        out += &format!("\n{} configuration {noun} stored sealed: {}\n", configs.len(), configs.join(", "));
+    }
     let refusals = store.refusals().map_err(|e| e.to_string())?;
     if !refusals.is_empty() {
         out += &format!("\n{:<50} {:<44} {:<44}\n", "REFUSED (rolled back on the device)", "VERSION", "BACK TO");

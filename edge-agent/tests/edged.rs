@@ -17,7 +17,11 @@ use sha2::{Digest, Sha256};
 use supermesh_agent::edged::group::{self, Identity};
 use supermesh_agent::edged::process::{ProcessConfig, ProcessRuntime};
 use supermesh_agent::edged::runtime::{InstanceSpec, InstanceStatus, Phase, Runtime};
-use supermesh_protocol::{Artifact, EnvVar, ExecCheck, HealthCheck, HttpCheck, RestartPolicy, TcpCheck, Workload};
+use supermesh_agent::edged::snapshot::{SnapshotSource, Snapshots, CONFIG_DIR_MODE, CONFIG_FILE_MODE};
+use supermesh_protocol::{
+    Artifact, ConfigData, ConfigFile, EnvVar, ExecCheck, FailureReason, HealthCheck, HttpCheck, KeyRef, RestartPolicy,
+    TcpCheck, ValueFrom, Workload,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -96,6 +100,7 @@ fn spec(name: &str, command: &[&str]) -> InstanceSpec {
             command: command.iter().map(|s| s.to_string()).collect(),
             args: vec![],
             env: vec![],
+            files: vec![],
             artifact: None,
             ports: vec![],
             health_check: None,
@@ -105,6 +110,7 @@ fn spec(name: &str, command: &[&str]) -> InstanceSpec {
         env: BTreeMap::new(),
         token: None,
         rollback: None,
+        config: None,
     }
 }
 
@@ -199,7 +205,7 @@ async fn environment_and_working_directory_are_set() {
         ),
         RestartPolicy::Never,
     );
-    instance.spec.env = vec![EnvVar { name: "GREETING".into(), value: "hello".into() }];
+    instance.spec.env = vec![EnvVar { name: "GREETING".into(), value: "hello".into(), value_from: None }];
     instance.env = BTreeMap::from([("SUPERMESH_MESH".to_owned(), "lan".to_owned())]);
     let key = instance.key.clone();
     h.runtime().ensure(instance).await;
@@ -213,6 +219,153 @@ async fn environment_and_working_directory_are_set() {
     assert_eq!(lines[0], NODE);
     assert_eq!(Path::new(lines[1]).canonicalize().unwrap(), work.canonicalize().unwrap());
     assert_eq!(lines[2], "hello lan envy");
+}
+
+/// Configuration snapshots as the metamanager gives them: only while "connected".
+#[derive(Clone, Default)]
+struct FakeSnapshots {
+    connected: Arc<std::sync::atomic::AtomicBool>,
+    asked: Arc<AtomicUsize>,
+}
+
+const DB_PASSWORD: &str = "hunter2-not-for-logs";
+
+impl SnapshotSource for FakeSnapshots {
+    fn snapshot<'a>(
+        &'a self,
+        resource: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<ConfigData, String>> + Send + 'a>> {
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        let connected = self.connected.load(Ordering::SeqCst);
+        Box::pin(async move {
+            if !connected {
+                return Err(format!("resource {resource:?} is not held locally and the cloud is unreachable"));
+            }
+            let mut data = ConfigData::default();
+            data.secrets.insert("db".into(), BTreeMap::from([("password".into(), DB_PASSWORD.into())]));
+            data.config_maps.insert("app".into(), BTreeMap::from([("settings".into(), "mode = fast\n".into())]));
+            Ok(data)
+        })
+    }
+}
+
+fn secret_ref(name: &str, key: &str) -> ValueFrom {
+    ValueFrom { secret_key_ref: Some(KeyRef { name: name.into(), key: key.into() }), ..ValueFrom::default() }
+}
+
+fn config_map_ref(name: &str, key: &str) -> ValueFrom {
+    ValueFrom { config_map_key_ref: Some(KeyRef { name: name.into(), key: key.into() }), ..ValueFrom::default() }
+}
+
+/// An instance whose variable DB_PASSWORD and file app/settings.toml come from snapshot `config`.
+fn configured(name: &str, script: &str, config: Option<&str>) -> InstanceSpec {
+    let mut instance = with_policy(sh(name, script), RestartPolicy::Never);
+    instance.spec.env = vec![EnvVar {
+        name: "DB_PASSWORD".into(),
+        value: String::new(),
+        value_from: Some(secret_ref("db", "password")),
+    }];
+    instance.spec.files =
+        vec![ConfigFile { path: "app/settings.toml".into(), from: config_map_ref("app", "settings") }];
+    instance.config = config.map(str::to_owned);
+    instance
+}
+
+#[tokio::test]
+async fn configured_values_reach_the_instance_once_its_snapshot_can_be_had() {
+    use std::os::unix::fs::PermissionsExt;
+    let snapshots = FakeSnapshots::default();
+    let h = Harness::new(ProcessConfig { snapshots: Some(Snapshots::new(snapshots.clone())), ..config() });
+    let script = r#"echo "$DB_PASSWORD" > out.txt; echo "$SUPERMESH_CONFIG_DIR" >> out.txt; cat "$SUPERMESH_CONFIG_DIR/app/settings.toml" >> out.txt"#;
+    let instance = configured("configured", script, Some("web-1"));
+    let key = instance.key.clone();
+    h.runtime().ensure(instance.clone()).await;
+    let failed =
+        wait_status(h.runtime(), &key, "in Backoff for want of its snapshot", |s| s.phase == Phase::Backoff).await;
+    let message = failed.message.unwrap_or_default();
+    assert!(
+        message.contains("test/config/web-1")
+            && message.contains("cloud is unreachable")
+            && message.contains("retrying"),
+        "{message}"
+    );
+    assert!(!h.work(&key).join("out.txt").exists(), "not started without its configuration");
+    let asked = snapshots.asked.load(Ordering::SeqCst);
+    eventually("a retry with backoff", || snapshots.asked.load(Ordering::SeqCst) > asked).await;
+
+    // The node connects: the next retry starts it, with nothing else happening.
+    snapshots.connected.store(true, Ordering::SeqCst);
+    let status = wait_status(h.runtime(), &key, "Succeeded", |s| s.phase == Phase::Succeeded).await;
+    assert!(!status.message.unwrap_or_default().contains(DB_PASSWORD));
+    let dir = h.runtime().instance_dir(&key).config();
+    let out = std::fs::read_to_string(h.work(&key).join("out.txt")).unwrap();
+    assert_eq!(out, format!("{DB_PASSWORD}\n{}\nmode = fast\n", dir.display()));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!((mode(&dir), mode(&dir.join("app"))), (CONFIG_DIR_MODE, CONFIG_DIR_MODE));
+    assert_eq!(mode(&dir.join("app/settings.toml")), CONFIG_FILE_MODE);
+
+    // The next revision's files replace the previous revision's.
+    let mut next = configured("configured", "true", Some("web-2"));
+    next.version = "2".into();
+    next.spec.files = vec![ConfigFile { path: "other.conf".into(), from: config_map_ref("app", "settings") }];
+    h.runtime().ensure(next).await;
+    wait_status(h.runtime(), &key, "version 2 Succeeded", |s| s.version == "2" && s.phase == Phase::Succeeded).await;
+    assert!(dir.join("other.conf").exists() && !dir.join("app").exists());
+
+    // A new snapshot under the same version is a new start too.
+    let mut resnapshotted = configured("configured", "echo again > again.txt", Some("web-3"));
+    resnapshotted.version = "2".into();
+    h.runtime().ensure(resnapshotted).await;
+    eventually("the new snapshot's start", || h.work(&key).join("again.txt").exists()).await;
+
+    h.runtime().stop(&key).await;
+    assert!(!h.runtime().instance_dir(&key).path().exists(), "the read-only configuration goes with the instance");
+}
+
+/// What a case of `unusable_configuration_fails_the_instance_naming_why` breaks.
+type Breakage = fn(&mut InstanceSpec);
+
+#[tokio::test]
+async fn unusable_configuration_fails_the_instance_naming_why() {
+    let snapshots = FakeSnapshots::default();
+    snapshots.connected.store(true, Ordering::SeqCst);
+    let h = Harness::new(ProcessConfig { snapshots: Some(Snapshots::new(snapshots.clone())), ..config() });
+    let cases: [(&str, Breakage, &str, Option<FailureReason>); 4] = [
+        (
+            "escape",
+            |i| i.spec.files[0].path = "../../etc/cron.d/x".into(),
+            "contains `..`",
+            Some(FailureReason::InvalidSpec),
+        ),
+        ("absolute", |i| i.spec.files[0].path = "/etc/passwd".into(), "is absolute", Some(FailureReason::InvalidSpec)),
+        ("unnamed", |i| i.config = None, "the cloud sent no configuration for test/microservice/unnamed", None),
+        (
+            "missing",
+            |i| i.spec.env[0].value_from = Some(secret_ref("db", "token")),
+            r#"configuration snapshot test/config/web-1 has no key "token" of Secret "db""#,
+            None,
+        ),
+    ];
+    for (name, break_it, why, reason) in cases {
+        let mut instance = configured(name, "echo ran > ran.txt", Some("web-1"));
+        break_it(&mut instance);
+        let key = instance.key.clone();
+        h.runtime().ensure(instance).await;
+        // A spec that can never work fails for good; values that may come later are retried.
+        let phase = if reason.is_some() { Phase::Failed } else { Phase::Backoff };
+        let status = wait_status(h.runtime(), &key, &format!("{phase:?}"), |s| s.phase == phase).await;
+        let message = status.message.unwrap_or_default();
+        assert!(message.contains(why), "{name}: {message}");
+        assert_eq!(status.reason, reason, "{name}");
+        assert!(!h.work(&key).join("ran.txt").exists(), "{name} must not start");
+        assert!(!h.runtime().instance_dir(&key).config().exists(), "{name}: no configuration written");
+    }
+    // Without a configuration source at all (a runtime not given one).
+    let bare = Harness::new(config());
+    let instance = configured("bare", "true", Some("web-1"));
+    bare.runtime().ensure(instance.clone()).await;
+    let status = wait_status(bare.runtime(), &instance.key, "Backoff", |s| s.phase == Phase::Backoff).await;
+    assert!(status.message.unwrap_or_default().contains("no configuration source"));
 }
 
 #[tokio::test]

@@ -10,8 +10,9 @@ use crate::connection::{Hello, Welcome};
 use crate::discovery::{EndpointsAnswer, NodesAnswer, Scope};
 use crate::message::{CodecError, ErrorContent, Message, Operation, ResourceRef, MAX_MESSAGE_BYTES, PROTOCOL_MAJOR};
 use crate::{
-    Assignment, BatchAck, EventReport, LogChunk, LogQuery, Membership, RelayedReport, ReportBatch, StatusReport,
-    BATCH_RESOURCE, CONNECTION_RESOURCE, ENDPOINTS, LOG, MEMBERSHIP, MICROSERVICE, NODES, STATUS_RESOURCE,
+    Assignment, BatchAck, ConfigData, EventReport, LogChunk, LogQuery, Membership, RelayedReport, ReportBatch,
+    StatusReport, BATCH_RESOURCE, CONFIG, CONNECTION_RESOURCE, ENDPOINTS, LOG, MEMBERSHIP, MICROSERVICE, NODES,
+    STATUS_RESOURCE,
 };
 
 /// The content of a message, typed by its operation.
@@ -108,6 +109,8 @@ pub enum Answer {
     Batch(BatchAck),
     /// A resource asked for.
     Resource(Change),
+    /// A configuration snapshot asked for (`namespace/config/<name>`, protocol 1.4).
+    Config(ConfigData),
 }
 
 /// The opening of a session (content of NodeConnection).
@@ -171,6 +174,7 @@ impl Body {
             Body::Response(Answer::Endpoints(a)) => json(a),
             Body::Response(Answer::Batch(a)) => json(a),
             Body::Response(Answer::Resource(c)) => c.to_json(),
+            Body::Response(Answer::Config(c)) => json(c),
             Body::NodeConnection(Connection::Hello(h)) => json(h),
             Body::NodeConnection(Connection::Welcome(w)) => json(w),
             Body::MetaSync(Report::Status(s)) => json(s),
@@ -222,6 +226,7 @@ impl Message {
                 ENDPOINTS => Answer::Endpoints(self.content_as()?),
                 _ if self.resource == BATCH_RESOURCE => Answer::Batch(self.content_as()?),
                 MICROSERVICE | MEMBERSHIP => Answer::Resource(self.change(&resource)?),
+                CONFIG => Answer::Config(self.content_as()?),
                 _ => return Err(unexpected()),
             }),
             Operation::NodeConnection if self.resource != CONNECTION_RESOURCE => return Err(unexpected()),
@@ -365,7 +370,24 @@ mod tests {
             uid: "u".into(),
             generation: 2,
             spec,
+            config: None,
         }
+    }
+
+    #[test]
+    fn configuration_snapshots_are_answered_as_config_data() {
+        let data: ConfigData =
+            serde_json::from_value(json!({"configMaps": {"app": {"mode": "fast"}}, "secrets": {"db": {"pw": "s"}}}))
+                .unwrap();
+        let answer = Message::with_body(
+            "c-1".into(),
+            1,
+            "team/config/web-config-1",
+            &Body::Response(Answer::Config(data.clone())),
+        );
+        assert_eq!(answer.body().unwrap(), Body::Response(Answer::Config(data)));
+        let query = Message::with_body("e-1".into(), 1, "team/config/web-config-1", &Body::Query(Query::Resource));
+        assert_eq!(query.body().unwrap(), Body::Query(Query::Resource));
     }
 
     fn membership() -> Membership {

@@ -70,12 +70,15 @@ pub use status::{
     ClusterView, EventReport, FailureReason, InstanceEvent, InstanceReport, NodeRole, Phase, StatusReport,
 };
 pub use workload::{
-    version, Artifact, Assignment, EnvVar, ExecCheck, HealthCheck, HttpCheck, Port, Protocol, RestartPolicy,
-    SecurityContext, TcpCheck, Workload,
+    version, Artifact, Assignment, ConfigData, ConfigFile, ConfigKind, EnvVar, ExecCheck, HealthCheck, HttpCheck,
+    KeyRef, Port, Protocol, RestartPolicy, SecurityContext, TcpCheck, ValueFrom, Workload,
 };
 
 /// Resource type of microservices on the wire (`namespace/microservice/name`).
 pub const MICROSERVICE: &str = "microservice";
+/// Resource type of a revision's configuration snapshot (`namespace/config/<snapshot>`,
+/// content [`ConfigData`]), named by [`Assignment::config`].
+pub const CONFIG: &str = "config";
 /// Resource type of a network's membership (`_/membership/<network>`).
 pub const MEMBERSHIP: &str = "membership";
 /// Resource type of an instance's log (Query `namespace/log/name`).

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// messages of another major.
 pub const PROTOCOL_MAJOR: u32 = 1;
 /// Minor version this build speaks: minors only add to the format (see the crate docs).
-pub const PROTOCOL_MINOR: u32 = 3;
+pub const PROTOCOL_MINOR: u32 = 4;
 /// Largest encoded message accepted by either side, in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 /// Path of the WebSocket endpoint on the cloudhub.

@@ -5,6 +5,8 @@
 //! their own types: the controller maps the CRD into them, and a CRD change
 //! that is not also made here never reaches an agent.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::message::ResourceRef;
@@ -30,6 +32,12 @@ pub struct Assignment {
     /// (protocol 1.3; 0: never).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub min_ready_seconds: u32,
+    /// Name of the configuration snapshot the revision takes the values of its
+    /// `valueFrom` variables and `files` from (protocol 1.4): the agent reads it as
+    /// resource `namespace/config/<name>`, from its store or by a Query to the cloud,
+    /// which answers only nodes holding an assignment that names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -69,6 +77,10 @@ pub struct Workload {
     /// Environment variables set for every instance.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
+    /// Files written into the instance's `config/` directory from a ConfigMap or Secret
+    /// key (protocol 1.4).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<ConfigFile>,
     /// Archive to download, verify and unpack before running the command.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact: Option<Artifact>,
@@ -104,11 +116,103 @@ pub struct SecurityContext {
 
 /// One environment variable.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
 pub struct EnvVar {
     /// Name of the variable.
     pub name: String,
-    /// Value of the variable.
+    /// Value of the variable (agents of 1.0 require it: empty when `value_from` is set).
+    #[serde(default)]
     pub value: String,
+    /// Where the value comes from instead (protocol 1.4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_from: Option<ValueFrom>,
+}
+
+/// A key of a ConfigMap or a Secret in the microservice's namespace: exactly one is set.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ValueFrom {
+    /// A key of a ConfigMap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_key_ref: Option<KeyRef>,
+    /// A key of a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<KeyRef>,
+}
+
+impl ValueFrom {
+    /// The source as (`configMaps` or `secrets`, name, key), as [`ConfigData`] files it.
+    pub fn source(&self) -> Option<(ConfigKind, &KeyRef)> {
+        match (&self.config_map_key_ref, &self.secret_key_ref) {
+            (Some(r), None) => Some((ConfigKind::ConfigMap, r)),
+            (None, Some(r)) => Some((ConfigKind::Secret, r)),
+            _ => None,
+        }
+    }
+}
+
+/// A key of a named ConfigMap or Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KeyRef {
+    /// Name of the ConfigMap or Secret.
+    pub name: String,
+    /// The key.
+    pub key: String,
+}
+
+/// A file written into the instance's `config/` directory, readable by its user only (0400).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigFile {
+    /// Path under `config/`: relative, without `..`, for example `app/settings.toml`.
+    pub path: String,
+    /// Where its content comes from.
+    #[serde(flatten)]
+    pub from: ValueFrom,
+}
+
+/// Whether a referenced key is a ConfigMap's or a Secret's.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ConfigKind {
+    /// A ConfigMap.
+    ConfigMap,
+    /// A Secret.
+    Secret,
+}
+
+/// A configuration snapshot (content of resource `namespace/config/<name>`): the
+/// values of the keys one revision references, frozen when the revision was made,
+/// so that every node of the revision runs the same values and a change to a
+/// ConfigMap or Secret is a new revision.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigData {
+    /// Referenced keys of ConfigMaps: name → key → value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config_maps: BTreeMap<String, BTreeMap<String, String>>,
+    /// Referenced keys of Secrets: name → key → value (UTF-8; other bytes are refused
+    /// when the snapshot is made).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl ConfigData {
+    /// The value of `key` of `kind` `name`, if the snapshot holds it.
+    pub fn get(&self, kind: ConfigKind, r: &KeyRef) -> Option<&str> {
+        let maps = match kind {
+            ConfigKind::ConfigMap => &self.config_maps,
+            ConfigKind::Secret => &self.secrets,
+        };
+        maps.get(&r.name)?.get(&r.key).map(String::as_str)
+    }
+}
+
+impl Workload {
+    /// Every key the workload's variables and files reference, with its kind.
+    pub fn references(&self) -> impl Iterator<Item = (ConfigKind, &KeyRef)> {
+        let env = self.env.iter().filter_map(|e| e.value_from.as_ref());
+        env.chain(self.files.iter().map(|f| &f.from)).filter_map(ValueFrom::source)
+    }
 }
 
 /// A downloadable archive with its expected digest.

@@ -285,9 +285,9 @@ impl Demo {
                 self.kubectl(&["get", "msvc", "sensor-reader", "-o", "jsonpath={.status.readyInstances}"]).ok()?;
             (ready.trim() == "3").then_some(())
         })?;
-        eprintln!("==> kubectl patch msvc sensor-reader  # INTERVAL 5 -> 3: revision 2, rolled out in waves");
-        let patch = r#"{"spec":{"env":[{"name":"INTERVAL","value":"3"}]}}"#;
-        self.kubectl(&["patch", "msvc", "sensor-reader", "--type=merge", "-p", patch])?;
+        eprintln!("==> kubectl patch configmap sensor-settings  # interval 5 -> 3: revision 2, rolled out in waves");
+        let patch = r#"{"data":{"interval":"3"}}"#;
+        self.kubectl(&["patch", "configmap", "sensor-settings", "--type=merge", "-p", patch])?;
         eprintln!("==> supermeshctl rollout status default/sensor-reader  # polled until the rollout completes");
         let mut shown = String::new();
         wait_within("the rollout of sensor-reader to complete", Duration::from_secs(180), || {

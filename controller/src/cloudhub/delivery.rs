@@ -214,6 +214,7 @@ mod tests {
             uid: format!("u{name}"),
             generation,
             spec,
+            config: None,
         };
         Arc::new(Prepared::new(&Change::Assignment(Box::new(a))))
     }

@@ -14,9 +14,9 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use k8s_openapi::jiff::Timestamp;
 use supermesh_protocol::identity::REVOKED_CLOSE_CODE;
 use supermesh_protocol::{
-    decode, encode, now_ms, Answer, Body, CodecError, Connection, EndpointsAnswer, ErrorCode, ErrorContent, Hello,
-    Message, NodesAnswer, Operation, ProtocolVersion, Query, Report, ResourceRef, Welcome, BATCH_RESOURCE,
-    CONNECTION_RESOURCE, MOVED_CLOSE_CODE,
+    decode, encode, now_ms, Answer, Body, CodecError, ConfigData, Connection, EndpointsAnswer, ErrorCode, ErrorContent,
+    Hello, Message, NodesAnswer, Operation, ProtocolVersion, Query, Report, ResourceRef, Welcome, BATCH_RESOURCE,
+    CONFIG, CONNECTION_RESOURCE, MOVED_CLOSE_CODE,
 };
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
@@ -450,6 +450,23 @@ impl Session {
         }
     }
 
+    /// The configuration snapshot `resource` (`namespace/config/name`), for a node that
+    /// holds an assignment naming it; any other node is told it does not exist.
+    async fn config_snapshot(&self, resource: &str) -> Result<ConfigData, ErrorContent> {
+        let r = ResourceRef::parse(resource).map_err(|e| ErrorContent::new(ErrorCode::BadMessage, e.to_string()))?;
+        let name = r.id.unwrap_or_default();
+        if !self.shared.index.may_read_config(&self.node, r.namespace, name) {
+            warn!(node = %self.node, %resource, "refused a configuration snapshot no assignment of the node names");
+            return Err(ErrorContent::new(
+                ErrorCode::Forbidden,
+                format!("{resource} is not the configuration of any assignment of node {}", self.node),
+            ));
+        }
+        crate::config::snapshot(&self.shared.client, r.namespace, name)
+            .await
+            .map_err(|e| ErrorContent::new(ErrorCode::Unavailable, e))
+    }
+
     /// Answers an agent's query from the index.
     async fn answer(&mut self, msg: &Message, query: Query) -> Result<(), String> {
         let index = &self.shared.index;
@@ -460,6 +477,9 @@ impl Session {
             Query::Endpoints { namespace, name } => index
                 .discover_endpoints(&self.node, &namespace, &name)
                 .map(|endpoints| Answer::Endpoints(EndpointsAnswer { endpoints })),
+            Query::Resource if ResourceRef::parse(&msg.resource).is_ok_and(|r| r.res_type == CONFIG) => {
+                self.config_snapshot(&msg.resource).await.map(Answer::Config)
+            }
             Query::Resource => match index.assignment(&self.node, &msg.resource) {
                 Some(prepared) => {
                     let frame = prepared.frame(&self.delivery.next_id(), Some(&msg.id), now_ms(), Operation::Response);

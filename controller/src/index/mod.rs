@@ -28,6 +28,7 @@ use kube::{Resource, ResourceExt};
 use supermesh_api::edgenode::InstanceCounts;
 use supermesh_api::mesh::MeshSpec;
 use supermesh_api::microservice::MicroserviceSpec;
+use supermesh_api::names::condition::CONFIG_MISSING;
 use supermesh_api::{EdgeNode, Mesh, Microservice};
 use supermesh_protocol::{
     Change, ClusterView, Endpoint, ErrorCode, ErrorContent, InstanceReport, NodeInfo, NodeRole, Prepared, ResourceRef,
@@ -147,6 +148,10 @@ struct MsvcEntry {
     updating: Option<BTreeSet<String>>,
     /// Shared with the reconciler that reads it: a fleet-wide plan names every node.
     plan: Arc<Plan>,
+    /// The configuration snapshots of `current` and `updated`, which their nodes may read.
+    configs: [Option<String>; 2],
+    /// No revision can run: the spec's references have not resolved yet.
+    unresolved: bool,
 }
 
 impl MsvcEntry {
@@ -155,6 +160,14 @@ impl MsvcEntry {
         match &self.updating {
             Some(updating) if !updating.contains(node) => &self.current,
             _ => &self.updated,
+        }
+    }
+
+    /// The configuration snapshot of the revision `node` should hold.
+    fn config_for(&self, node: &str) -> Option<&str> {
+        match &self.updating {
+            Some(updating) if !updating.contains(node) => self.configs[0].as_deref(),
+            _ => self.configs[1].as_deref(),
         }
     }
 
@@ -175,27 +188,37 @@ impl MsvcEntry {
     }
 }
 
+/// The revisions `msvc`'s nodes run.
+struct Revisions {
+    current: Arc<Prepared>,
+    updated: Arc<Prepared>,
+    updated_nodes: Option<usize>,
+    configs: [Option<String>; 2],
+    unresolved: bool,
+}
+
 /// The revisions `msvc`'s nodes run, as prepared changes; `old` ones are kept while their version is the same.
-fn revisions_of(
-    msvc: &Microservice,
-    old: Option<(&Arc<Prepared>, &Arc<Prepared>)>,
-) -> (Arc<Prepared>, Arc<Prepared>, Option<usize>) {
+///
+/// A kept one must also name the same configuration snapshot: the spec's revision is
+/// prepared without one while its references are unresolved (and placed nowhere).
+fn revisions_of(msvc: &Microservice, old: Option<&MsvcEntry>) -> Revisions {
     let targets = rollout::targets(msvc);
-    let prepare = |rev: rollout::Rev<'_>, kept: Option<&Arc<Prepared>>| {
+    let configs = [targets.current.config.map(str::to_owned), targets.updated.config.map(str::to_owned)];
+    let prepare = |rev: rollout::Rev<'_>, kept: Option<(&Arc<Prepared>, &Option<String>)>| {
         let assignment = rollout::assignment(msvc, rev);
         match kept {
-            Some(p) if p.version == assignment.version() => p.clone(),
+            Some((p, config)) if p.version == assignment.version() && *config == assignment.config => p.clone(),
             _ => Arc::new(Prepared::new(&Change::Assignment(Box::new(assignment)))),
         }
     };
-    let current = prepare(targets.current, old.map(|o| o.0));
+    let current = prepare(targets.current, old.map(|o| (&o.current, &o.configs[0])));
     // One Prepared when both are one revision, so that publishing compares pointers.
     let updated = if targets.updated.number == targets.current.number {
         current.clone()
     } else {
-        prepare(targets.updated, old.map(|o| o.1))
+        prepare(targets.updated, old.map(|o| (&o.updated, &o.configs[1])))
     };
-    (current, updated, targets.updated_nodes)
+    Revisions { current, updated, updated_nodes: targets.updated_nodes, configs, unresolved: targets.unresolved }
 }
 
 #[derive(Default)]
@@ -580,6 +603,18 @@ impl Index {
         s.microservices.get(&key).filter(|m| !m.deleting).map(|m| m.prepared_for(node).clone())
     }
 
+    /// Whether `node` holds an assignment in `namespace` whose revision runs configuration
+    /// snapshot `snapshot`: the only nodes the cloud hands a snapshot to.
+    pub fn may_read_config(&self, node: &str, namespace: &str, snapshot: &str) -> bool {
+        let s = self.lock();
+        let Some(entry) = s.nodes.get(node) else { return false };
+        entry
+            .assigned
+            .iter()
+            .filter(|k| k.namespace == namespace)
+            .any(|k| s.microservices.get(k).is_some_and(|m| !m.deleting && m.config_for(node) == Some(snapshot)))
+    }
+
     /// The nodes of `node`'s account within `scope`, for its discovery query.
     pub fn discover_nodes(&self, node: &str, scope: Scope) -> Result<Vec<NodeInfo>, ErrorContent> {
         let s = self.lock();
@@ -882,17 +917,19 @@ impl State {
             None => {
                 self.by_mesh.entry(mesh.clone()).or_default().insert(key.clone());
                 ix.triggers.mesh(&mesh);
-                let (current, updated, updated_nodes) = revisions_of(msvc, None);
+                let r = revisions_of(msvc, None);
                 let entry = MsvcEntry {
                     uid: msvc.uid().unwrap_or_default(),
                     deleting,
                     spec: msvc.spec.clone(),
-                    current,
-                    updated,
-                    updated_nodes,
+                    current: r.current,
+                    updated: r.updated,
+                    updated_nodes: r.updated_nodes,
                     rolling: rollout::progressing(msvc),
                     updating: None,
                     plan: Arc::default(),
+                    configs: r.configs,
+                    unresolved: r.unresolved,
                 };
                 self.microservices.insert(key.clone(), entry);
                 if self.ready() {
@@ -901,7 +938,8 @@ impl State {
                 return;
             }
         };
-        let replan = entry.spec != msvc.spec || entry.deleting != deleting;
+        let r = revisions_of(msvc, Some(entry));
+        let replan = entry.spec != msvc.spec || entry.deleting != deleting || entry.unresolved != r.unresolved;
         if entry.spec.mesh != msvc.spec.mesh {
             let old = Key::new(&key.namespace, &entry.spec.mesh);
             if let Some(set) = self.by_mesh.get_mut(&old) {
@@ -911,14 +949,15 @@ impl State {
             self.by_mesh.entry(mesh.clone()).or_default().insert(key.clone());
             ix.triggers.mesh(&mesh);
         }
-        let (current, updated, updated_nodes) = revisions_of(msvc, Some((&entry.current, &entry.updated)));
-        let moved = !Arc::ptr_eq(&current, &entry.current)
-            || !Arc::ptr_eq(&updated, &entry.updated)
-            || updated_nodes != entry.updated_nodes;
+        let moved = !Arc::ptr_eq(&r.current, &entry.current)
+            || !Arc::ptr_eq(&r.updated, &entry.updated)
+            || r.updated_nodes != entry.updated_nodes;
+        entry.configs = r.configs;
+        entry.unresolved = r.unresolved;
         if moved {
-            entry.current = current;
-            entry.updated = updated;
-            entry.updated_nodes = updated_nodes;
+            entry.current = r.current;
+            entry.updated = r.updated;
+            entry.updated_nodes = r.updated_nodes;
             entry.uid = msvc.uid().unwrap_or_default();
             entry.updating = entry.split();
             self.dirty_nodes.extend(entry.plan.nodes().iter().cloned());
@@ -956,6 +995,11 @@ impl State {
         let Some(m) = self.microservices.get(key) else { return };
         let plan = if m.deleting {
             Plan::default()
+        } else if m.unresolved && placement::validate_microservice(&m.spec).is_ok() {
+            Plan::Blocked {
+                reason: CONFIG_MISSING,
+                message: "waiting for the ConfigMap and Secret keys it references to resolve".to_owned(),
+            }
         } else {
             let mesh = self.meshes.get(&Key::new(&key.namespace, &m.spec.mesh));
             let members: Vec<&NodeView> = mesh

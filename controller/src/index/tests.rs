@@ -293,3 +293,44 @@ fn sessions_come_and_go_by_id() {
     }
     assert_eq!(asked, 3, "two connects and the newer session's end; the older's end changes nothing");
 }
+
+#[test]
+fn configuration_snapshots_go_only_to_the_nodes_that_run_their_revision() {
+    let (index, _t) = new_index();
+    let refs =
+        json!({"replicas": 1, "env": [{"name": "PW", "valueFrom": {"secretKeyRef": {"name": "db", "key": "pw"}}}]});
+    let web = msvc("web", "m", 1, refs);
+    let nodes = vec![node("a", "acme", "lan"), node("b", "acme", "lan")];
+    listed(&index, vec![mesh("m", json!({"type": "Account", "account": "acme"}))], nodes, vec![web.clone()]);
+    let (a, b) = (connect(&index, "a"), connect(&index, "b"));
+    let web_of = |rx: &watch::Receiver<Arc<NodeDesired>>| held(rx).into_iter().any(|(r, _)| r.contains("microservice"));
+
+    // Unresolved references: placed nowhere, and the plan says why.
+    assert!(!web_of(&a) && !web_of(&b));
+    let plan = index.microservice(&Key::new("team", "web")).unwrap().plan;
+    assert!(matches!(*plan, Plan::Blocked { reason, .. } if reason == CONFIG_MISSING), "{plan:?}");
+
+    // The reconciler resolved them into snapshot `web-config-1`: the revision names it.
+    let mut resolved = web.clone();
+    resolved.status = Some(supermesh_api::MicroserviceStatus {
+        config: Some(supermesh_api::microservice::ResolvedConfig {
+            references: crate::config::references_hash(&web.spec).unwrap(),
+            hash: "1".into(),
+            snapshot: "web-config-1".into(),
+        }),
+        ..Default::default()
+    });
+    index.microservice_event(&watcher::Event::Apply(resolved));
+    let placed = index.placed(&Key::new("team", "web"));
+    assert_eq!(placed.len(), 1);
+    let (runs, other) = if placed.contains("a") { ("a", "b") } else { ("b", "a") };
+    let assignment = index.assignment(runs, "team/microservice/web").expect("assigned");
+    let frame = assignment.frame("x", None, 0, supermesh_protocol::Operation::Insert).unwrap();
+    let body = supermesh_protocol::decode(&frame).unwrap().body().unwrap();
+    let supermesh_protocol::Body::Insert(Change::Assignment(sent)) = body else { panic!("{body:?}") };
+    assert_eq!(sent.config.as_deref(), Some("web-config-1"));
+    assert!(index.may_read_config(runs, "team", "web-config-1"));
+    assert!(!index.may_read_config(other, "team", "web-config-1"), "a node that does not run it");
+    assert!(!index.may_read_config(runs, "other", "web-config-1"), "another namespace");
+    assert!(!index.may_read_config(runs, "team", "db-config-1"), "another snapshot");
+}

@@ -4,6 +4,11 @@ use supermesh_protocol::Phase;
 
 const UID: &str = "u-1";
 
+/// One look at the fleet of `m`, whose references (if any) resolved.
+fn advance(m: &Microservice, nodes: &[Observed<'_>], now: Timestamp, settled: bool) -> Advanced {
+    super::advance(m, nodes, now, settled).expect("references resolved")
+}
+
 fn msvc(generation: i64, args: &str, rollout: serde_json::Value) -> Microservice {
     let spec = json!({"mesh": "m", "command": ["srv"], "args": [args], "rollout": rollout});
     let mut m = Microservice::new("web", serde_json::from_value(spec).unwrap());
@@ -252,7 +257,7 @@ fn a_spec_back_at_a_kept_revision_reuses_its_number_and_changes_nothing_else() {
     assert_eq!(targets(&m).updated_nodes, Some(1));
     // Undo: the spec of revision 1 again, at generation 3.
     let back = changed(&m, "v1");
-    assert_eq!(spec_revision(&back), 1);
+    assert_eq!(spec_revision(&back), Some(1));
     let t = targets(&back);
     assert_eq!((t.current.number, t.updated.number, t.updated_nodes), (1, 1, None), "every node back at once");
     let a = advance(&back, &fleet.observed(), at(3), true);
@@ -261,7 +266,7 @@ fn a_spec_back_at_a_kept_revision_reuses_its_number_and_changes_nothing_else() {
     let mut scaled = written(back.clone(), &a);
     scaled.spec.replicas = Some(2);
     scaled.metadata.generation = Some(4);
-    assert_eq!(spec_revision(&scaled), 1);
+    assert_eq!(spec_revision(&scaled), Some(1));
 }
 
 #[test]
@@ -289,4 +294,60 @@ fn only_the_newest_revisions_are_kept() {
     assert_eq!(status.revisions.len(), MicroserviceStatus::MAX_REVISIONS);
     assert_eq!(status.revisions.last().unwrap().revision, 16);
     assert_eq!(status.current_revision, Some(16));
+}
+
+/// `m` referencing ConfigMap `app` key `mode`, resolved to values hashed `values`.
+fn with_config(mut m: Microservice, values: &str) -> Microservice {
+    m.spec.env = vec![serde_json::from_value(json!({"name": "MODE",
+        "valueFrom": {"configMapKeyRef": {"name": "app", "key": "mode"}}}))
+    .unwrap()];
+    let references = config::references_hash(&m.spec).unwrap();
+    m.status.get_or_insert_with(Default::default).config =
+        Some(ResolvedConfig { references, hash: values.into(), snapshot: format!("web-config-{values}") });
+    m
+}
+
+#[test]
+fn a_config_change_is_a_new_revision_under_the_same_generation() {
+    let fleet = Fleet::new(3);
+    let m = with_config(msvc(4, "a", json!({})), "v1");
+    let m = written(m.clone(), &advance(&m, &fleet.observed(), at(0), true));
+    let first = targets(&m);
+    assert_eq!((first.current.number, first.current.config), (4, Some("web-config-v1")));
+    assert_eq!(assignment(&m, first.current).config.as_deref(), Some("web-config-v1"));
+
+    // The ConfigMap changes: same generation, new values, a new revision with its own snapshot.
+    let m = with_config(m, "v2");
+    let a = advance(&m, &fleet.observed(), at(1), true);
+    assert_eq!((a.current, a.updated), (5, 5), "numbered one past the newest kept");
+    let kept: Vec<_> = a.revisions.iter().map(|r| (r.revision, r.config.as_deref())).collect();
+    assert_eq!(kept, [(4, Some("web-config-v1")), (5, Some("web-config-v2"))]);
+    let m = written(m, &a);
+    assert_eq!(targets(&m).current.config, Some("web-config-v2"));
+
+    // Back to the first values: the kept revision and its snapshot again.
+    let back = with_config(m, "v1");
+    assert_eq!(super::spec_revision(&back), Some(4));
+}
+
+#[test]
+fn unresolved_references_hold_the_fleet_where_it_is() {
+    let fleet = Fleet::new(3);
+    let m = with_config(msvc(4, "a", json!({})), "v1");
+    let m = written(m.clone(), &advance(&m, &fleet.observed(), at(0), true));
+    // A second reference, not resolved yet: nothing moves, nothing is recorded.
+    let mut more = m.clone();
+    more.spec.files =
+        vec![serde_json::from_value(json!({"path": "key", "secretKeyRef": {"name": "db", "key": "k"}})).unwrap()];
+    more.metadata.generation = Some(5);
+    assert!(super::advance(&more, &fleet.observed(), at(1), true).is_none());
+    let t = targets(&more);
+    assert_eq!((t.current.number, t.updated.number, t.unresolved), (4, 4, false));
+    assert_eq!(t.current.config, Some("web-config-v1"));
+
+    // Never resolved and nothing kept: nothing can run.
+    let mut fresh = msvc(1, "a", json!({}));
+    fresh.spec.files = more.spec.files.clone();
+    assert!(targets(&fresh).unresolved);
+    assert!(super::advance(&fresh, &fleet.observed(), at(0), true).is_none());
 }

@@ -71,6 +71,7 @@ mod tests {
                 command: vec!["web".into()],
                 args: vec![],
                 env: vec![],
+                files: vec![],
                 artifact: None,
                 ports: vec![Port { name: Some("http".into()), port: 8080, protocol: Protocol::TCP }],
                 health_check: None,
@@ -80,6 +81,7 @@ mod tests {
             env: BTreeMap::new(),
             token: None,
             rollback: None,
+            config: None,
         }
     }
 

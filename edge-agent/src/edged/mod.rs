@@ -11,6 +11,7 @@ pub mod process;
 pub mod rollback;
 pub mod runtime;
 pub mod sandbox;
+pub mod snapshot;
 
 use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
@@ -335,6 +336,7 @@ mod tests {
         };
         let assignment = |name: &str| Assignment {
             min_ready_seconds: 0,
+            config: None,
             namespace: "team".into(),
             name: name.into(),
             uid: "u".into(),

@@ -3,6 +3,7 @@
 //!
 //! Files of an instance live in `<data_dir>/instances/<dir_name(key)>/`:
 //! `work/` (working directory, unpacked artifact), `logs/current.log` (+ `.1`..`.3`),
+//! `config/` (the files of its configuration snapshot, see [`super::snapshot`]),
 //! and `instance.json` naming the running process (pid, start time, boot, version)
 //! so that a restarted agent adopts it instead of starting a duplicate. The child
 //! writes its log through its own O_APPEND descriptor, never a pipe to the agent,
@@ -32,6 +33,7 @@ use super::group::{self, Identity};
 use super::logs;
 use super::runtime::{InstanceSpec, InstanceStatus, Phase, Runtime, Statuses};
 use super::sandbox::{self, InstanceUserTable};
+use super::snapshot::Snapshots;
 
 mod supervisor;
 
@@ -58,6 +60,9 @@ pub struct ProcessConfig {
     pub exit_poll_interval: Duration,
     /// The users instances run as ([`sandbox`](super::sandbox)); `None` runs them as the agent's user.
     pub isolation: Option<Arc<InstanceUserTable>>,
+    /// Where configuration snapshots come from ([`super::snapshot`]); without it, an instance
+    /// whose spec references ConfigMap or Secret keys fails.
+    pub snapshots: Option<Snapshots>,
 }
 
 impl Default for ProcessConfig {
@@ -73,6 +78,7 @@ impl Default for ProcessConfig {
             health_timeout: Duration::from_secs(5),
             exit_poll_interval: Duration::from_millis(500),
             isolation: None,
+            snapshots: None,
         }
     }
 }
@@ -155,6 +161,11 @@ impl InstanceDir {
         self.0.join("token")
     }
 
+    /// The files of its configuration snapshot (`SUPERMESH_CONFIG_DIR`, see [`super::snapshot`]).
+    pub fn config(&self) -> PathBuf {
+        self.0.join(super::snapshot::CONFIG_DIR)
+    }
+
     /// Digest of the artifact unpacked in `work`.
     fn artifact_marker(&self) -> PathBuf {
         self.0.join(ARTIFACT_MARKER)
@@ -223,7 +234,12 @@ fn remove_file_if_present(path: &Path) -> io::Result<()> {
 /// What an instance runs, whatever its version: the workload, its context environment
 /// and its token. Two versions with one fingerprint need no restart between them.
 pub(crate) fn fingerprint(spec: &InstanceSpec) -> String {
-    let text = serde_json::to_vec(&(&spec.spec, &spec.env, &spec.token)).unwrap_or_default();
+    let text = match &spec.config {
+        // Without one, what agents before configuration snapshots recorded.
+        None => serde_json::to_vec(&(&spec.spec, &spec.env, &spec.token)),
+        Some(config) => serde_json::to_vec(&(&spec.spec, &spec.env, &spec.token, config)),
+    }
+    .unwrap_or_default();
     super::artifact::sha256_hex(text.as_slice()).unwrap_or_default()
 }
 
@@ -242,6 +258,9 @@ struct Record {
     /// What the running process runs ([`fingerprint`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     fingerprint: Option<String>,
+    /// The configuration snapshot the running process was started with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    config: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -531,6 +550,7 @@ mod tests {
             process: Some(Identity { pid: 42, start_time: 7, boot_id: "boot".into() }),
             outcome: None,
             fingerprint: None,
+            config: None,
         };
         write_record(&path, &record).unwrap();
         assert_eq!(read_record(&path), Some(record));
@@ -601,6 +621,7 @@ mod tests {
             process: Some(identity),
             outcome: None,
             fingerprint: None,
+            config: None,
         };
         write_record(&kept_dir.record(), &record).unwrap();
         let _runtime = ProcessRuntime::new(data.path().to_owned(), "n".into());

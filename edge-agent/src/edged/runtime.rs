@@ -37,6 +37,9 @@ pub struct InstanceSpec {
     pub token: Option<String>,
     /// Set when this version runs because the agent refused a newer one ([`super::rollback`]).
     pub rollback: Option<Rollback>,
+    /// Name of the configuration snapshot its `valueFrom` variables and `files` take their
+    /// values from ([`Assignment::config`], see [`super::snapshot`]).
+    pub config: Option<String>,
 }
 
 /// Why an instance runs the version it ran before instead of the one the cloud sent.
@@ -61,6 +64,7 @@ impl InstanceSpec {
             env,
             token: None,
             rollback: None,
+            config: assignment.config.clone(),
         }
     }
 }

@@ -9,12 +9,15 @@
 //!
 //! - `work/` (0700, its own): its working directory and HOME, where its artifact is unpacked;
 //! - `token` (0400, its own): its bearer token for the local API (`SUPERMESH_TOKEN_FILE`);
+//! - `config/` (0500, its own, files 0400): the files of its configuration snapshot
+//!   (`SUPERMESH_CONFIG_DIR`, see `edged::snapshot`), rewritten at every start;
 //! - `logs/` and `instance.json`, the agent's (0700 and 0600): it writes its log through
 //!   the descriptor it is handed and cannot read it back, nor anybody else's.
 //!
 //! The instance directories themselves and the directories above them are 0711: a user
 //! may pass through to its own files but list nothing. The agent's own files (`api.key`,
-//! `meta.db`, `identity/`, edge.yaml) are 0600 or 0700, so no instance can read them.
+//! `meta.db`, `identity/` with the key sealing stored configuration, edge.yaml) are 0600
+//! or 0700, so no instance can read them.
 //!
 //! A Microservice may ask for more with `spec.securityContext` (another user, root
 //! included, and capabilities to keep, as ambient capabilities); the cloud sends it

@@ -10,6 +10,7 @@
 //! its oldest events (never a status snapshot), counts them in the database and
 //! says so in a warning at most every [`DROP_WARNING_EVERY`].
 
+pub mod seal;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use supermesh_protocol::{
     now_ms, Answer, Body, ConnectionState, ErrorCode, ErrorContent, Message, Operation, Query, ResourceError,
-    ResourceRef, CONNECTION_RESOURCE,
+    ResourceRef, CONFIG, CONNECTION_RESOURCE,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
@@ -224,9 +225,14 @@ impl MetaHandle {
     }
 
     /// The resource `resource` as JSON: from the store if held, else from the cloud while connected.
+    ///
+    /// A configuration snapshot (`namespace/config/<name>`) the cloud answers is stored
+    /// sealed ([`seal`]) before it is returned, so that it is answered here from then on,
+    /// cloud or not, for as long as an assignment or a kept revision names it.
     pub async fn query(&self, resource: &str) -> Result<Value, MetaError> {
-        ResourceRef::parse(resource)?;
-        if let Some((value, _)) = self.lookup(resource).await? {
+        let is_config = ResourceRef::parse(resource)?.res_type == CONFIG;
+        let held = if is_config { self.lookup_config(resource).await? } else { self.lookup(resource).await? };
+        if let Some((value, _)) = held {
             return Ok(value);
         }
         let offline = || MetaError::Offline(resource.to_owned());
@@ -247,6 +253,9 @@ impl MetaHandle {
         };
         // The edgehub checked the answer's body before handing it over.
         if answer.operation == Operation::Response {
+            if is_config {
+                self.store_config(resource, &answer.content).await;
+            }
             return Ok(answer.content);
         }
         let refusal = match answer.body() {
@@ -404,6 +413,38 @@ impl MetaHandle {
         .await
     }
 
+    /// Stored configuration snapshot `key`, unsealed and parsed.
+    async fn lookup_config(&self, key: &str) -> Result<Option<(Value, String)>, MetaError> {
+        let key = key.to_owned();
+        self.with_actor(move |a| {
+            let Some(text) = a.store.config(&key)? else { return Ok(None) };
+            // Not the parser's message: it may quote the snapshot's values.
+            let value = serde_json::from_str(&text).map_err(|_| StoreError::Unusable {
+                path: a.store.path().to_owned(),
+                reason: format!("stored configuration snapshot {key} is not JSON"),
+            })?;
+            Ok(Some((value, String::new())))
+        })
+        .await
+    }
+
+    /// Stores the configuration snapshot `key` the cloud answered with, sealed; a failure
+    /// only means it is asked for again next time.
+    async fn store_config(&self, key: &str, content: &Value) {
+        // The edgehub checked that it is a ConfigData; its values are never logged.
+        let (key, text) = (key.to_owned(), content.to_string());
+        match self
+            .with_actor({
+                let key = key.clone();
+                move |a| a.store.put_config(&key, &text)
+            })
+            .await
+        {
+            Ok(stored) => debug!(%key, stored, "configuration snapshot from the cloud"),
+            Err(e) => warn!(%key, error = %e, "cannot store the configuration snapshot; it is asked for again"),
+        }
+    }
+
     /// Runs `job` on the task and returns its result.
     async fn with_actor<U: Send + 'static>(
         &self,
@@ -540,6 +581,13 @@ fn change_of(msg: &Message) -> Result<Change, String> {
     };
     if !msg.content.is_object() {
         return Err(format!("content of {:?} {key} must be a JSON object holding the resource", msg.operation));
+    }
+    if resource.res_type == CONFIG {
+        // Never stored in clear: snapshots are queried, and stored sealed.
+        return Err(format!(
+            "{:?} of {key}: configuration snapshots are queried by the agent, not pushed",
+            msg.operation
+        ));
     }
     Ok(Change::Upsert { key, res_type: resource.res_type.to_owned(), version, value: msg.content.to_string() })
 }

@@ -1,6 +1,8 @@
 //! The agent's SQLite database: resources from the cloud (`meta`), reports
 //! waiting for the cloud's ack (`outbox`), instance status for delta detection
-//! (`instance_status`) and per-microservice storage of the local API (`kv`).
+//! (`instance_status`), per-microservice storage of the local API (`kv`) and the
+//! configuration snapshots assignments name (`config_snapshot`), sealed with the
+//! device's key ([`super::seal`]) so that no secret value is ever on disk in clear.
 //!
 //! A [`Store`] wraps one connection and is owned by the metamanager task alone,
 //! so SQLite never sees two writers and never answers "database is locked".
@@ -11,14 +13,18 @@
 //! events are dropped until it fits and counted in `counters`; snapshots are never
 //! dropped, so the last status of every resource still reaches the cloud.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, DirBuilder, OpenOptions, Permissions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
-use supermesh_protocol::Operation;
+use serde::Deserialize;
+use supermesh_protocol::{Operation, ResourceRef, CONFIG, MICROSERVICE};
+use tracing::warn;
+
+use super::seal::SealingKey;
 
 /// Schema migrations; entry `i` moves the schema from `user_version` i to i+1.
 const MIGRATIONS: &[&str] = &[
@@ -77,6 +83,15 @@ const MIGRATIONS: &[&str] = &[
         back_to TEXT NOT NULL,
         message TEXT NOT NULL,
         refused_ms INTEGER NOT NULL
+    );
+",
+    // Configuration snapshots (`namespace/config/<name>`) the cloud answered, as sealed
+    // blobs (super::seal): kept while a stored assignment or a kept revision names them.
+    "
+    CREATE TABLE config_snapshot (
+        key TEXT PRIMARY KEY,
+        sealed BLOB NOT NULL,
+        stored_ms INTEGER NOT NULL
     );
 ",
 ];
@@ -309,6 +324,8 @@ pub struct Store {
     path: PathBuf,
     stats: StoreStats,
     outbox_cap: OutboxCap,
+    /// Seals configuration snapshots; without it none is stored.
+    sealing: Option<SealingKey>,
 }
 
 /// Maps a SQLite error, telling a damaged file apart from a failed statement.
@@ -456,7 +473,7 @@ impl Store {
 
         let mut conn = Connection::open(&path).map_err(sql_err(&path))?;
         prepare(&mut conn, &path)?;
-        Ok(Store { conn, path, stats: StoreStats::default(), outbox_cap: OutboxCap::default() })
+        Ok(Store { conn, path, stats: StoreStats::default(), outbox_cap: OutboxCap::default(), sealing: None })
     }
 
     /// The database file.
@@ -473,7 +490,21 @@ impl Store {
     pub fn apply(&mut self, changes: &[Change]) -> Result<Vec<Outcome>, StoreError> {
         let err = sql_err(&self.path);
         let tx = self.conn.transaction_with_behavior(WRITE).map_err(&err)?;
+        // The snapshot of an assignment being replaced stays until the next prune: edged may
+        // still keep that version as the one to go back to (edged::rollback).
+        let replaced = changes
+            .iter()
+            .filter(|c| matches!(c, Change::Upsert { res_type, .. } if res_type == MICROSERVICE))
+            .map(|c| held_config(&tx, c.key()))
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(&err)?;
         let outcomes = changes.iter().map(|c| apply_one(&tx, c)).collect::<rusqlite::Result<Vec<_>>>().map_err(&err)?;
+        let assignments_changed =
+            changes.iter().zip(&outcomes).any(|(c, o)| o.changed() && res_type_of(c) == Some(MICROSERVICE));
+        if assignments_changed {
+            let replaced: BTreeSet<String> = replaced.into_iter().flatten().collect();
+            prune_configs(&tx, &replaced).map_err(&err)?;
+        }
         tx.commit().map_err(&err)?;
         self.stats.rows_written += outcomes.iter().filter(|o| o.changed()).count() as u64;
         self.stats.batches += 1;
@@ -575,17 +606,20 @@ impl Store {
             .map_err(sql_err(&self.path))
     }
 
-    /// Keeps `kept` as the version microservice `key` goes back to (replacing the one kept before).
+    /// Keeps `kept` as the version microservice `key` goes back to (replacing the one kept
+    /// before, whose configuration snapshot goes unless something else names it).
     pub fn keep_previous(&mut self, key: &str, kept: &Kept) -> Result<(), StoreError> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO previous_revision (key, version, value, kept_ms) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (key) DO UPDATE SET version = excluded.version, value = excluded.value,
-                 kept_ms = excluded.kept_ms",
-            )
-            .and_then(|mut s| s.execute((key, &kept.version, &kept.value, supermesh_protocol::now_ms())))
-            .map(drop)
-            .map_err(sql_err(&self.path))
+        let err = sql_err(&self.path);
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(&err)?;
+        tx.prepare_cached(
+            "INSERT INTO previous_revision (key, version, value, kept_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (key) DO UPDATE SET version = excluded.version, value = excluded.value,
+             kept_ms = excluded.kept_ms",
+        )
+        .and_then(|mut s| s.execute((key, &kept.version, &kept.value, supermesh_protocol::now_ms())))
+        .map_err(&err)?;
+        prune_configs(&tx, &BTreeSet::new()).map_err(&err)?;
+        tx.commit().map_err(&err)
     }
 
     /// Records that microservice `key` refused a version, and queues `event` (an
@@ -619,8 +653,76 @@ impl Store {
             tx.prepare_cached("DELETE FROM previous_revision WHERE key = ?1")
                 .and_then(|mut s| s.execute([key]))
                 .map_err(&err)?;
+            prune_configs(&tx, &BTreeSet::new()).map_err(&err)?;
         }
         tx.commit().map_err(&err)
+    }
+
+    /// Seals configuration snapshots with `key` from now on; without a key none is stored.
+    pub fn set_sealing_key(&mut self, key: SealingKey) {
+        self.sealing = Some(key);
+    }
+
+    /// Stores configuration snapshot `key` (`namespace/config/<name>`, its JSON text
+    /// `plaintext`) sealed, if a stored assignment or a kept revision names it and it is
+    /// not stored already (a snapshot never changes). Returns whether it wrote it.
+    pub fn put_config(&mut self, key: &str, plaintext: &str) -> Result<bool, StoreError> {
+        let err = sql_err(&self.path);
+        let Some(sealing) = &self.sealing else { return Ok(false) };
+        let sealed = sealing
+            .seal(plaintext.as_bytes(), key.as_bytes())
+            .map_err(|e| StoreError::Unusable { path: self.path.clone(), reason: format!("cannot seal {key}: {e}") })?;
+        let tx = self.conn.transaction_with_behavior(WRITE).map_err(&err)?;
+        if !referenced_configs(&tx).map_err(&err)?.contains(key) {
+            return Ok(false);
+        }
+        let held: Option<Vec<u8>> = tx
+            .prepare_cached("SELECT sealed FROM config_snapshot WHERE key = ?1")
+            .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
+            .map_err(&err)?;
+        // One sealed with a lost key is replaced; one that opens is final.
+        if held.is_some_and(|blob| sealing.open(&blob, key.as_bytes()).is_ok()) {
+            return Ok(false);
+        }
+        tx.prepare_cached(
+            "INSERT INTO config_snapshot (key, sealed, stored_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (key) DO UPDATE SET sealed = excluded.sealed, stored_ms = excluded.stored_ms",
+        )
+        .and_then(|mut s| s.execute((key, &sealed, supermesh_protocol::now_ms())))
+        .map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        Ok(true)
+    }
+
+    /// The JSON text of stored configuration snapshot `key`, unsealed; `None` when it is
+    /// not stored, or cannot be unsealed (sealed with a key since lost): then it is asked for again.
+    pub fn config(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let Some(sealing) = &self.sealing else { return Ok(None) };
+        let held: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT sealed FROM config_snapshot WHERE key = ?1")
+            .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
+            .map_err(sql_err(&self.path))?;
+        let Some(blob) = held else { return Ok(None) };
+        let opened = sealing
+            .open(&blob, key.as_bytes())
+            .map_err(|e| e.to_string())
+            .and_then(|plain| String::from_utf8(plain).map_err(|_| "the unsealed snapshot is not UTF-8".to_owned()));
+        match opened {
+            Ok(text) => Ok(Some(text)),
+            Err(e) => {
+                warn!(%key, error = %e, path = %self.path.display(), "a stored configuration snapshot cannot be used; asking the cloud again");
+                Ok(None)
+            }
+        }
+    }
+
+    /// The configuration snapshots stored, by key.
+    pub fn config_keys(&self) -> Result<Vec<String>, StoreError> {
+        self.conn
+            .prepare_cached("SELECT key FROM config_snapshot ORDER BY key")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .map_err(sql_err(&self.path))
     }
 
     /// Up to `limit` outbox entries, oldest first.
@@ -747,6 +849,59 @@ fn queue_report(
     let (dropped, usage) = trim_outbox(tx, cap)?;
     let dropped_total = counter(tx, EVENTS_DROPPED)?;
     Ok(Queued { seq, dropped, dropped_total, usage })
+}
+
+/// The resource type a change is about.
+fn res_type_of(change: &Change) -> Option<&str> {
+    match change {
+        Change::Upsert { res_type, .. } => Some(res_type),
+        Change::Delete { key } => ResourceRef::parse(key).ok().map(|r| r.res_type),
+    }
+}
+
+/// The configuration snapshot an assignment (JSON text) names, as its resource string.
+fn config_of(assignment: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Named {
+        namespace: String,
+        #[serde(default)]
+        config: Option<String>,
+    }
+    let named: Named = serde_json::from_str(assignment).ok()?;
+    Some(ResourceRef::string(&named.namespace, CONFIG, &named.config?))
+}
+
+/// Every configuration snapshot a stored assignment or a kept revision names.
+fn referenced_configs(conn: &Connection) -> rusqlite::Result<BTreeSet<String>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT value FROM meta WHERE type = ?1 UNION ALL SELECT value FROM previous_revision")?;
+    let values = stmt.query_map([MICROSERVICE], |r| r.get::<_, String>(0))?;
+    let mut referenced = BTreeSet::new();
+    for value in values {
+        referenced.extend(config_of(&value?));
+    }
+    Ok(referenced)
+}
+
+/// The configuration snapshot the stored assignment `key` names, if any.
+fn held_config(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+    let value: Option<String> =
+        conn.prepare_cached("SELECT value FROM meta WHERE key = ?1")?.query_row([key], |r| r.get(0)).optional()?;
+    Ok(value.as_deref().and_then(config_of))
+}
+
+/// Drops the configuration snapshots nothing names any more, but those in `spared`; returns how many.
+fn prune_configs(conn: &Connection, spared: &BTreeSet<String>) -> rusqlite::Result<usize> {
+    let referenced = referenced_configs(conn)?;
+    let held: Vec<String> = conn
+        .prepare_cached("SELECT key FROM config_snapshot")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut dropped = 0;
+    for key in held.iter().filter(|k| !referenced.contains(*k) && !spared.contains(*k)) {
+        dropped += conn.prepare_cached("DELETE FROM config_snapshot WHERE key = ?1")?.execute([key])?;
+    }
+    Ok(dropped)
 }
 
 /// A refusal from the columns version, back_to, message, starting at column `first`.
@@ -1016,5 +1171,115 @@ mod tests {
         store.replace(Operation::MetaSync, supermesh_protocol::STATUS_RESOURCE, "{\"new\":1}").unwrap();
         let held = outbox(&store);
         assert_eq!(held.iter().map(|(_, c)| c.as_str()).collect::<Vec<_>>(), ["{\"é\":1}", "{\"new\":1}"]);
+    }
+
+    /// An assignment of `name` in `team` naming snapshot `config`, as JSON text.
+    fn assignment(name: &str, config: &str) -> String {
+        serde_json::json!({"namespace": "team", "name": name, "uid": "u", "generation": 1,
+            "spec": {"mesh": "m", "command": ["x"]}, "config": config})
+        .to_string()
+    }
+
+    fn upsert(name: &str, config: &str) -> Change {
+        Change::Upsert {
+            key: format!("team/microservice/{name}"),
+            res_type: "microservice".into(),
+            version: config.into(),
+            value: assignment(name, config),
+        }
+    }
+
+    /// Every byte of the database and its WAL.
+    fn file_bytes(path: &Path) -> Vec<u8> {
+        let mut bytes = fs::read(path).unwrap();
+        bytes.extend(fs::read(path.with_extension("db-wal")).unwrap_or_default());
+        bytes
+    }
+
+    #[test]
+    fn config_snapshots_are_stored_sealed_and_survive_a_reopen_with_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        let key = [7u8; 32];
+        let secret = "s3cr3t-value-never-in-clear";
+        let snapshot =
+            format!(r#"{{"secrets":{{"db":{{"password":"{secret}"}}}},"configMaps":{{"app":{{"mode":"fast"}}}}}}"#);
+        let (web_1, other) = ("team/config/web-1", "team/config/other");
+        let mut store = Store::open(&path).unwrap();
+        assert!(!store.put_config(web_1, &snapshot).unwrap(), "no key, nothing stored");
+        store.set_sealing_key(SealingKey::from_bytes(&key));
+        assert!(!store.put_config(web_1, &snapshot).unwrap(), "no assignment names it yet");
+        store.apply(&[upsert("web", "web-1")]).unwrap();
+        assert!(store.put_config(web_1, &snapshot).unwrap());
+        assert!(!store.put_config(web_1, &snapshot).unwrap(), "stored already: final");
+        assert!(!store.put_config(other, &snapshot).unwrap());
+        assert_eq!(store.config(web_1).unwrap().as_deref(), Some(snapshot.as_str()));
+        assert_eq!(store.config(other).unwrap(), None);
+        let bytes = file_bytes(&path);
+        assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "the secret is in the file in clear");
+        assert!(!bytes.windows(4).any(|w| w == b"fast"), "nor is a ConfigMap value");
+        drop(store);
+
+        let mut store = Store::open(&path).unwrap();
+        store.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE").unwrap();
+        let bytes = file_bytes(&path);
+        assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "not after a checkpoint either");
+        assert_eq!(store.config(web_1).unwrap(), None, "without the key nothing opens");
+        store.set_sealing_key(SealingKey::from_bytes(&[8u8; 32]));
+        assert_eq!(store.config(web_1).unwrap(), None, "another key opens nothing");
+        store.set_sealing_key(SealingKey::from_bytes(&key));
+        assert_eq!(store.config(web_1).unwrap().as_deref(), Some(snapshot.as_str()), "the same key after a restart");
+        assert_eq!(store.config_keys().unwrap(), [web_1]);
+    }
+
+    #[test]
+    fn config_snapshots_go_when_neither_an_assignment_nor_a_kept_revision_names_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path().join("meta.db")).unwrap();
+        store.set_sealing_key(SealingKey::generate().unwrap());
+        let (web_1, web_2, db_1) = ("team/config/web-1", "team/config/web-2", "team/config/db-1");
+        store.apply(&[upsert("web", "web-1"), upsert("db", "db-1")]).unwrap();
+        assert!(store.put_config(web_1, "{}").unwrap() && store.put_config(db_1, "{}").unwrap());
+        // web-1 proved itself: kept while web-2 runs.
+        store
+            .keep_previous(
+                "team/microservice/web",
+                &Kept { version: "web-1".into(), value: assignment("web", "web-1") },
+            )
+            .unwrap();
+        store.apply(&[upsert("web", "web-2")]).unwrap();
+        assert!(store.put_config(web_2, "{}").unwrap());
+        assert_eq!(store.config_keys().unwrap(), [db_1, web_1, web_2], "the kept revision's snapshot stays");
+        // web-2 proved itself in turn: web-1 is named by nothing any more.
+        store
+            .keep_previous(
+                "team/microservice/web",
+                &Kept { version: "web-2".into(), value: assignment("web", "web-2") },
+            )
+            .unwrap();
+        assert_eq!(store.config_keys().unwrap(), [db_1, web_2]);
+        store.apply(&[Change::Delete { key: "team/microservice/db".into() }]).unwrap();
+        assert_eq!(store.config_keys().unwrap(), [web_2], "deleting the assignment drops its snapshot");
+        // Replaced without being kept: it stays for one more change, for edged to keep it or not.
+        store.apply(&[upsert("web", "web-3")]).unwrap();
+        assert!(store.put_config("team/config/web-3", "{}").unwrap());
+        store.apply(&[upsert("web", "web-4")]).unwrap();
+        assert_eq!(store.config_keys().unwrap(), [web_2, "team/config/web-3"]);
+        store.apply(&[upsert("web", "web-5")]).unwrap();
+        assert_eq!(store.config_keys().unwrap(), [web_2], "then it goes: they do not pile up");
+        store.apply(&[Change::Delete { key: "team/microservice/web".into() }]).unwrap();
+        assert_eq!(store.config_keys().unwrap(), [web_2], "still kept for a rollback");
+        store.clear_revisions("team/microservice/web", true).unwrap();
+        assert!(store.config_keys().unwrap().is_empty());
+
+        // Kept on arrival: edged keeps the running version once the new one is stored.
+        store.apply(&[upsert("api", "api-1")]).unwrap();
+        assert!(store.put_config("team/config/api-1", "{}").unwrap());
+        store.apply(&[upsert("api", "api-2")]).unwrap();
+        let kept = Kept { version: "api-1".into(), value: assignment("api", "api-1") };
+        store.keep_previous("team/microservice/api", &kept).unwrap();
+        store.apply(&[upsert("api", "api-3")]).unwrap();
+        store.apply(&[upsert("api", "api-4")]).unwrap();
+        assert_eq!(store.config_keys().unwrap(), ["team/config/api-1"], "the way back works with the cloud down");
     }
 }

@@ -247,6 +247,63 @@ async fn queries_are_answered_locally_or_forwarded_while_connected() {
     assert_eq!(error_content(&reply).code, ErrorCode::NotFound);
 }
 
+/// Every byte of the database file and its WAL.
+fn db_bytes(path: &std::path::Path) -> Vec<u8> {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes.extend(std::fs::read(path.with_extension("db-wal")).unwrap_or_default());
+    bytes
+}
+
+#[tokio::test]
+async fn a_config_snapshot_from_the_cloud_is_stored_sealed_and_answered_locally_after_a_restart() {
+    const KEY: [u8; 32] = [42; 32];
+    const SNAPSHOT: &str = "team/config/web-1";
+    let secret = "p4ssw0rd-of-the-db";
+    let data = json!({"secrets": {"db": {"password": secret}}, "configMaps": {"app": {"mode": "fast"}}});
+    let mut rig = rig_with(|store| store.set_sealing_key(seal::SealingKey::from_bytes(&KEY)));
+    let web = json!({"namespace": "team", "name": "web", "uid": "u", "generation": 1,
+        "spec": {"mesh": "m", "command": ["web"]}, "config": "web-1"});
+    rig.send(change(Operation::Insert, "c-1", WEB, Some("1"), web)).await;
+    assert!(matches!(rig.meta.query(SNAPSHOT).await, Err(MetaError::Offline(_))), "not stored, no cloud");
+
+    rig.meta.set_connection(ConnectionState::CloudConnected);
+    let meta = rig.meta.clone();
+    let query = tokio::spawn(async move { meta.query(SNAPSHOT).await });
+    let forwarded = next(&mut rig.cloud).await;
+    assert_eq!((forwarded.operation, forwarded.resource.as_str()), (Operation::Query, SNAPSHOT));
+    let answer = Message::new("c-2".into(), 2, Operation::Response, SNAPSHOT, &data).answering(&forwarded.id);
+    rig.meta.from_cloud(answer).await;
+    assert_eq!(timeout(DEADLINE, query).await.unwrap().unwrap().unwrap(), data);
+
+    // From now on it is answered here, with no cloud.
+    rig.meta.set_connection(ConnectionState::CloudDisconnected);
+    assert_eq!(rig.meta.query(SNAPSHOT).await.unwrap(), data);
+    assert!(rig.cloud.try_recv().is_err(), "nothing forwarded");
+    let bytes = db_bytes(&rig.path);
+    assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "the secret is in meta.db in clear");
+    assert!(rig.stored(SNAPSHOT).is_none(), "not a resource of meta: not stated in the hello");
+
+    // The cloud cannot read it back, nor push one.
+    let reply = rig.send(Message::new("c-3".into(), 3, Operation::Query, SNAPSHOT, ())).await;
+    assert_eq!(error_content(&reply).code, ErrorCode::NotFound);
+    let pushed = rig.send(change(Operation::Insert, "c-4", "team/config/pushed", Some("1"), data.clone())).await;
+    assert_eq!(error_content(&pushed).code, ErrorCode::BadMessage);
+    assert_eq!(Store::open(&rig.path).unwrap().config_keys().unwrap(), [SNAPSHOT], "the pushed one is not stored");
+
+    // An agent restart, offline: the same key opens it.
+    let mut store = Store::open(&rig.path).unwrap();
+    store.set_sealing_key(seal::SealingKey::from_bytes(&KEY));
+    let (to_cloud, mut cloud) = mpsc::channel(QUEUE_CAPACITY);
+    let (to_edged, _edged) = mpsc::channel(QUEUE_CAPACITY);
+    let restarted = spawn(store, to_cloud, to_edged);
+    assert_eq!(restarted.query(SNAPSHOT).await.unwrap(), data);
+    assert!(cloud.try_recv().is_err());
+
+    // Once no assignment names it, it is gone.
+    rig.send(change(Operation::Delete, "c-5", WEB, None, Value::Null)).await;
+    assert!(matches!(rig.meta.query(SNAPSHOT).await, Err(MetaError::Offline(_))));
+}
+
 #[tokio::test]
 async fn the_outbox_keeps_unacked_reports_across_reopen() {
     let rig = rig();

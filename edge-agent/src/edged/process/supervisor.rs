@@ -33,6 +33,7 @@ use crate::edged::runtime::{
     human, now_ms, InstanceSpec, InstanceStatus, Phase, ENV_MICROSERVICE, ENV_NAMESPACE, ENV_NODE,
 };
 use crate::edged::sandbox::{self, Sandbox, SandboxError};
+use crate::edged::snapshot::{self, ConfigError, Resolved, ENV_CONFIG_DIR};
 use crate::edged::ENV_TOKEN_FILE;
 
 /// Variables passed from the agent's environment to instances; nothing else is, so
@@ -138,6 +139,8 @@ struct Live {
     version: String,
     /// What it runs, whatever the version ([`fingerprint`]); `None` if a previous agent did not record it.
     fingerprint: Option<String>,
+    /// The configuration snapshot it was started with.
+    config: Option<String>,
     started: Instant,
 }
 
@@ -236,6 +239,8 @@ pub(super) async fn run(
         stops,
         status,
         version: None,
+        config: None,
+        resolved: None,
         live: None,
         finished: None,
         preparing: None,
@@ -256,9 +261,13 @@ struct Supervisor {
     status: InstanceStatus,
     /// Version the state below belongs to.
     version: Option<String>,
+    /// Configuration snapshot the state below belongs to (a new snapshot is a new version).
+    config: Option<String>,
+    /// The values of the spec's references, once had for this version.
+    resolved: Option<Resolved>,
     live: Option<Live>,
-    /// Outcome recorded by a previous agent: (version, outcome).
-    finished: Option<(String, Outcome)>,
+    /// Outcome recorded by a previous agent: (version, configuration snapshot, outcome).
+    finished: Option<(String, Option<String>, Outcome)>,
     preparing: Option<Preparation>,
     state: State,
     backoff: Backoff,
@@ -294,16 +303,16 @@ impl Supervisor {
         }
         if let Some(identity) = record.process.filter(Identity::is_alive) {
             info!(target: "edged", key = %self.key, pid = identity.pid, version = %record.version, "found running instance");
-            let (version, fingerprint) = (record.version, record.fingerprint);
-            self.live = Some(Live { child: None, identity, version, fingerprint, started: Instant::now() });
+            let (version, fingerprint, config) = (record.version, record.fingerprint, record.config);
+            self.live = Some(Live { child: None, identity, version, fingerprint, config, started: Instant::now() });
         } else if let Some(outcome) = record.outcome {
-            self.finished = Some((record.version, outcome));
+            self.finished = Some((record.version, record.config, outcome));
         }
     }
 
     /// Runs `spec` until the desired state changes.
     async fn run_spec(&mut self, spec: &InstanceSpec) -> Interrupt {
-        if self.version.as_deref() != Some(spec.version.as_str()) {
+        if self.version.as_deref() != Some(spec.version.as_str()) || self.config != spec.config {
             self.begin_version(spec).await;
         } else if self.status.rollback != spec.rollback {
             self.status.rollback = spec.rollback.clone();
@@ -328,7 +337,8 @@ impl Supervisor {
     /// Switches to a new version: replaces a process of another version, keeps
     /// (adopts) one of this version, and counts restarts from zero.
     async fn begin_version(&mut self, spec: &InstanceSpec) {
-        if let Some(live) = self.live.as_mut().filter(|live| live.version != spec.version) {
+        if let Some(live) = self.live.as_mut().filter(|live| live.version != spec.version || live.config != spec.config)
+        {
             if live.fingerprint.as_deref() == Some(fingerprint(spec).as_str()) {
                 // The cloud sent back what already runs (say, the version the agent rolled back to).
                 info!(target: "edged", key = %self.key, from = %live.version, to = %spec.version, "same workload under a new version: the instance keeps running");
@@ -339,6 +349,7 @@ impl Supervisor {
                     process: Some(live.identity.clone()),
                     outcome: None,
                     fingerprint: live.fingerprint.clone(),
+                    config: live.config.clone(),
                 };
                 let path = self.dir.record();
                 if let Err(e) = blocking(move || write_record(&path, &record)).await {
@@ -350,14 +361,17 @@ impl Supervisor {
             }
         }
         self.version = Some(spec.version.clone());
+        self.config = spec.config.clone();
+        self.resolved = None;
         self.status = InstanceStatus::of(spec);
         self.backoff.reset();
-        let finished = self.finished.take().filter(|(version, _)| *version == spec.version);
+        let finished =
+            self.finished.take().filter(|(version, config, _)| *version == spec.version && *config == spec.config);
         self.state = if let Some(live) = &self.live {
             self.status.pid = Some(live.identity.pid);
             info!(target: "edged", key = %self.key, pid = live.identity.pid, "adopted running instance");
             State::Monitor
-        } else if let Some((_, outcome)) = finished {
+        } else if let Some((_, _, outcome)) = finished {
             self.status.exit_code = outcome.exit_code;
             self.set_phase(outcome.phase, outcome.message);
             State::Done
@@ -373,6 +387,19 @@ impl Supervisor {
         }
         if spec.spec.command.is_empty() {
             return Ok(self.fail(FailureReason::InvalidSpec, StartError::NoCommand.to_string()));
+        }
+        // Before any download: without its configuration the instance does not start.
+        match self.configuration(spec).await? {
+            Ok(resolved) => self.resolved = Some(resolved),
+            Err(e) if e.is_invalid_spec() => return Ok(self.fail(FailureReason::InvalidSpec, e.to_string())),
+            Err(e) => {
+                // Retried like an artifact download: the snapshot may come with the next connection.
+                let delay = self.backoff.delay(Duration::ZERO);
+                self.status.exit_code = None;
+                self.status.reason = None;
+                self.set_phase(Phase::Backoff, Some(format!("{e}; retrying in {}", human(delay))));
+                return Ok(State::Backoff(Instant::now() + delay));
+            }
         }
         if let Some(artifact) = &spec.spec.artifact {
             self.set_phase(Phase::Downloading, None);
@@ -406,6 +433,28 @@ impl Supervisor {
             }
             Err(e) => Ok(self.after_exit(spec, None, true, e.to_string(), Duration::ZERO).await),
         }
+    }
+
+    /// The values of the spec's `valueFrom` variables and `files`, from its configuration
+    /// snapshot (the store's, else the cloud's while connected); none when it references nothing.
+    async fn configuration(&mut self, spec: &InstanceSpec) -> Result<Result<Resolved, ConfigError>, Interrupt> {
+        if let Err(e) = snapshot::check(&spec.spec) {
+            return Ok(Err(e));
+        }
+        if !snapshot::has_references(&spec.spec) {
+            return Ok(Ok(Resolved::default()));
+        }
+        let Some(name) = &spec.config else {
+            return Ok(Err(ConfigError::NoSnapshot { microservice: spec.key.clone() }));
+        };
+        let resource = snapshot::resource(&spec.namespace, name);
+        let Some(source) = self.shared.config.snapshots.clone() else {
+            return Ok(Err(ConfigError::NoSource { snapshot: resource }));
+        };
+        let data = interruptible(&mut self.desired, source.get(&resource)).await?;
+        Ok(data
+            .map_err(|reason| ConfigError::Unavailable { snapshot: resource.clone(), reason })
+            .and_then(|data| snapshot::resolve(&spec.spec, &resource, &data)))
     }
 
     /// Awaits the artifact's preparation, reusing one already under way for it.
@@ -506,6 +555,7 @@ impl Supervisor {
             process: Some(identity.clone()),
             outcome: None,
             fingerprint: Some(fingerprint(spec)),
+            config: spec.config.clone(),
         };
         let path = self.dir.record();
         if let Err(source) = blocking(move || write_record(&path, &record)).await {
@@ -515,14 +565,15 @@ impl Supervisor {
             let _ = child.wait().await;
             return Err(StartError::Io { what: "cannot record the instance in", path: self.dir.record(), source });
         }
-        let (version, fingerprint) = (spec.version.clone(), Some(fingerprint(spec)));
-        Ok(Live { child: Some(child), identity, version, fingerprint, started: Instant::now() })
+        let (version, fingerprint, config) = (spec.version.clone(), Some(fingerprint(spec)), spec.config.clone());
+        Ok(Live { child: Some(child), identity, version, fingerprint, config, started: Instant::now() })
     }
 
-    /// Gives the instance's user its work directory and its token file, and checks that it
-    /// can reach them; without a sandbox the token file is the agent's own (0400).
+    /// Gives the instance's user its work directory, its token file and its configuration
+    /// files, and checks that it can reach them; without a sandbox they are the agent's own.
     async fn hand_over(&self, spec: &InstanceSpec, sandbox: Option<Arc<Sandbox>>) -> Result<(), StartError> {
         let (dir, token) = (self.dir.clone(), spec.token.clone());
+        let files = self.resolved.as_ref().map(|r| r.files.clone()).unwrap_or_default();
         blocking(move || {
             let failed = |what: &'static str, path: PathBuf| {
                 move |e: io::Error| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
@@ -545,7 +596,9 @@ impl Supervisor {
                 }
                 (None, _) => Ok(()),
             }
-            .map_err(failed("cannot write the token file", dir.token()))
+            .map_err(failed("cannot write the token file", dir.token()))?;
+            // What a previous revision left there goes, whatever this one brings.
+            snapshot::write(dir.path(), &files, sandbox.as_deref())
         })
         .await
         .map_err(|source| StartError::Io {
@@ -562,13 +615,24 @@ impl Supervisor {
             INHERITED_ENV.iter().filter_map(|&name| Some((name.to_owned(), std::env::var(name).ok()?))).collect();
         env.entry("PATH".to_owned()).or_insert_with(|| DEFAULT_PATH.to_owned());
         env.insert("HOME".to_owned(), self.dir.work().display().to_string());
-        env.extend(spec.spec.env.iter().map(|var| (var.name.clone(), var.value.clone())));
+        let resolved = self.resolved.as_ref();
+        env.extend(spec.spec.env.iter().filter_map(|var| {
+            let value = match &var.value_from {
+                // Unresolved only for an adopted process whose snapshot cannot be had now.
+                Some(_) => resolved?.env.get(&var.name)?.clone(),
+                None => var.value.clone(),
+            };
+            Some((var.name.clone(), value))
+        }));
         env.insert(ENV_NODE.to_owned(), self.shared.node.clone());
         env.insert(ENV_NAMESPACE.to_owned(), spec.namespace.clone());
         env.insert(ENV_MICROSERVICE.to_owned(), spec.name.clone());
         env.extend(spec.env.clone());
         if spec.token.is_some() {
             env.insert(ENV_TOKEN_FILE.to_owned(), self.dir.token().display().to_string());
+        }
+        if !spec.spec.files.is_empty() {
+            env.insert(ENV_CONFIG_DIR.to_owned(), self.dir.config().display().to_string());
         }
         env
     }
@@ -586,6 +650,15 @@ impl Supervisor {
         let period = Duration::from_secs(check.map_or(10, |c| c.period_seconds).max(1).unsigned_abs().into());
         let threshold = check.map_or(3, |c| c.failure_threshold).max(1).unsigned_abs();
         let timeout = period.min(config.health_timeout);
+        if self.resolved.is_none() && snapshot::has_references(&spec.spec) {
+            // Adopted after an agent restart: its exec checks need the values too.
+            match self.configuration(spec).await? {
+                Ok(resolved) => self.resolved = Some(resolved),
+                Err(e) => {
+                    warn!(target: "edged", key = %self.key, error = %e, "exec health checks run without the configured variables")
+                }
+            }
+        }
         let sandbox = self.sandbox(spec).await.ok().flatten();
         let context = ExecContext { dir: self.dir.work(), env: self.instance_env(spec), sandbox };
         let mut check_due = next_check(&probe, &context, timeout, period.min(FIRST_CHECK_DELAY));
@@ -688,6 +761,7 @@ impl Supervisor {
             process: None,
             outcome: Some(Outcome { phase, exit_code: code, message: Some(message) }),
             fingerprint: None,
+            config: spec.config.clone(),
         };
         let path = self.dir.record();
         if let Err(e) = blocking(move || write_record(&path, &record)).await {
@@ -741,10 +815,13 @@ impl Supervisor {
             info!(target: "edged", key = %self.key, "stopped instance");
         }
         self.version = None;
+        self.config = None;
+        self.resolved = None;
         self.finished = None;
         self.state = State::Start;
-        let dir = self.dir.path().to_owned();
-        let removed = blocking(move || match std::fs::remove_dir_all(&dir) {
+        let (dir, config) = (self.dir.path().to_owned(), self.dir.config());
+        // The configuration directory is read-only, even to the agent when it owns it.
+        let removed = blocking(move || match snapshot::remove(&config).and_then(|()| std::fs::remove_dir_all(&dir)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         });
