@@ -280,3 +280,35 @@ async fn agents_beyond_the_limit_are_told_to_retry_later() {
     assert!(first.log().contains("connected to the cloud"));
     site.cleanup(&[&first, &second]).await;
 }
+
+#[tokio::test]
+async fn a_change_an_agent_refuses_is_a_warning_on_the_microservice() {
+    let site = Site::new("refused").await;
+    site.apply(&microservice("kept", "m", ""));
+    let name = format!("raw-{}", site.id);
+    let mut ws = site.dial_as(&name, &format!("acct-{}", site.id)).await;
+    // The device refuses what it is sent, as an agent too old for a field would.
+    let deadline = tokio::time::Instant::now() + supermesh_tests::DEADLINE;
+    let insert = loop {
+        let frame =
+            tokio::time::timeout_at(deadline, ws.next()).await.expect("sent in time").expect("open").unwrap();
+        let msg = protocol::decode(&frame.into_text().unwrap()).unwrap();
+        if matches!(msg.body(), Ok(protocol::Body::Insert(protocol::Change::Assignment(_)))) {
+            break msg;
+        }
+    };
+    let refusal = protocol::ErrorContent::new(ErrorCode::BadMessage, "missing field `value` at line 1");
+    let nack = protocol::Message::new("t-2".into(), 0, protocol::Operation::Error, &insert.resource, refusal)
+        .answering(&insert.id);
+    ws.send(Frame::text(protocol::encode(&nack).unwrap())).await.unwrap();
+    loop {
+        let refused = supermesh_tests::events(&site, "kept", "ChangeRefused").await;
+        if refused.iter().any(|e| e.contains(&name) && e.contains("missing field `value`")) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no ChangeRefused warning naming the node: {refused:#?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let nodes: Api<EdgeNode> = Api::all(site.cluster.client.clone());
+    supermesh_tests::delete_all(&nodes, &[name]).await;
+}

@@ -67,6 +67,9 @@ pub mod condition {
     /// Event: an agent went back, by itself, to the version it ran before, because the new
     /// one failed its health check within `minReadySeconds` on the device.
     pub const ROLLED_BACK_ON_DEVICE: &str = "RolledBackOnDevice";
+    /// Event: an agent refused a change the cloud sent it (say, a field its version cannot
+    /// take); the change is sent again.
+    pub const CHANGE_REFUSED: &str = "ChangeRefused";
     /// Progressing=True: a new revision is rolled out in waves.
     pub const ROLLING_OUT: &str = "RollingOut";
     /// Progressing=True: the latest rollout reached every node.

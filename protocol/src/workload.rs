@@ -115,17 +115,33 @@ pub struct SecurityContext {
 }
 
 /// One environment variable.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+///
+/// `value` crosses the wire only without `value_from`: agents before 1.4 require it, so
+/// they refuse (nack) a variable they cannot resolve instead of running it empty.
+#[derive(Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct EnvVar {
     /// Name of the variable.
     pub name: String,
-    /// Value of the variable (agents of 1.0 require it: empty when `value_from` is set).
+    /// Value of the variable; empty with `value_from`.
     #[serde(default)]
     pub value: String,
     /// Where the value comes from instead (protocol 1.4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value_from: Option<ValueFrom>,
+}
+
+impl Serialize for EnvVar {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut var = serializer.serialize_struct("EnvVar", 2)?;
+        var.serialize_field("name", &self.name)?;
+        match &self.value_from {
+            None => var.serialize_field("value", &self.value)?,
+            Some(from) => var.serialize_field("valueFrom", from)?,
+        }
+        var.end()
+    }
 }
 
 /// A key of a ConfigMap or a Secret in the microservice's namespace: exactly one is set.
@@ -340,5 +356,27 @@ mod tests {
         let sent = serde_json::to_value(&a).unwrap();
         assert_eq!(sent["spec"]["mesh"], "home", "1.0 agents require mesh and command");
         assert!(sent["spec"].get("replicas").is_none(), "placement stays in the cloud");
+    }
+
+    #[test]
+    fn a_variable_from_a_config_map_carries_no_value_that_older_agents_would_run_empty() {
+        #[derive(Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct EnvVarOf1_3 {
+            name: String,
+            value: String,
+        }
+        let vars: Vec<EnvVar> = serde_json::from_value(serde_json::json!([
+            {"name": "A", "value": ""},
+            {"name": "B", "valueFrom": {"configMapKeyRef": {"name": "app", "key": "b"}}}
+        ]))
+        .unwrap();
+        assert_eq!((vars[1].value.as_str(), vars[1].value_from.is_some()), ("", true));
+        let sent: Vec<serde_json::Value> = vars.iter().map(|v| serde_json::to_value(v).unwrap()).collect();
+        assert!(serde_json::from_value::<EnvVarOf1_3>(sent[0].clone()).is_ok(), "an empty literal still crosses");
+        let refused = serde_json::from_value::<EnvVarOf1_3>(sent[1].clone()).unwrap_err();
+        assert!(refused.to_string().contains("missing field `value`"), "{refused}");
+        let back: Vec<EnvVar> = sent.into_iter().map(|v| serde_json::from_value(v).unwrap()).collect();
+        assert_eq!(back, vars);
     }
 }

@@ -12,11 +12,12 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use k8s_openapi::jiff::Timestamp;
+use supermesh_api::names::condition::CHANGE_REFUSED;
 use supermesh_protocol::identity::REVOKED_CLOSE_CODE;
 use supermesh_protocol::{
     decode, encode, now_ms, Answer, Body, CodecError, ConfigData, Connection, EndpointsAnswer, ErrorCode, ErrorContent,
-    Hello, Message, NodesAnswer, Operation, ProtocolVersion, Query, Report, ResourceRef, Welcome, BATCH_RESOURCE,
-    CONFIG, CONNECTION_RESOURCE, MOVED_CLOSE_CODE,
+    EventReport, Hello, Message, NodesAnswer, Operation, ProtocolVersion, Query, Report, ResourceRef, Welcome,
+    BATCH_RESOURCE, CONFIG, CONNECTION_RESOURCE, MOVED_CLOSE_CODE,
 };
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
@@ -443,6 +444,17 @@ impl Session {
         let membership = is_membership(&answered.resource);
         if let Body::Error(refusal) = body {
             warn!(node = %self.node, resource = %answered.resource, reason = %refusal.message, "agent refused a change; it is sent again later");
+            // Users see it on the Microservice: an agent too old for a field, a full disk.
+            if let Some(target) = self.shared.index.event_target(&self.node, &answered.resource) {
+                let message = format!(
+                    "{} refused the change: {}; it is sent again every {} s",
+                    self.node,
+                    refusal.message,
+                    super::delivery::NACK_RETRY.as_secs()
+                );
+                let event = EventReport { warning: true, reason: CHANGE_REFUSED.to_owned(), message };
+                self.shared.events.publish(target, &self.node, event);
+            }
         }
         if !membership {
             let counter = if accepted { &metrics.changes_acked } else { &metrics.changes_nacked };

@@ -36,6 +36,10 @@ use crate::edged::sandbox::{self, Sandbox, SandboxError};
 use crate::edged::snapshot::{self, ConfigError, Resolved, ENV_CONFIG_DIR};
 use crate::edged::ENV_TOKEN_FILE;
 
+/// Longest wait before asking again for a configuration snapshot that could not be had,
+/// so that an instance starts soon after its node reconnects.
+const CONFIG_RETRY_MAX: Duration = Duration::from_secs(10);
+
 /// Variables passed from the agent's environment to instances; nothing else is, so
 /// the agent's own secrets (join token, ...) never reach a microservice.
 const INHERITED_ENV: [&str; 4] = ["PATH", "LANG", "LC_ALL", "TZ"];
@@ -393,8 +397,9 @@ impl Supervisor {
             Ok(resolved) => self.resolved = Some(resolved),
             Err(e) if e.is_invalid_spec() => return Ok(self.fail(FailureReason::InvalidSpec, e.to_string())),
             Err(e) => {
-                // Retried like an artifact download: the snapshot may come with the next connection.
-                let delay = self.backoff.delay(Duration::ZERO);
+                // Retried like an artifact download, but often: the snapshot may come with the
+                // next connection, and asking costs a local read or one query.
+                let delay = self.backoff.delay(Duration::ZERO).min(CONFIG_RETRY_MAX);
                 self.status.exit_code = None;
                 self.status.reason = None;
                 self.set_phase(Phase::Backoff, Some(format!("{e}; retrying in {}", human(delay))));
