@@ -290,8 +290,7 @@ async fn a_change_an_agent_refuses_is_a_warning_on_the_microservice() {
     // The device refuses what it is sent, as an agent too old for a field would.
     let deadline = tokio::time::Instant::now() + supermesh_tests::DEADLINE;
     let insert = loop {
-        let frame =
-            tokio::time::timeout_at(deadline, ws.next()).await.expect("sent in time").expect("open").unwrap();
+        let frame = tokio::time::timeout_at(deadline, ws.next()).await.expect("sent in time").expect("open").unwrap();
         let msg = protocol::decode(&frame.into_text().unwrap()).unwrap();
         if matches!(msg.body(), Ok(protocol::Body::Insert(protocol::Change::Assignment(_)))) {
             break msg;

@@ -122,3 +122,54 @@ async fn the_device_rolls_back_a_revision_failing_its_health_check_while_the_clo
     site.cleanup(&[&agent]).await;
     let _ = std::fs::remove_dir_all(&flags);
 }
+
+/// Microservice `web` taking `REVISION` from ConfigMap `web-settings`: a change to the
+/// ConfigMap is its next revision. Healthy while `<flags>/<REVISION>` does not exist.
+fn web_from_config(flags: &Path) -> String {
+    let spec = format!(
+        "  env: [{{name: REVISION, valueFrom: {{configMapKeyRef: {{name: web-settings, key: revision}}}}}}]\n  \
+         healthCheck: {{exec: {{command: [sh, -c, \"test ! -e {}/$REVISION\"]}}, periodSeconds: 1, failureThreshold: 2}}\n  \
+         rollout: {{minReadySeconds: 30}}\n",
+        flags.display()
+    );
+    microservice("web", "m", &spec)
+}
+
+fn settings(revision: &str) -> String {
+    format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: web-settings}}\ndata: {{revision: {revision}}}\n")
+}
+
+#[tokio::test]
+async fn the_device_rolls_back_a_config_change_with_the_values_it_ran_before_while_the_cloud_is_down() {
+    let site = Site::new("rollback-config").await;
+    let agent = site.agent(0);
+    let key = site.key("web");
+    let flags = PathBuf::from(format!("/tmp/supermesh-rollback-config-{}", site.id));
+    std::fs::create_dir_all(&flags).unwrap();
+    let msvcs: Api<Microservice> = Api::namespaced(site.cluster.client.clone(), &site.ns);
+
+    // v1 of the ConfigMap runs and is ready; its change to v2 is the next revision.
+    site.apply(&settings("v1"));
+    site.apply(&web_from_config(&flags));
+    site.controller
+        .wait_for(&msvcs, "web", "v1 ready", |m| m.status.as_ref().is_some_and(|s| s.ready_instances == 1))
+        .await;
+    let v1 = agent.held()[&key].clone();
+    until(&agent, "the v1 process", || running(&agent, &key).is_some_and(|(r, _)| r == "v1")).await;
+    site.apply(&settings("v2"));
+    agent.wait_held("the ConfigMap's revision", |held| held.get(&key).is_some_and(|v| *v != v1)).await;
+    until(&agent, "the v2 process", || running(&agent, &key).is_some_and(|(r, _)| r == "v2")).await;
+
+    // The cloud goes away; v2 fails: the agent goes back to v1 with v1's values, from its store.
+    let mut site = site;
+    site.controller.pause();
+    std::fs::write(flags.join("v2"), "").unwrap();
+    until(&agent, "v1 running again with its own values, reported ready", || {
+        running(&agent, &key).is_some_and(|(r, _)| r == "v1")
+            && queued_report(&agent, &key).is_some_and(|r| r.version == v1 && r.ready)
+    })
+    .await;
+    site.controller.resume();
+    site.cleanup(&[&agent]).await;
+    let _ = std::fs::remove_dir_all(&flags);
+}
