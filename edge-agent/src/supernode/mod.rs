@@ -32,7 +32,7 @@ use supermesh_protocol::peer::{
 };
 use supermesh_protocol::{now_ms, NodeRole};
 use supermesh_protocol::{Body, ClusterView, Membership, Message, StatusReport};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tracing::{debug, info};
 
 use crate::config::EdgeConfig;
@@ -119,16 +119,22 @@ pub struct Cluster {
     /// When this agent started: its heartbeats' `startedMs`.
     started_ms: i64,
     state: Mutex<State>,
-    /// Told when the route or the elected supernode changes.
-    route_changed: Notify,
+    /// Bumped when the route or the elected supernode changes. A watch, not a Notify: a
+    /// relay task busy sending still sees, at its next wait, a bump made meanwhile.
+    route_changed: watch::Sender<u64>,
     /// Told when this node's view (role, supernode) changes, so MetaSync reports it.
     pub view_changed: Arc<Notify>,
-    /// Told when the outbox got a report.
-    outbox: Notify,
+    /// Bumped when the outbox got a report (a watch, for the same reason).
+    outbox: watch::Sender<u64>,
     /// Told when an urgent report was queued at this supernode.
     urgent: Notify,
     to_cloud: mpsc::Sender<Message>,
     answers: Mutex<HashMap<String, oneshot::Sender<Body>>>,
+}
+
+/// Tells every subscriber of `signal` that something changed.
+fn bump(signal: &watch::Sender<u64>) {
+    signal.send_modify(|n| *n = n.wrapping_add(1));
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -167,9 +173,9 @@ impl Cluster {
                 drop_logged: HashMap::new(),
                 refused: BTreeMap::new(),
             }),
-            route_changed: Notify::new(),
+            route_changed: watch::channel(0).0,
             view_changed: Arc::new(Notify::new()),
-            outbox: Notify::new(),
+            outbox: watch::channel(0).0,
             urgent: Notify::new(),
             to_cloud,
             answers: Mutex::default(),
@@ -209,13 +215,13 @@ impl Cluster {
     /// Records whether this node's stream to the cloud is up.
     pub fn set_cloud_connected(&self, connected: bool) {
         self.state().cloud_connected = connected;
-        self.route_changed.notify_waiters();
-        self.outbox.notify_waiters();
+        bump(&self.route_changed);
+        bump(&self.outbox);
     }
 
     /// Tells the relay tasks that the outbox got a report.
     pub fn outbox_changed(&self) {
-        self.outbox.notify_waiters();
+        bump(&self.outbox);
     }
 
     /// This node's latest status report, for the registry.
@@ -253,7 +259,7 @@ impl Cluster {
     /// The supernode could not take reports: report directly for a few heartbeats.
     fn relay_failed(&self) {
         self.state().relay_failed_until = Some(Instant::now() + 3 * self.config.heartbeat());
-        self.route_changed.notify_waiters();
+        bump(&self.route_changed);
     }
 
     /// Whether edgehub should send outbox reports over the node's own stream.
@@ -352,9 +358,9 @@ impl Cluster {
             if state.supernode.as_deref() != Some(self.name()) {
                 state.queue.clear();
             }
-            self.route_changed.notify_waiters();
+            bump(&self.route_changed);
             self.view_changed.notify_one();
-            self.outbox.notify_waiters();
+            bump(&self.outbox);
         }
     }
 
@@ -592,6 +598,19 @@ pub mod fuzzing {
 mod tests {
     use super::*;
     use supermesh_protocol::identity::{Issued, JoinString};
+
+    #[tokio::test]
+    async fn a_report_queued_while_the_relay_is_busy_wakes_it_at_its_next_wait() {
+        // With a Notify's notify_waiters, a bump while the relay sent a batch was lost and
+        // the report waited a whole podstatus interval (seen in CI).
+        let (signal, _) = watch::channel(0u64);
+        let mut relay = signal.subscribe();
+        bump(&signal); // the relay is busy flushing: nobody waits
+        let woken = tokio::time::timeout(Duration::from_millis(100), relay.changed()).await;
+        assert!(woken.is_ok_and(|r| r.is_ok()), "the bump made while busy is seen");
+        let idle = tokio::time::timeout(Duration::from_millis(50), relay.changed()).await;
+        assert!(idle.is_err(), "and only once");
+    }
     use supermesh_protocol::signing::CloudKey;
     use supermesh_protocol::{InstanceReport, Member, Phase, Receipt, Receipted};
 

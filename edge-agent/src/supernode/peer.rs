@@ -466,10 +466,11 @@ pub(super) async fn relay_as_member(cluster: Arc<Cluster>) {
     let resend_after = 2 * cluster.config.podstatus_interval() + Duration::from_secs(10);
     let mut sent: BTreeMap<i64, Instant> = BTreeMap::new();
     let mut last_route = Route::Direct;
+    let (mut outbox, mut route_changed) = (cluster.outbox.subscribe(), cluster.route_changed.subscribe());
     loop {
         tokio::select! {
-            _ = cluster.outbox.notified() => {}
-            _ = cluster.route_changed.notified() => {}
+            _ = outbox.changed() => {}
+            _ = route_changed.changed() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         let route = cluster.route();
@@ -531,18 +532,20 @@ pub(super) async fn relay_as_member(cluster: Arc<Cluster>) {
 pub(super) async fn relay_upstream(cluster: Arc<Cluster>) {
     let mut tick = tokio::time::interval(cluster.config.podstatus_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Subscribed once: a report queued while a batch is in flight is seen at the next wait.
+    let (mut outbox, mut route_changed) = (cluster.outbox.subscribe(), cluster.route_changed.subscribe());
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = cluster.urgent.notified() => tokio::time::sleep(COALESCE).await,
-            _ = cluster.outbox.notified() => {
+            _ = outbox.changed() => {
                 if cluster.route() == Route::Upstream && cluster.queue_own().await {
                     tokio::time::sleep(COALESCE).await;
                 } else {
                     continue;
                 }
             }
-            _ = cluster.route_changed.notified() => {
+            _ = route_changed.changed() => {
                 if cluster.route() != Route::Upstream || !cluster.queue_own().await {
                     continue;
                 }
