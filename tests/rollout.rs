@@ -64,17 +64,24 @@ fn revisions(m: &Microservice) -> (Option<i64>, Option<i64>) {
     m.status.as_ref().map_or((None, None), |s| (s.current_revision, s.updated_revision))
 }
 
+/// Starts `n` agents on `site` and `web` at revision 1 (`with_env("1")`) on all of them,
+/// ready; returns the agents, the Microservices API and `web` as it then stands.
+async fn fleet(site: &Site, n: usize) -> (Vec<Agent>, Api<Microservice>, Microservice) {
+    let agents: Vec<Agent> = (0..n).map(|i| site.agent(i)).collect();
+    site.wait_agents(n as f64).await;
+    let msvcs: Api<Microservice> = Api::namespaced(site.cluster.client.clone(), &site.ns);
+    site.apply(&microservice("web", "m", &with_env("1")));
+    let m = settled(site, &msvcs, &format!("revision 1 ready on {n} nodes"), |m| {
+        all_ready(m, n as i32) && revisions(m) == (Some(1), Some(1))
+    })
+    .await;
+    (agents, msvcs, m)
+}
+
 #[tokio::test]
 async fn a_rollout_in_waves_updates_the_canary_first_then_growing_waves() {
     let site = Site::new("waves").await;
-    let agents: Vec<Agent> = (0..10).map(|i| site.agent(i)).collect();
-    site.wait_agents(10.0).await;
-    let msvcs: Api<Microservice> = Api::namespaced(site.cluster.client.clone(), &site.ns);
-    site.apply(&microservice("web", "m", &with_env("1")));
-    let m = settled(&site, &msvcs, "revision 1 ready on 10 nodes", |m| {
-        all_ready(m, 10) && revisions(m) == (Some(1), Some(1))
-    })
-    .await;
+    let (agents, msvcs, m) = fleet(&site, 10).await;
     let uid = m.metadata.uid.clone().unwrap();
     let key = site.key("web");
 
@@ -127,12 +134,8 @@ fn w_nodes(event: &str) -> Vec<String> {
 #[tokio::test]
 async fn a_failing_revision_pauses_after_the_canary_and_auto_rollback_spares_the_untouched_nodes() {
     let site = Site::new("gate").await;
-    let agents: Vec<Agent> = (0..4).map(|i| site.agent(i)).collect();
-    site.wait_agents(4.0).await;
-    let msvcs: Api<Microservice> = Api::namespaced(site.cluster.client.clone(), &site.ns);
+    let (agents, msvcs, m) = fleet(&site, 4).await;
     let key = site.key("web");
-    site.apply(&microservice("web", "m", &with_env("1")));
-    let m = settled(&site, &msvcs, "revision 1 ready", |m| all_ready(m, 4)).await;
     let uid = m.metadata.uid.clone().unwrap();
     let before = pids(&agents, &key);
     let names: Vec<&str> = agents.iter().map(|a| a.name.as_str()).collect();
@@ -233,12 +236,8 @@ async fn undo_returns_to_a_chosen_revision() {
 async fn a_node_offline_while_its_wave_passes_gets_that_wave_s_revision_and_never_an_abandoned_one() {
     // A short reconnect grace: until it is over, a node that seems offline is waited for.
     let site = Site::with_args("offline-wave", &["--reconnect-grace-seconds", "2"]).await;
-    let mut agents: Vec<Agent> = (0..3).map(|i| site.agent(i)).collect();
-    site.wait_agents(3.0).await;
-    let msvcs: Api<Microservice> = Api::namespaced(site.cluster.client.clone(), &site.ns);
+    let (mut agents, msvcs, m) = fleet(&site, 3).await;
     let key = site.key("web");
-    site.apply(&microservice("web", "m", &with_env("1")));
-    let m = settled(&site, &msvcs, "revision 1 ready", |m| all_ready(m, 3)).await;
     let uid = m.metadata.uid.clone().unwrap();
     let names: Vec<String> = agents.iter().map(|a| a.name.clone()).collect();
     let canary = supermesh_controller::rollout::order(&uid, names.iter().map(String::as_str))[0].to_owned();
